@@ -1,0 +1,9 @@
+"""fastgemma: exact, fast logit-softcapped attention for fine-tuning Gemma 2."""
+
+from .api import is_patched, patch_model, unpatch_model
+from .attention import softcap_attention
+from .masks import AttentionMask, BlockMaskCache
+
+__version__ = "0.1.0"
+
+__all__ = ["patch_model", "unpatch_model", "is_patched", "softcap_attention", "AttentionMask", "BlockMaskCache"]

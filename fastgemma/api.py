@@ -1,0 +1,80 @@
+"""The public API: patch_model / unpatch_model / is_patched."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .attention import check_backend, flex_supported
+
+logger = logging.getLogger("fastgemma")
+
+
+def _patcher_for(model):
+    from patches import PATCHERS, find_patcher
+
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"fastgemma.patch_model expects a Gemma 2 model (torch.nn.Module), got {type(model).__name__}")
+    patcher = find_patcher(model)
+    if patcher is None:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        supported = ", ".join(p.NAME for p in PATCHERS)
+        raise ValueError(
+            f"fastgemma supports {supported} models only (Gemma2ForCausalLM or Gemma2Model, plain, PEFT-wrapped "
+            f"or 4-bit); got {type(model).__name__}" + (f" with model_type={model_type!r}" if model_type else "")
+        )
+    return patcher
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def patch_model(model: torch.nn.Module, max_seq_length: int = 8192, backend: str = "auto") -> torch.nn.Module:
+    """Swap every attention forward of a Gemma 2 model for fastgemma's softcapped attention, in place.
+
+    Args:
+        model: Gemma2ForCausalLM or Gemma2Model, plain, PEFT-wrapped or loaded in 4-bit.
+        max_seq_length: length of the cached causal / sliding block masks; longer batches
+            grow the cache (with a warning), shorter ones crop it.
+        backend: "auto" (flex on CUDA GPUs of compute capability >= 8.0, compiled dense
+            elsewhere, eager while decoding with a KV cache), or force "flex", "compiled", "eager".
+
+    Returns the same model. Calling it again only updates the settings; `unpatch_model`
+    restores the original forwards.
+    """
+    check_backend(backend)
+    if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
+        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+    patcher = _patcher_for(model)
+    summary = patcher.patch(model, max_seq_length, backend)
+    device = _device_of(model)
+    if backend == "auto":
+        resolved = "flex" if flex_supported(device) else "compiled"
+        how = f"auto -> {resolved} on {device.type} (eager while decoding with a KV cache)"
+    else:
+        how = backend
+    logger.info(
+        "fastgemma: %s %d %s attention layers (%d sliding, %d global) of %s; backend=%s; max_seq_length=%d",
+        "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
+        summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length,
+    )
+    return model
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore the original forwards of a model patched by `patch_model` (a no-op otherwise)."""
+    patcher = _patcher_for(model)
+    restored = patcher.unpatch(model)
+    logger.info("fastgemma: restored %d original forwards of %s", restored, type(model).__name__)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """Whether `model` currently runs fastgemma's attention."""
+    return _patcher_for(model).is_patched(model)

@@ -1,0 +1,193 @@
+"""Logit-softcapped attention: ``softmax(cap * tanh(q·kᵀ * scale / cap) + mask) · v``, with GQA.
+
+Three backends compute the same function:
+
+- ``flex``: torch ``flex_attention`` (compiled), softcap as a score_mod, sparse block masks.
+  CUDA GPUs of compute capability >= 8.0. (On CPU torch runs its forward only.)
+- ``compiled``: a ``torch.compile``d dense implementation; the CPU training path.
+- ``eager``: the same dense implementation in plain PyTorch, for debugging and decoding.
+
+``auto`` picks flex on capable GPUs, compiled elsewhere, and eager for what neither
+handles (a dense mask from Hugging Face during decoding, dropout).
+
+Model-agnostic: the caller supplies scale, softcap and the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional, Union
+
+import torch
+
+from .masks import AttentionMask
+
+logger = logging.getLogger("fastgemma")
+
+BACKENDS = ("auto", "flex", "compiled", "eager")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def flex_supported(device: torch.device) -> bool:
+    """flex_attention's fused kernels need a CUDA GPU of compute capability 8.0 or newer."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+# --------------------------------------------------------------------------------------
+# Score functions (flex_attention's score_mod signature)
+# --------------------------------------------------------------------------------------
+def tanh_softcap(cap: float):
+    """Score function squashing scores smoothly into (-cap, cap): ``cap * tanh(score / cap)``."""
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    return softcap
+
+
+# --------------------------------------------------------------------------------------
+# Dense backends
+# --------------------------------------------------------------------------------------
+def dense_softcap_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    softcap: Optional[float],
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Reference-style dense attention; scores and softmax in float32.
+
+    `mask` is None, a bool "allowed" tensor, or an additive float tensor, broadcastable
+    to (batch, 1, q_len, kv_len). GQA without copying keys: query heads are grouped
+    under their key head. A query with no allowed key gets a uniform average, never NaN.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    q = query.view(batch, kv_heads, group, q_len, head_dim)
+    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        mask = mask.unsqueeze(2)  # broadcast over the group dimension
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        else:
+            scores = scores + mask.float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs, value.unsqueeze(2))
+    return out.view(batch, heads, q_len, head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_dense():
+    # dynamic=True: one graph for every sequence length, so varying batches don't recompile.
+    return torch.compile(dense_softcap_attention, dynamic=True)
+
+
+# --------------------------------------------------------------------------------------
+# flex backend
+# --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compiled=True):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex() if compiled else flex_attention
+    score_mod = None if softcap is None else tanh_softcap(float(softcap))
+    enable_gqa = query.shape[1] != key.shape[1]
+    return fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def resolve_backend(backend: str, query, key, mask, dropout_p: float = 0.0) -> str:
+    """The backend that will run this call (see the module docstring for the rules)."""
+    check_backend(backend)
+    ours = isinstance(mask, AttentionMask)
+    if backend == "auto":
+        if not ours or dropout_p > 0.0:
+            return "eager"
+        if flex_supported(query.device):
+            return "flex"
+        return "compiled"
+    if backend == "flex":
+        if not ours:
+            raise ValueError(
+                "backend='flex' needs queries and keys starting together (no KV cache in use); "
+                "decoding with a cache takes backend='auto' or 'eager'"
+            )
+        if dropout_p > 0.0:
+            raise ValueError("backend='flex' has no attention dropout; use backend='eager' or set attention_dropout=0")
+        if query.device.type != "cuda" and _needs_grad(query, key):
+            raise NotImplementedError(
+                "backend='flex' cannot train on CPU: torch's flex_attention has no CPU backward. "
+                "Use backend='compiled' (or 'auto') for CPU training."
+            )
+    return backend
+
+
+def softcap_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Union[AttentionMask, torch.Tensor, None],
+    *,
+    scale: float,
+    softcap: Optional[float],
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Softcapped attention with GQA. query (B, H, Q, D); key, value (B, Hkv, K, D) -> (B, H, Q, D).
+
+    `mask` is an AttentionMask (queries and keys start together), a dense mask from the
+    caller (bool allowed, or additive float; used when decoding with a KV cache), or None
+    (causal when Q == K; when Q < K, the queries are the last Q positions and see every key).
+    """
+    if query.shape[1] % key.shape[1] != 0:
+        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key heads ({key.shape[1]})")
+    chosen = resolve_backend(backend, query, key, mask, dropout_p)
+    if isinstance(mask, AttentionMask):
+        if query.shape[-2] != mask.q_len or key.shape[-2] != mask.kv_len:
+            raise ValueError(
+                f"attention mask built for {mask.q_len} queries / {mask.kv_len} keys, "
+                f"got {query.shape[-2]} / {key.shape[-2]}"
+            )
+        if chosen == "flex":
+            return flex_softcap_attention(
+                query, key, value, mask.block_mask(query.device), scale, softcap,
+                compiled=query.device.type == "cuda",
+            )
+        dense = mask.dense(query.device)
+    else:
+        dense = mask
+        if dense is None and query.shape[-2] == key.shape[-2]:
+            dense = AttentionMask(query.shape[-2], key.shape[-2]).dense(query.device)
+    fn = _compiled_dense() if chosen == "compiled" else dense_softcap_attention
+    return fn(query, key, value, dense, scale, softcap, dropout_p)

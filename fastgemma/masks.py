@@ -1,0 +1,300 @@
+"""Attention masks: mask functions, per-token segment ids, block masks and dense masks.
+
+A mask is described once, by a *mask function* in the flex_attention signature
+``mask_mod(batch, head, q_idx, kv_idx) -> bool``. The same function drives both
+backends: flex_attention evaluates it inside its kernel, and the dense backends
+evaluate it on broadcast index grids (``dense_mask``).
+
+Packed documents and padding are carried as *segment ids*: one integer per token,
+equal for tokens of the same document, ``PAD_SEGMENT`` (-1) for padding. A token
+sees a key only when both have the same non-negative segment id.
+
+Model-agnostic: nothing here knows about Gemma 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger("fastgemma")
+
+PAD_SEGMENT = -1
+BLOCK_SIZE = 128  # flex_attention's sparse block size
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------
+# Mask functions (flex_attention's mask_mod signature)
+# --------------------------------------------------------------------------------------
+def causal(b, h, q_idx, kv_idx):
+    """A query sees itself and every earlier key."""
+    return q_idx >= kv_idx
+
+
+def sliding_window(window: int) -> MaskMod:
+    """Causal, and a query sees exactly `window` keys, itself included: ``0 <= q - k < window``.
+
+    This is Hugging Face's Gemma 2 definition (some peers use ``<=`` and see one key more).
+    """
+
+    def sliding_window_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return sliding_window_causal
+
+
+def within_segments(segment_ids: torch.Tensor, inner: MaskMod) -> MaskMod:
+    """`inner`, restricted to pairs in the same segment (document); padding (-1) sees nothing.
+
+    `segment_ids` is (batch, length) and must cover every index the kernel may ask about,
+    so callers pad it to a multiple of BLOCK_SIZE with PAD_SEGMENT.
+    """
+
+    def same_segment(b, h, q_idx, kv_idx):
+        q_seg = segment_ids[b, q_idx]
+        kv_seg = segment_ids[b, kv_idx]
+        return inner(b, h, q_idx, kv_idx) & (q_seg == kv_seg) & (kv_seg >= 0)
+
+    return same_segment
+
+
+def causal_mask_mod(window: Optional[int]) -> MaskMod:
+    """Plain causal, or causal with a sliding window when `window` is set."""
+    return causal if window is None else sliding_window(window)
+
+
+# --------------------------------------------------------------------------------------
+# Segment ids from what a batch carries
+# --------------------------------------------------------------------------------------
+def segments_from_position_ids(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """Document index of every token of a packed row, or None if no row is packed.
+
+    A new document starts wherever the position does not follow the previous one by 1
+    (TRL's padding-free batches restart positions at 0 for each document). One host sync.
+    """
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be (batch, length), got shape {tuple(position_ids.shape)}")
+    step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
+    segments = (step != 1).cumsum(-1)
+    if not bool((segments[:, -1] > 0).any()):
+        return None
+    return segments
+
+
+def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """Document index of every token of one packed row from cumulative lengths ``[0, l0, l0+l1, ..., T]``."""
+    cu = cu_seqlens.to(torch.long).flatten()
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != length:
+        raise ValueError(
+            f"cu_seq_lens must start at 0 and end at the packed length {length}; got {cu.tolist()[:8]}..."
+        )
+    return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())[None]
+
+
+def segments_from_padding_mask(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Segment ids for a 2D keep-mask (1 = real token), or None when the batch is right-padded.
+
+    Right padding needs no mask beyond causal: real tokens come first, so causality alone
+    keeps them from seeing the padding after them, and padded positions carry no loss.
+    Anything else (left padding, holes) gets per-token segments: real tokens 0, padding -1.
+    """
+    keep = attention_mask.bool()
+    if bool((keep[:, 1:] <= keep[:, :-1]).all()):  # every row is 1...1 0...0
+        return None
+    return torch.where(keep, 0, PAD_SEGMENT)
+
+
+def pad_segments(segment_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad segment ids on the right with PAD_SEGMENT to `length` (a block multiple)."""
+    missing = length - segment_ids.shape[-1]
+    if missing <= 0:
+        return segment_ids
+    return torch.nn.functional.pad(segment_ids, (0, missing), value=PAD_SEGMENT)
+
+
+# --------------------------------------------------------------------------------------
+# Block-level sparsity, computed directly (no mask_mod evaluation over the full grid)
+# --------------------------------------------------------------------------------------
+def _block_grids(num_q_blocks, num_kv_blocks, window, segment_ids, device):
+    """Which (q_block, kv_block) tiles have some allowed pair ("partial") and which have all pairs allowed.
+
+    Each test is a bound on a whole tile, so `partial` may include tiles with no allowed
+    pair (harmless: the kernel applies the mask there) and `full` is exact.
+    """
+    q_block = torch.arange(num_q_blocks, device=device)[:, None]
+    kv_block = torch.arange(num_kv_blocks, device=device)[None, :]
+    # causal: a tile has an allowed pair when kv_block <= q_block, all pairs when kv_block < q_block
+    partial = kv_block <= q_block
+    full = kv_block < q_block
+    if window is not None:
+        min_distance = (q_block - kv_block) * BLOCK_SIZE - (BLOCK_SIZE - 1)
+        max_distance = (q_block - kv_block) * BLOCK_SIZE + (BLOCK_SIZE - 1)
+        partial = partial & (min_distance < window)
+        full = full & (max_distance < window)
+    partial, full = partial[None, None], full[None, None]  # (1, 1, nq, nk)
+    if segment_ids is not None:
+        tiles = segment_ids.view(segment_ids.shape[0], -1, BLOCK_SIZE)
+        seg_min, seg_max = tiles.amin(-1), tiles.amax(-1)  # (B, n_blocks)
+        q_min, q_max = seg_min[:, :num_q_blocks, None], seg_max[:, :num_q_blocks, None]
+        kv_min, kv_max = seg_min[:, None, :num_kv_blocks], seg_max[:, None, :num_kv_blocks]
+        overlap = (kv_max >= 0) & (kv_min <= q_max) & (q_min <= kv_max)
+        one_segment = (q_min == q_max) & (kv_min == kv_max) & (q_min == kv_min) & (kv_min >= 0)
+        partial = partial & overlap[:, None]
+        full = full & one_segment[:, None]
+    return partial, full
+
+
+def _to_block_indices(blocks: torch.Tensor):
+    """(B, H, nq, nk) bool tiles -> (count per row, column indices with the used ones first)."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts, indices
+
+
+def make_block_mask(partial: torch.Tensor, full: torch.Tensor, mask_mod: MaskMod, q_len: int, kv_len: int):
+    """Assemble a flex_attention BlockMask from tile grids; only non-full tiles run `mask_mod`."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv_num_blocks, kv_indices = _to_block_indices(partial & ~full)
+    full_kv_num_blocks, full_kv_indices = _to_block_indices(full)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        BLOCK_SIZE=BLOCK_SIZE,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+    )
+
+
+def dense_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Evaluate `mask_mod` on broadcast index grids: a (batch, 1, q_len, kv_len) bool tensor."""
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q = torch.arange(q_len, device=device)[None, None, :, None]
+    kv = torch.arange(kv_len, device=device)[None, None, None, :]
+    allowed = mask_mod(b, h, q, kv)
+    return allowed.expand(batch, 1, q_len, kv_len)
+
+
+# --------------------------------------------------------------------------------------
+# Cache of the plain causal / sliding block masks
+# --------------------------------------------------------------------------------------
+class BlockMaskCache:
+    """Causal and sliding-window block masks, built once per (max_seq_length, window, device).
+
+    Shorter batches crop the cached tile grids, and each cropped mask is kept, so
+    steady-state training builds nothing. A batch longer than `max_seq_length` grows the
+    cache (once, with a warning) rather than being wrong.
+    """
+
+    def __init__(self, max_seq_length: int):
+        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+        self.max_seq_length = max_seq_length
+        self._grids: dict = {}
+        self._masks: dict = {}
+
+    def _grid(self, window, device):
+        key = (self.max_seq_length, window, str(device))
+        if key not in self._grids:
+            n = math.ceil(self.max_seq_length / BLOCK_SIZE)
+            self._grids[key] = _block_grids(n, n, window, None, device)
+        return self._grids[key]
+
+    def get(self, q_len: int, kv_len: int, window: Optional[int], device):
+        """The causal (or sliding, when `window` is set) BlockMask for queries and keys both starting at 0."""
+        if max(q_len, kv_len) > self.max_seq_length:
+            new_length = math.ceil(max(q_len, kv_len) / BLOCK_SIZE) * BLOCK_SIZE
+            logger.warning(
+                "fastgemma: batch of length %d exceeds max_seq_length=%d; growing the block-mask cache to %d. "
+                "Pass a larger max_seq_length to patch_model to avoid this rebuild.",
+                max(q_len, kv_len), self.max_seq_length, new_length,
+            )
+            self.max_seq_length = new_length
+            self._grids.clear()
+            self._masks.clear()
+        key = (q_len, kv_len, window, str(device))
+        mask = self._masks.get(key)
+        if mask is None:
+            partial, full = self._grid(window, device)
+            nq, nk = math.ceil(q_len / BLOCK_SIZE), math.ceil(kv_len / BLOCK_SIZE)
+            mask = make_block_mask(
+                partial[..., :nq, :nk], full[..., :nq, :nk], causal_mask_mod(window), q_len, kv_len
+            )
+            self._masks[key] = mask
+        return mask
+
+
+# --------------------------------------------------------------------------------------
+# The mask object handed to attention layers
+# --------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class AttentionMask:
+    """Everything an attention layer needs to know about one batch's mask, for one layer type.
+
+    Queries and keys both start at position 0 (training, or a prefill with an empty cache).
+    `segment_ids` is None for a plain causal batch (no packing, no padding that matters),
+    else (batch, length) ids per document with -1 for padding. Block and dense masks are
+    built lazily, once, and shared by every layer this object is handed to.
+    """
+
+    q_len: int
+    kv_len: int
+    window: Optional[int] = None
+    segment_ids: Optional[torch.Tensor] = None
+    cache: Optional[BlockMaskCache] = None
+    _block_mask: object = field(default=None, repr=False)
+    _dense: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.q_len != self.kv_len:
+            raise ValueError(f"AttentionMask needs q_len == kv_len, got {self.q_len} and {self.kv_len}")
+        if self.segment_ids is not None:
+            if self.segment_ids.dim() != 2 or self.segment_ids.shape[-1] != self.kv_len:
+                raise ValueError(
+                    f"segment_ids must be (batch, {self.kv_len}), got {tuple(self.segment_ids.shape)}"
+                )
+            padded = math.ceil(self.kv_len / BLOCK_SIZE) * BLOCK_SIZE
+            self.segment_ids = pad_segments(self.segment_ids.to(torch.int32), padded)
+
+    @property
+    def is_plain(self) -> bool:
+        return self.segment_ids is None
+
+    @property
+    def mask_mod(self) -> MaskMod:
+        inner = causal_mask_mod(self.window)
+        return inner if self.segment_ids is None else within_segments(self.segment_ids, inner)
+
+    def block_mask(self, device):
+        """The flex_attention BlockMask (batch 1 and broadcast when plain, else one per row)."""
+        if self._block_mask is None:
+            if self.segment_ids is None:
+                cache = self.cache or BlockMaskCache(self.kv_len)
+                self._block_mask = cache.get(self.q_len, self.kv_len, self.window, device)
+            else:
+                segments = self.segment_ids.to(device)
+                n = segments.shape[-1] // BLOCK_SIZE
+                partial, full = _block_grids(n, n, self.window, segments, device)
+                self._block_mask = make_block_mask(
+                    partial, full, within_segments(segments, causal_mask_mod(self.window)), self.q_len, self.kv_len
+                )
+        return self._block_mask
+
+    def dense(self, device) -> torch.Tensor:
+        """A (batch or 1, 1, q_len, kv_len) bool mask for the dense backends."""
+        if self._dense is None:
+            batch = 1 if self.segment_ids is None else self.segment_ids.shape[0]
+            segments = None if self.segment_ids is None else self.segment_ids.to(device)
+            inner = causal_mask_mod(self.window)
+            mod = inner if segments is None else within_segments(segments, inner)
+            self._dense = dense_mask(mod, batch, self.q_len, self.kv_len, device)
+        return self._dense

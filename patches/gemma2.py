@@ -1,0 +1,225 @@
+"""Gemma 2 glue: the replacement attention forward and the per-batch mask builder.
+
+Two instance-level patches (the class is never touched, so two models in one process
+stay independent):
+
+- each ``Gemma2Attention.forward`` keeps Hugging Face's projections (module calls, so
+  LoRA and 4-bit linears work), RoPE and KV-cache update, then calls
+  ``fastgemma.attention.softcap_attention`` instead of HF's eager attention;
+- ``Gemma2Model.forward`` first describes the batch's masks as ``AttentionMask`` objects
+  (causal / sliding, with packed documents or padding as segment ids) and hands them to
+  HF's forward as a prepared mask mapping, so HF never materialises its dense
+  (batch, 1, T, T) masks. While decoding with a filled KV cache it leaves masks to HF.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from fastgemma.attention import softcap_attention
+from fastgemma.masks import (
+    AttentionMask,
+    BlockMaskCache,
+    segments_from_cu_seqlens,
+    segments_from_padding_mask,
+    segments_from_position_ids,
+)
+
+logger = logging.getLogger("fastgemma")
+
+NAME = "Gemma 2"
+
+
+def _classes():
+    from transformers.models.gemma2 import modeling_gemma2
+
+    return modeling_gemma2.Gemma2Model, modeling_gemma2.Gemma2Attention
+
+
+def find_modules(model: torch.nn.Module):
+    """The Gemma2Model backbones and Gemma2Attention layers inside `model` (plain, PEFT or 4-bit)."""
+    backbone_cls, attention_cls = _classes()
+    backbones = [m for m in model.modules() if isinstance(m, backbone_cls)]
+    attentions = [m for m in model.modules() if isinstance(m, attention_cls)]
+    return backbones, attentions
+
+
+def matches(model: torch.nn.Module) -> bool:
+    backbones, attentions = find_modules(model)
+    return bool(backbones) and bool(attentions)
+
+
+@dataclass
+class PatchState:
+    """What patch_model did to one backbone, so it can be adjusted or undone."""
+
+    backend: str
+    cache: BlockMaskCache
+    original_attn_implementation: object
+    patched: dict = field(default_factory=dict)  # module -> its own `forward` attribute before, or None
+
+
+# --------------------------------------------------------------------------------------
+# The attention forward
+# --------------------------------------------------------------------------------------
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    """Gemma2Attention.forward with fastgemma's softcapped attention core."""
+    from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    output = softcap_attention(
+        query,
+        key,
+        value,
+        attention_mask,
+        scale=self.scaling,
+        softcap=self.attn_logit_softcapping,
+        backend=self._fastgemma_backend,
+        dropout_p=self.attention_dropout if self.training else 0.0,
+    )
+    output = output.transpose(1, 2).reshape(*input_shape, -1)
+    return self.o_proj(output), None
+
+
+# --------------------------------------------------------------------------------------
+# The backbone forward: build the batch's masks once
+# --------------------------------------------------------------------------------------
+def build_mask_mapping(config, cache, batch, length, device, attention_mask, position_ids, past_key_values, extra):
+    """{"full_attention": AttentionMask, "sliding_attention": AttentionMask}, or None to leave masks to HF.
+
+    Mirrors HF's rules: a 2D `attention_mask` means padding; without one (and without a
+    KV cache), packed documents come from `cu_seq_lens_q`, `seq_idx` or `position_ids` resets.
+    """
+    if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        return None  # decoding: queries start after the cached keys
+    segments = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            return None  # a custom 4D mask or BlockMask: HF passes it through
+        if attention_mask.shape != (batch, length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, length) = {(batch, length)}"
+            )
+        segments = segments_from_padding_mask(attention_mask.to(device))
+    elif past_key_values is None:
+        cu_seqlens = extra.get("cu_seq_lens_q")
+        seq_idx = extra.get("seq_idx")
+        if cu_seqlens is not None and batch == 1:
+            segments = segments_from_cu_seqlens(cu_seqlens.to(device), length) if cu_seqlens.numel() > 2 else None
+        elif seq_idx is not None and tuple(seq_idx.shape) == (batch, length):
+            segments = seq_idx.to(device) if bool((seq_idx != seq_idx[:, :1]).any()) else None
+        elif position_ids is not None:
+            segments = segments_from_position_ids(position_ids.to(device).expand(batch, length))
+    return {
+        layer_type: AttentionMask(
+            length, length, window=config.sliding_window if layer_type == "sliding_attention" else None,
+            segment_ids=segments, cache=cache,
+        )
+        for layer_type in ("full_attention", "sliding_attention")
+    }
+
+
+def make_backbone_forward(original, state: PatchState):
+    parameters = list(inspect.signature(original).parameters)
+    positional = [p for p in parameters if p != "kwargs"]
+
+    def backbone_forward(self, *args, **kwargs):
+        """Gemma2Model.forward that prepares fastgemma masks, then runs HF's forward."""
+        kwargs.update(zip(positional, args))
+        attention_mask = kwargs.get("attention_mask")
+        if not isinstance(attention_mask, dict):
+            embeds = kwargs.get("inputs_embeds")
+            tokens = kwargs.get("input_ids")
+            reference = tokens if tokens is not None else embeds
+            if reference is not None:
+                masks = build_mask_mapping(
+                    self.config, state.cache, reference.shape[0], reference.shape[1], reference.device,
+                    attention_mask, kwargs.get("position_ids"), kwargs.get("past_key_values"), kwargs,
+                )
+                if masks is not None:
+                    kwargs["attention_mask"] = masks
+        return original(**kwargs)
+
+    return backbone_forward
+
+
+# --------------------------------------------------------------------------------------
+# Patch / unpatch
+# --------------------------------------------------------------------------------------
+def _swap_forward(module, new_forward, state: PatchState):
+    state.patched[module] = module.__dict__.get("forward")
+    module.forward = types.MethodType(new_forward, module)
+
+
+def patch(model: torch.nn.Module, max_seq_length: int, backend: str) -> dict:
+    """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
+    _, attention_cls = _classes()
+    backbones, _ = find_modules(model)
+    summary = {"layers": 0, "sliding": 0, "global": 0, "already": False}
+    for backbone in backbones:
+        attentions = [m for m in backbone.modules() if isinstance(m, attention_cls)]
+        state = backbone.__dict__.get("_fastgemma_state")
+        if state is not None:  # patched before: only update the settings
+            summary["already"] = True
+            state.backend = backend
+            if state.cache.max_seq_length != max_seq_length:
+                state.cache = BlockMaskCache(max_seq_length)
+        else:
+            config = backbone.config
+            state = PatchState(
+                backend=backend,
+                cache=BlockMaskCache(max_seq_length),
+                original_attn_implementation=config._attn_implementation,
+            )
+            # Masks that HF still builds (decoding with a cache) must arrive dense, which is
+            # what the eager implementation produces.
+            config._attn_implementation = "eager"
+            _swap_forward(backbone, make_backbone_forward(backbone.forward, state), state)
+            for attention in attentions:
+                _swap_forward(attention, attention_forward, state)
+            backbone._fastgemma_state = state
+        for attention in attentions:
+            attention._fastgemma_backend = backend
+            summary["layers"] += 1
+            summary["sliding" if attention.sliding_window is not None else "global"] += 1
+    return summary
+
+
+def unpatch(model: torch.nn.Module) -> int:
+    """Restore every module patched by `patch`; returns how many forwards were restored."""
+    backbones, _ = find_modules(model)
+    restored = 0
+    for backbone in backbones:
+        state = backbone.__dict__.get("_fastgemma_state")
+        if state is None:
+            continue
+        for module, previous in state.patched.items():
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+            module.__dict__.pop("_fastgemma_backend", None)
+            restored += 1
+        backbone.config._attn_implementation = state.original_attn_implementation
+        del backbone._fastgemma_state
+    return restored
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    backbones, _ = find_modules(model)
+    return any("_fastgemma_state" in b.__dict__ for b in backbones)
