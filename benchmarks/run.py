@@ -1,0 +1,205 @@
+"""Entry point: ``python -m benchmarks.run --suite kernel|model|trl|context|all``.
+
+Prints markdown tables as it goes, appends them (with date, GPU, versions and the exact command line)
+to benchmarks/RESULTS.md (or --results PATH), and writes the raw rows as JSON (--json PATH), rewritten
+after every contender so a run cut short still leaves its finished rows behind.
+
+--tiny is the CPU smoke configuration (tiny Gemma 2, a couple of steps); it never writes into
+benchmarks/RESULTS.md unless --results names that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_RESULTS = os.path.join(HERE, "RESULTS.md")
+DEFAULT_PLOT = os.path.join(HERE, "model_suite.png")
+SUITES = ("kernel", "model", "trl", "context")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="all", help="kernel, model, trl, context, all, or a comma list")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke configuration (tiny Gemma 2)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    p.add_argument("--results", default=None, help=f"markdown file to append to (default {DEFAULT_RESULTS}; "
+                   "with --tiny: a temporary file)")
+    p.add_argument("--no-results", action="store_true", help="do not append to any results file")
+    p.add_argument("--json", default=None, help="write raw results as JSON to this path")
+    p.add_argument("--plot", default=None, help=f"model-suite plot path (default {DEFAULT_PLOT}; with --tiny: temp)")
+    p.add_argument("--from-json", default=None,
+                   help="do not run anything: append the tables stored in this JSON (from a GPU run) to the "
+                   "results file and redraw the plot")
+    p.add_argument("--models", default=None, help="comma list of 2b,9b,27b (suite defaults otherwise)")
+    p.add_argument("--seqs", default=None, help="comma list of sequence lengths, e.g. 2048,8192 or 2k,8k")
+    p.add_argument("--shapes", default=None, help="model suite: comma list of BxS, e.g. 2x2048,1x8192")
+    p.add_argument("--masks", default=None, help="kernel suite: comma list of causal,sliding,docs")
+    p.add_argument("--contenders", default=None,
+                   help="comma list among hf-eager,hf-flex,liger,fastgemma (kernel also: fastgemma-<backend>)")
+    p.add_argument("--fastgemma-backend", default="auto", help="backend for patch_model in model/trl/context")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (suite default otherwise)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (kernel/model; suite default otherwise)")
+    p.add_argument("--steps", type=int, default=None, help="trl suite: optimizer steps per contender")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget per suite; contenders not started in time are reported as skipped")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--q-std", type=float, default=10.0, help="kernel suite: std of q (raw logit std)")
+    p.add_argument("--no-ref", action="store_true", help="kernel suite: skip the float64 reference")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--ckpt-dir", default=None,
+                   help="trl/context: where random-init checkpoints are saved for from_pretrained + nf4 "
+                   "(default $TMPDIR/fastgemma_bench_ckpt)")
+    p.add_argument("--no-quant", action="store_true", help="trl/context: LoRA on bf16 instead of QLoRA nf4")
+    p.add_argument("--trl-max-length", type=int, default=None, help="trl suite: max_length (default 4096)")
+    p.add_argument("--trl-batch", type=int, default=4, help="trl suite: per_device_train_batch_size")
+    p.add_argument("--context-start", type=int, default=None, help="context suite: first length tried")
+    p.add_argument("--context-max", type=int, default=None, help="context suite: cap of the search")
+    p.add_argument("--context-step", type=int, default=None, help="context suite: resolution (default 1024)")
+    p.add_argument("--context-loss", default="chunked", choices=("chunked", "hf"),
+                   help="context suite: 'chunked' = LM head + CE in 4K-token checkpointed chunks for every "
+                   "contender (as TRL's fused LM head); 'hf' = the model's own loss from labels")
+    p.add_argument("--contender-budget-s", type=float, default=None,
+                   help="context suite: search time cap per contender (default 240 s)")
+    return p
+
+
+def render_section(suite: str, env: dict, res, tiny: bool) -> str:
+    lines = [
+        f"## {suite} suite — {env['date']}" + (" (tiny CPU smoke run)" if tiny else ""),
+        "",
+        f"- GPU: {env['gpu']} (CUDA {env['cuda']})",
+        f"- versions: torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, "
+        f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, liger-kernel {env['liger_kernel']}, "
+        f"accelerate {env['accelerate']}, python {env['python']}; fastgemma git {env['fastgemma_git']}",
+        f"- command: `{env['command']}`",
+        "",
+    ]
+    for n in res.notes:
+        lines.append(f"> {n}")
+        lines.append(">")
+    if res.notes:
+        lines.pop()
+        lines.append("")
+    lines.append(res.table)
+    for f in res.extra_files:
+        lines.append("")
+        lines.append(f"![{suite} suite]({f})")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def append_results(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a") as f:
+        if new:
+            f.write("# fastgemma benchmark results\n\n"
+                    "Appended by `python -m benchmarks.run`; every table comes from one run of the harness, "
+                    "with the peers measured in the same run. See benchmarks/README.md.\n\n")
+        f.write(text)
+        f.write("\n")
+
+
+def _from_json(args) -> int:
+    from . import common as C
+    from .plot import plot_model_suite
+    from .suite_registry import table_for
+
+    with open(args.from_json) as f:
+        payload = json.load(f)
+    env = payload["env"]
+    results = args.results or DEFAULT_RESULTS
+    for suite, data in payload.get("suites", {}).items():
+        res = C.SuiteResult(suite, rows=data["rows"], notes=data.get("notes", []))
+        res.table = table_for(suite, res.rows)
+        if suite == "model":
+            plot = args.plot or DEFAULT_PLOT
+            if plot_model_suite(res.rows, plot, env):
+                res.extra_files.append(os.path.relpath(plot, os.path.dirname(os.path.abspath(results))))
+        text = render_section(suite, env, res, payload.get("tiny", False))
+        print(text, flush=True)
+        if not args.no_results:
+            append_results(results, text)
+            print(f"appended to {results}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.from_json:
+        _from_json(args)
+        return {}
+
+    from . import common as C
+    from .suite_registry import get_suite
+
+    suites = list(SUITES) if args.suite == "all" else C.parse_list(args.suite, SUITES)
+    for s in suites:
+        if s not in SUITES:
+            raise SystemExit(f"unknown suite {s!r}; choose from {', '.join(SUITES)} or all")
+
+    device = C.pick_device(args.tiny, force_cpu=args.cpu)
+    if args.tiny:
+        tmpdir = tempfile.mkdtemp(prefix="fastgemma_bench_tiny_")
+        results = None if args.no_results else (args.results or os.path.join(tmpdir, "RESULTS.md"))
+        plot = args.plot or os.path.join(tmpdir, "model_suite.png")
+    else:
+        results = None if args.no_results else (args.results or DEFAULT_RESULTS)
+        plot = args.plot or DEFAULT_PLOT
+    args.plot_path = plot
+    args.results_path = results
+
+    env = C.env_info(device, ["benchmarks/run.py", *argv])
+    C.log(f"device {device} | {env['gpu']} | torch {env['torch']} transformers {env['transformers']} "
+          f"trl {env['trl']} peft {env['peft']} bnb {env['bitsandbytes']} liger {env['liger_kernel']}")
+    C.log(f"command: {env['command']}")
+    payload: dict = {
+        "env": env,
+        "tiny": args.tiny,
+        "args": {k: v for k, v in vars(args).items() if not callable(v)},
+        "suites": {},
+        "results_file": results,
+    }
+
+    def save(res=None) -> None:
+        if res is not None:
+            payload["suites"][res.suite] = res.to_json()
+        if args.json:
+            C.write_json(args.json, payload)
+
+    args.on_row = save
+    t_all = time.perf_counter()
+    for suite in suites:
+        t0 = time.perf_counter()
+        C.log(f"=== suite {suite} ===")
+        mod = get_suite(suite)
+        res = mod.run(args, device)
+        res.notes.append(f"suite wall time {time.perf_counter() - t0:.0f} s")
+        if suite == "model" and res.rows:
+            from .plot import plot_model_suite
+
+            if plot_model_suite(res.rows, plot, env):
+                ref_dir = os.path.dirname(os.path.abspath(results)) if results else os.path.dirname(plot)
+                res.extra_files.append(os.path.relpath(plot, ref_dir))
+                C.log(f"plot written to {plot}")
+        save(res)
+        text = render_section(suite, env, res, args.tiny)
+        print("\n" + text, flush=True)
+        if results:
+            append_results(results, text)
+            C.log(f"appended to {results}")
+    C.log(f"all done in {time.perf_counter() - t_all:.0f} s" + (f"; JSON: {args.json}" if args.json else ""))
+    payload["results_file"] = results
+    return payload
+
+
+if __name__ == "__main__":
+    main()
