@@ -147,6 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"unknown suite {s!r}; choose from {', '.join(SUITES)} or all")
 
     device = C.pick_device(args.tiny, force_cpu=args.cpu)
+    if device.type == "cpu" and args.tiny and not os.environ.get("BENCH_CPU_THREADS"):
+        # Tiny matmuls on a small shared CPU run far slower with intra-op threads contending.
+        import torch
+
+        torch.set_num_threads(1)
+    elif os.environ.get("BENCH_CPU_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["BENCH_CPU_THREADS"]))
     if args.tiny:
         tmpdir = tempfile.mkdtemp(prefix="fastgemma_bench_tiny_")
         results = None if args.no_results else (args.results or os.path.join(tmpdir, "RESULTS.md"))

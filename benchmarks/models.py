@@ -1,0 +1,160 @@
+"""Building random-init Gemma 2 models and applying each contender's changes (model, trl, context suites)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from . import common as C
+
+IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager"}
+
+
+def availability(contender: str, device: torch.device, training: bool = True) -> str | None:
+    """None if the contender can run here, else the text of its n/a row."""
+    if contender not in IMPL:
+        return f"n/a (unknown contender {contender!r})"
+    if contender == "hf-flex":
+        from transformers.utils import is_torch_flex_attn_available
+
+        if not is_torch_flex_attn_available():
+            return "n/a (torch flex_attention not available)"
+        if training and device.type != "cuda":
+            return "n/a (flex_attention has no CPU backward)"
+    if contender == "liger":
+        try:
+            import liger_kernel.transformers  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return f"n/a (liger-kernel not installed / not importable: {type(exc).__name__})"
+        if device.type != "cuda":
+            return "n/a (Liger's Triton kernels need CUDA)"
+    if contender == "fastgemma":
+        try:
+            import fastgemma  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return f"n/a (fastgemma not importable: {type(exc).__name__}: {str(exc)[:80]})"
+    return None
+
+
+def fastgemma_backend(args, device: torch.device) -> str:
+    if getattr(args, "fastgemma_backend", None) and args.fastgemma_backend != "auto":
+        return args.fastgemma_backend
+    # auto on a GPU; on CPU "auto" means torch.compile'd dense attention, whose compile time would
+    # dominate a smoke run, so the CPU smoke configuration uses the eager backend.
+    return "auto" if device.type == "cuda" else "eager"
+
+
+def build_random_model(name: str, contender: str, device: torch.device, dtype: torch.dtype, seed: int, max_len: int):
+    """A seeded random-init Gemma2ForCausalLM built directly on ``device`` in ``dtype``."""
+    from transformers import Gemma2ForCausalLM
+
+    cfg = C.gemma2_config(name, max_position_embeddings=max_len)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Gemma2ForCausalLM._from_config(cfg, attn_implementation=IMPL[contender], dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+def apply_pre_peft(contender: str, model, max_len: int, args, device: torch.device):
+    """The contender's own change to a loaded (not yet LoRA-wrapped) model."""
+    if contender == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_gemma2
+
+        apply_liger_kernel_to_gemma2(model=model)  # Liger's defaults: rope, rms_norm, geglu, fused linear CE
+    elif contender == "fastgemma":
+        import fastgemma
+
+        fastgemma.patch_model(model, max_seq_length=int(max_len), backend=fastgemma_backend(args, device))
+    return model
+
+
+def lora_config(r: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules="all-linear", bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def wrap_lora(model, r: int):
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(r))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def unpatch(contender: str, model) -> None:
+    if contender == "fastgemma":
+        try:
+            import fastgemma
+
+            fastgemma.unpatch_model(model)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints for from_pretrained (+ bitsandbytes nf4) in the trl and context suites
+# --------------------------------------------------------------------------------------------------
+
+
+def ckpt_dir(args) -> str:
+    return args.ckpt_dir or os.path.join(tempfile.gettempdir(), "fastgemma_bench_ckpt")
+
+
+def offline_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer built in code (no hub access): specials + words w4..w{vocab-1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for i in range(C.FIRST_TEXT_TOKEN, vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def ensure_checkpoint(name: str, args, device: torch.device, dtype: torch.dtype) -> str:
+    """Save a seeded random-init model (and the offline tokenizer) once; returns its directory."""
+    path = os.path.join(ckpt_dir(args), f"gemma2-{name}-seed{args.seed}-{str(dtype).replace('torch.', '')}")
+    done = os.path.join(path, ".complete")
+    if os.path.exists(done):
+        return path
+    C.log(f"saving random-init Gemma 2 {name} checkpoint to {path} (once)")
+    model = build_random_model(name, "hf-eager", device, dtype, args.seed, 8192)
+    model.save_pretrained(path, safe_serialization=True)
+    offline_tokenizer(model.config.vocab_size).save_pretrained(path)
+    del model
+    C.free_memory(device)
+    with open(done, "w") as f:
+        f.write("ok\n")
+    return path
+
+
+def load_for_training(path: str, contender: str, device: torch.device, quantize: bool, dtype: torch.dtype):
+    """from_pretrained with the contender's attention implementation, nf4 double-quant when ``quantize``."""
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(attn_implementation=IMPL[contender], dtype=dtype)
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if device.type == "cuda":
+        kw["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    model.config.use_cache = False
+    return model
