@@ -1,0 +1,263 @@
+"""TRL suite: SFTTrainer QLoRA (nf4, double quant, bf16 compute), BFD packing (padding-free),
+max_length 4096, per_device_train_batch_size 4, on a synthetic pre-tokenized dataset.
+
+Measured per contender (hf-eager, hf-flex, fastgemma; liger opt-in):
+  - time to first step: wall clock (after a CUDA sync) from ``trainer.train()`` and from the start of
+    ``from_pretrained`` to the end of the first optimizer step (TrainerCallback.on_step_end);
+  - steady tokens/s: median over the steps after warm-up of (real tokens of the step's batch) /
+    (time between consecutive step ends); real tokens are counted from each batch in training_step;
+  - peak memory (torch.cuda.max_memory_allocated from before the load to the end of training).
+
+The random-init model is saved once (bf16 safetensors + an offline word-level tokenizer) and loaded
+with from_pretrained + BitsAndBytesConfig, as a user would load a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+
+import torch
+
+from . import common as C
+from . import models as M
+
+DEFAULT_CONTENDERS = ("hf-eager", "hf-flex", "fastgemma")
+
+
+def synthetic_dataset(vocab: int, n_tokens: int, doc_range: tuple[int, int], seed: int):
+    """Pre-tokenized documents of random token ids, lengths uniform in doc_range, ending with <eos>."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    docs, total = [], 0
+    while total < n_tokens:
+        n = rng.randint(*doc_range)
+        ids = [rng.randrange(C.FIRST_TEXT_TOKEN, vocab) for _ in range(n - 1)] + [1]
+        docs.append(ids)
+        total += n
+    return Dataset.from_dict({"input_ids": docs}), total
+
+
+def _make_trainer_cls():
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class StepClock(TrainerCallback):
+        def __init__(self, device):
+            self.device = device
+            self.t_begin = None
+            self.ends: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            C.sync(self.device)
+            self.t_begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            C.sync(self.device)
+            self.ends.append(time.perf_counter())
+
+    class CountingSFTTrainer(SFTTrainer):
+        """SFTTrainer that records the real and the loss-bearing tokens of every micro-batch."""
+
+        def training_step(self, *args, **kwargs):
+            inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
+            if inputs is not None:
+                ids = inputs["input_ids"]
+                if "attention_mask" in inputs:
+                    real = int(inputs["attention_mask"].sum())
+                else:  # padding-free: one flattened row, no padding unless pad_to_multiple_of
+                    real = int(ids.numel())
+                labels = inputs.get("labels")
+                loss_tokens = int((labels != -100).sum()) if labels is not None else None
+                self._bench_tokens.append((real, loss_tokens, int(ids.shape[-1])))
+            return super().training_step(*args, **kwargs)
+
+    return StepClock, CountingSFTTrainer
+
+
+def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool, steps: int, max_length: int,
+             batch: int, out_dir: str) -> dict:
+    from trl import SFTConfig
+
+    StepClock, CountingSFTTrainer = _make_trainer_cls()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    C.free_memory(device)
+    C.reset_peak(device)
+    C.sync(device)
+    t_load0 = time.perf_counter()
+    model = M.load_for_training(path, cname, device, quantize, dtype)
+    if cname == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_gemma2
+
+        # TRL replaces the forward with its fused LM head, so Liger's fused linear CE stays off.
+        apply_liger_kernel_to_gemma2(model=model, fused_linear_cross_entropy=False)
+    elif cname == "fastgemma":
+        M.apply_pre_peft(cname, model, batch * max_length, args, device)
+    C.sync(device)
+    t_loaded = time.perf_counter()
+    cfg = SFTConfig(
+        output_dir=out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        max_length=max_length,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=device.type == "cuda",
+        use_cpu=device.type != "cuda",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+        data_seed=args.seed,
+    )
+    clock = StepClock(device)
+    torch.manual_seed(args.seed)
+    trainer = CountingSFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=M.offline_tokenizer(model.config.vocab_size),
+        peft_config=M.lora_config(args.lora_r),
+        callbacks=[clock],
+    )
+    trainer._bench_tokens = []
+    C.sync(device)
+    t_trainer = time.perf_counter()
+    trainer.train()
+    C.sync(device)
+    peak = C.peak_mib(device)
+
+    ends = clock.ends
+    toks = trainer._bench_tokens
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    starts = [clock.t_begin] + ends[:-1]
+    durs = [e - s for s, e in zip(starts, ends)]
+    per_step = [t[0] / d for t, d in zip(toks, durs) if d > 0]
+    warm = min(args.trl_warmup, max(0, len(per_step) - 1))
+    steady = per_step[warm:]
+    out = {
+        "steps_done": len(ends),
+        "load_s": t_loaded - t_load0,
+        "trainer_init_s": t_trainer - t_loaded,
+        "first_step_from_train_s": ends[0] - t_trainer if ends else None,
+        "first_step_from_load_s": ends[0] - t_load0 if ends else None,
+        "first_step_s": durs[0] if durs else None,
+        "tokens_per_s": C.median(steady),
+        "tokens_per_s_all": per_step,
+        "tokens_per_step": [t[0] for t in toks],
+        "loss_tokens_per_step": [t[1] for t in toks],
+        "row_lengths": [t[2] for t in toks],
+        "step_s": durs,
+        "losses": losses,
+        "loss_first": losses[0] if losses else None,
+        "peak_mib": peak,
+        "warmup_steps": warm,
+    }
+    del trainer, model
+    return out
+
+
+def run(args, device: torch.device) -> C.SuiteResult:
+    res = C.SuiteResult("trl")
+    tiny = args.tiny
+    models = C.parse_list(args.models, ["tiny"] if tiny else ["2b"])
+    contenders = [c for c in C.parse_list(args.contenders, DEFAULT_CONTENDERS) if c in M.IMPL]
+    steps = C.pick(args.steps, tiny, 3, 12)
+    args.trl_warmup = C.pick(args.warmup, tiny, 1, 3)
+    max_length = args.trl_max_length or (128 if tiny else 4096)
+    batch = args.trl_batch
+    doc_range = (8, 100) if tiny else (200, 4000)
+    quantize = device.type == "cuda" and not args.no_quant
+    budget = C.Budget(args.budget_s)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    res.notes.append(
+        f"TRL SFTTrainer, {'QLoRA: nf4 + double quant, bf16 compute' if quantize else 'LoRA without quantization (' + str(dtype).replace('torch.', '') + ')'}, "
+        f"LoRA r={args.lora_r} all-linear, packing='bfd' (padding-free: each batch is one flattened row of "
+        f"≤{batch}×{max_length} tokens with per-document position_ids), max_length {max_length}, "
+        f"per_device_train_batch_size {batch}, gradient checkpointing, {steps} optimizer steps, constant lr. "
+        f"Synthetic pre-tokenized documents of {doc_range[0]}..{doc_range[1]} random tokens. "
+        "'1st step' columns: wall clock to the end of the first optimizer step from trainer.train() and from "
+        "the start of from_pretrained. tokens/s: median over steps after the first "
+        f"{args.trl_warmup} of real tokens / step time. Peak: max allocated from before the load to the end. "
+        f"fastgemma backend: {M.fastgemma_backend(args, device)}."
+    )
+    if device.type != "cuda":
+        res.notes.append("CPU run: bitsandbytes nf4 needs CUDA, so this smoke run trains LoRA on an fp32 model.")
+    for name in models:
+        vocab = C.GEMMA2_SHAPES[name]["vocab_size"]
+        n_tokens = int((steps + 2) * batch * max_length * 1.2)
+        ds, total = synthetic_dataset(vocab, n_tokens, doc_range, args.seed)
+        C.log(f"trl {name}: synthetic dataset {len(ds)} documents, {total:,} tokens")
+        path = None
+        for cname in contenders:
+            row = dict(suite="trl", model=name, contender=cname, label=C.LABELS.get(cname, cname),
+                       quant="nf4" if quantize else "none", max_length=max_length, batch=batch)
+            na = M.availability(cname, device)
+            if na:
+                row["status"] = na
+            elif budget.expired():
+                row["status"] = "skipped (time budget)"
+            else:
+                if path is None:
+                    st, path = C.run_guarded(lambda: M.ensure_checkpoint(name, args, device, dtype),
+                                             f"trl {name} checkpoint")
+                    if st != "ok":
+                        res.rows.append(dict(row, status=f"{st} (saving the checkpoint)"))
+                        path = None
+                        continue
+                out_dir = tempfile.mkdtemp(prefix=f"fastgemma_bench_trl_{cname}_")
+                C.log(f"trl {name} {cname}: training {steps} steps")
+                with C.stock_guard():
+                    st, m = C.run_guarded(
+                        lambda: _run_one(cname, name, path, ds, args, device, quantize, steps, max_length, batch,
+                                         out_dir),
+                        f"trl {name} {cname}",
+                    )
+                row["status"] = st
+                if m:
+                    row.update(m)
+                C.free_memory(device)
+            C.log(
+                f"  {name} {cname:<10} {row['status']} 1st step: {C.fmt(row.get('first_step_from_train_s'), 1)} s "
+                f"(from load {C.fmt(row.get('first_step_from_load_s'), 1)} s) tok/s={C.fmt(row.get('tokens_per_s'), 0)} "
+                f"peak={C.fmt(row.get('peak_mib'), 0)}MiB loss@1={C.fmt(row.get('loss_first'), 4)}"
+            )
+            res.rows.append(row)
+            if getattr(args, "on_row", None):
+                args.on_row(res)
+    res.table = table(res.rows)
+    return res
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["model", "contender", "status", "1st step from train() s", "1st step from load s", "tokens/s",
+               "vs HF eager", "vs HF flex", "peak GiB", "steps", "loss@1"]
+    keyf = ("model",)
+    out = []
+    for r in rows:
+        ok = r.get("status") == "ok"
+        out.append([
+            r["model"],
+            r.get("label", r["contender"]),
+            r["status"],
+            C.fmt(r.get("first_step_from_train_s"), 1),
+            C.fmt(r.get("first_step_from_load_s"), 1),
+            C.fmt(r.get("tokens_per_s"), 0),
+            C.fmt_ratio(C.ratio(r, rows, keyf, "tokens_per_s", "hf-eager", True)) if ok else "-",
+            C.fmt_ratio(C.ratio(r, rows, keyf, "tokens_per_s", "hf-flex", True)) if ok else "-",
+            C.fmt(r["peak_mib"] / 1024 if r.get("peak_mib") else None, 2),
+            r.get("steps_done", "-"),
+            C.fmt(r.get("loss_first"), 4),
+        ])
+    return C.markdown_table(headers, out)
