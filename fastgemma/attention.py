@@ -73,7 +73,7 @@ def dense_softcap_attention(
 
     `mask` is None, a bool "allowed" tensor, or an additive float tensor, broadcastable
     to (batch, 1, q_len, kv_len). GQA without copying keys: query heads are grouped
-    under their key head. A query with no allowed key gets a uniform average, never NaN.
+    under their key head. A query with no allowed key outputs 0, never NaN.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -82,13 +82,18 @@ def dense_softcap_attention(
     scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    has_key = None
     if mask is not None:
         mask = mask.unsqueeze(2)  # broadcast over the group dimension
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+            has_key = mask.any(-1, keepdim=True)
         else:
             scores = scores + mask.float()
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    if has_key is not None:  # a query with no key outputs 0 (as flex_attention does), not a uniform average
+        probs = probs.masked_fill(~has_key, 0.0)
+    probs = probs.to(value.dtype)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, value.unsqueeze(2))
@@ -104,20 +109,34 @@ def _compiled_dense():
 # --------------------------------------------------------------------------------------
 # flex backend
 # --------------------------------------------------------------------------------------
+# Recompiles are bounded by design (one mask function for both layer types, dynamic
+# shapes), but a silent fall back to unfused flex_attention would be O(length²) memory:
+# give our own compiles head-room, without changing the limit for the user's code.
+FLEX_RECOMPILE_LIMIT = 32
+_RECOMPILE_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    # dynamic=True: one kernel for every sequence length (packed rows change length each step).
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compiled=True):
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = _compiled_flex() if compiled else flex_attention
     score_mod = None if softcap is None else tanh_softcap(float(softcap))
     enable_gqa = query.shape[1] != key.shape[1]
-    return fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if not compiled:
+        if not torch.is_grad_enabled():  # torch refuses CPU flex for inputs that require grad, even under no_grad
+            query, key, value = query.detach(), key.detach(), value.detach()
+        return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
+        return _compiled_flex()(
+            query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
+        )
 
 
 # --------------------------------------------------------------------------------------

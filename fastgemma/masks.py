@@ -32,15 +32,11 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 # --------------------------------------------------------------------------------------
 # Mask functions (flex_attention's mask_mod signature)
 # --------------------------------------------------------------------------------------
-def causal(b, h, q_idx, kv_idx):
-    """A query sees itself and every earlier key."""
-    return q_idx >= kv_idx
-
-
-def sliding_window(window: int) -> MaskMod:
+def sliding_window(window) -> MaskMod:
     """Causal, and a query sees exactly `window` keys, itself included: ``0 <= q - k < window``.
 
     This is Hugging Face's Gemma 2 definition (some peers use ``<=`` and see one key more).
+    `window` may be a 0-d tensor, so that one compiled kernel serves every window size.
     """
 
     def sliding_window_causal(b, h, q_idx, kv_idx):
@@ -64,9 +60,18 @@ def within_segments(segment_ids: torch.Tensor, inner: MaskMod) -> MaskMod:
     return same_segment
 
 
-def causal_mask_mod(window: Optional[int]) -> MaskMod:
-    """Plain causal, or causal with a sliding window when `window` is set."""
-    return causal if window is None else sliding_window(window)
+NO_WINDOW = 2**30  # "unlimited" window of global layers, longer than any sequence
+
+
+def causal_mask_mod(window: Optional[int], device=None) -> MaskMod:
+    """Causal with an optional sliding window, as ONE function for both layer types.
+
+    The window travels as a tensor (NO_WINDOW on global layers) rather than a Python
+    constant: torch.compile then traces a single mask function for sliding and global
+    layers, instead of one graph each (which, times every new sequence length, used to
+    exhaust the recompile limit and silently drop flex_attention to its unfused path).
+    """
+    return sliding_window(torch.tensor(NO_WINDOW if window is None else window, device=device))
 
 
 # --------------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ class BlockMaskCache:
             partial, full = self._grid(window, device)
             nq, nk = math.ceil(q_len / BLOCK_SIZE), math.ceil(kv_len / BLOCK_SIZE)
             mask = make_block_mask(
-                partial[..., :nq, :nk], full[..., :nq, :nk], causal_mask_mod(window), q_len, kv_len
+                partial[..., :nq, :nk], full[..., :nq, :nk], causal_mask_mod(window, device), q_len, kv_len
             )
             self._masks[key] = mask
         return mask
@@ -269,10 +274,12 @@ class AttentionMask:
     def is_plain(self) -> bool:
         return self.segment_ids is None
 
-    @property
-    def mask_mod(self) -> MaskMod:
-        inner = causal_mask_mod(self.window)
-        return inner if self.segment_ids is None else within_segments(self.segment_ids, inner)
+    def mask_mod(self, device) -> MaskMod:
+        """This batch's mask as a flex_attention mask function."""
+        inner = causal_mask_mod(self.window, device)
+        if self.segment_ids is None:
+            return inner
+        return within_segments(self.segment_ids.to(device), inner)
 
     def block_mask(self, device):
         """The flex_attention BlockMask (batch 1 and broadcast when plain, else one per row)."""
@@ -284,17 +291,12 @@ class AttentionMask:
                 segments = self.segment_ids.to(device)
                 n = segments.shape[-1] // BLOCK_SIZE
                 partial, full = _block_grids(n, n, self.window, segments, device)
-                self._block_mask = make_block_mask(
-                    partial, full, within_segments(segments, causal_mask_mod(self.window)), self.q_len, self.kv_len
-                )
+                self._block_mask = make_block_mask(partial, full, self.mask_mod(device), self.q_len, self.kv_len)
         return self._block_mask
 
     def dense(self, device) -> torch.Tensor:
         """A (batch or 1, 1, q_len, kv_len) bool mask for the dense backends."""
         if self._dense is None:
             batch = 1 if self.segment_ids is None else self.segment_ids.shape[0]
-            segments = None if self.segment_ids is None else self.segment_ids.to(device)
-            inner = causal_mask_mod(self.window)
-            mod = inner if segments is None else within_segments(segments, inner)
-            self._dense = dense_mask(mod, batch, self.q_len, self.kv_len, device)
+            self._dense = dense_mask(self.mask_mod(device), batch, self.q_len, self.kv_len, device)
         return self._dense

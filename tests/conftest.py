@@ -1,0 +1,61 @@
+"""Shared helpers for the tests: tiny random Gemma 2 models and a float64 attention reference."""
+
+import copy
+
+import pytest
+import torch
+
+
+def tiny_gemma2_config(head_dim=16, query_pre_attn_scalar=None, heads=4, kv_heads=2, layers=4, window=24, vocab=97):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        query_pre_attn_scalar=query_pre_attn_scalar or head_dim,
+        intermediate_size=128,
+        vocab_size=vocab,
+        sliding_window=window,
+        max_position_embeddings=1024,
+        attn_implementation="eager",
+    )
+
+
+def random_gemma2(config, seed=0, dtype=torch.float32, device="cpu"):
+    """A Gemma2ForCausalLM with weights large enough that attention patterns are far from uniform."""
+    from transformers import Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return model.to(device=device, dtype=dtype)
+
+
+def reference_attention(query, key, value, allowed, scale, softcap):
+    """Softcapped attention in float64, straight from the definition. `allowed` is bool (B|1, 1, Q, K)."""
+    q, k, v = (t.double() for t in (query, key, value))
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no key outputs 0
+    return probs @ v
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def twin_models():
+    """(reference HF eager model, identical copy to patch)."""
+    reference = random_gemma2(tiny_gemma2_config())
+    return reference, copy.deepcopy(reference)

@@ -1,0 +1,144 @@
+"""GPU tests (`pytest -m gpu`): the flex backend in bf16 against float64, packing, recompilation.
+
+Skipped on machines without a CUDA GPU of compute capability >= 8.0.
+"""
+
+import copy
+import time
+
+import pytest
+import torch
+
+from conftest import random_gemma2, reference_attention, relative_error, tiny_gemma2_config
+from fastgemma.attention import flex_supported, softcap_attention
+from fastgemma.masks import AttentionMask
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and flex_supported(torch.device("cuda"))),
+        reason="needs a CUDA GPU with compute capability >= 8.0",
+    ),
+]
+
+BF16_TOLERANCE = 2e-2  # relative L2 error for bf16 inputs/outputs against float64
+
+
+def random_documents(length, generator, low=100, high=3000):
+    lengths = []
+    while sum(lengths) < length:
+        lengths.append(int(torch.randint(low, high, (1,), generator=generator)))
+    lengths[-1] -= sum(lengths) - length
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads,scalar", [(256, 8, 4, 256), (128, 16, 8, 144)])
+@pytest.mark.parametrize("length", [1000, 8192])
+@pytest.mark.parametrize("window", [None, 4096], ids=["causal", "sliding4096"])
+@pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
+def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, length, window, packed):
+    generator = torch.Generator().manual_seed(length + head_dim + (window or 0) + packed)
+    device = torch.device("cuda")
+    shape_q, shape_kv = (1, heads, length, head_dim), (1, kv_heads, length, head_dim)
+    # scale the inputs so scores reach the softcap region (|q·k| * scale ~ tens)
+    query = (torch.randn(shape_q, generator=generator) * 2).to(device, torch.bfloat16).requires_grad_()
+    key = (torch.randn(shape_kv, generator=generator) * 2).to(device, torch.bfloat16).requires_grad_()
+    value = torch.randn(shape_kv, generator=generator).to(device, torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(shape_q, generator=generator).to(device, torch.bfloat16)
+    segments = random_documents(length, generator).to(device) if packed else None
+    mask = AttentionMask(length, length, window=window, segment_ids=segments)
+    scale = scalar**-0.5
+
+    out = softcap_attention(query, key, value, mask, scale=scale, softcap=50.0, backend="flex")
+    out.backward(grad_out)
+    grads = [t.grad.clone() for t in (query, key, value)]
+
+    leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    expected = reference_attention(*leaves, mask.dense(device), scale, 50.0)
+    expected.backward(grad_out.double())
+
+    assert not torch.isnan(out).any()
+    assert relative_error(out, expected) < BF16_TOLERANCE
+    for grad, leaf in zip(grads, leaves):
+        assert relative_error(grad, leaf.grad) < BF16_TOLERANCE
+
+
+def test_packed_model_bf16_matches_documents_alone_and_hf_eager():
+    device = torch.device("cuda")
+    config = tiny_gemma2_config(head_dim=64, layers=4, window=128, vocab=512)
+    reference = random_gemma2(config, device=device, dtype=torch.float32)
+    patched = copy.deepcopy(reference).to(torch.bfloat16)
+    import fastgemma
+
+    fastgemma.patch_model(patched, max_seq_length=1024, backend="flex")
+    lengths = [300, 77, 500]  # documents shorter and longer than the window
+    ids = torch.randint(0, 512, (1, sum(lengths)), device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    hf_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    with torch.no_grad():
+        packed = patched(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
+        hf_fp32 = reference(input_ids=ids, position_ids=positions, use_cache=False).logits
+        hf_bf16_error = relative_error(hf_bf16(input_ids=ids, position_ids=positions, use_cache=False).logits, hf_fp32)
+        start = 0
+        for n in lengths:
+            alone = patched(input_ids=ids[:, start : start + n], use_cache=False).logits.float()
+            assert relative_error(packed[:, start : start + n], alone) < BF16_TOLERANCE
+            start += n
+    # bf16 through the whole model drifts from float32; fastgemma must drift no more than HF's own bf16 eager
+    our_error = relative_error(packed, hf_fp32)
+    print(f"\nlogits vs HF float32: fastgemma bf16 {our_error:.4f}, HF eager bf16 {hf_bf16_error:.4f}")
+    assert our_error <= 1.25 * hf_bf16_error + 1e-3
+
+
+def test_varying_lengths_compile_a_bounded_number_of_times():
+    """20 training steps whose length changes every step (packed rows, and right-padded batches) stay compiled."""
+    import torch._dynamo.utils as dynamo_utils
+
+    import fastgemma
+
+    device = torch.device("cuda")
+    config = tiny_gemma2_config(head_dim=128, layers=4, window=512, vocab=512)
+    model = random_gemma2(config, device=device, dtype=torch.bfloat16)
+    fastgemma.patch_model(model, max_seq_length=4096, backend="flex")
+    generator = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    step_times = []
+    for step in range(20):
+        length = int(torch.randint(1500, 4096, (1,), generator=generator))
+        if step % 4 == 3:  # a right-padded batch of two rows
+            ids = torch.randint(0, 512, (2, length), generator=generator).to(device)
+            batch = {"attention_mask": torch.ones_like(ids)}
+            batch["attention_mask"][1, length // 2 :] = 0
+        else:  # one packed row of documents
+            segments = random_documents(length, generator, low=50, high=1500)[0]
+            positions = torch.cat([torch.arange(int(n)) for n in torch.bincount(segments)])[None].to(device)
+            ids = torch.randint(0, 512, (1, length), generator=generator).to(device)
+            batch = {"position_ids": positions}
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids, use_cache=False, **batch).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - start)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    print(f"\ncompiled graphs over 20 varying-length steps: {graphs}; step times (s): "
+          + ", ".join(f"{t:.3f}" for t in step_times))
+    assert graphs <= 8, f"{graphs} compiled graphs over 20 steps: recompiling per length"
+    assert max(step_times[-10:]) < 1.0, "late steps are still compiling"
+
+
+def test_document_block_mask_builds_fast():
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(1)
+    segments = random_documents(16384, generator).to(device)
+    for _ in range(3):  # warm up
+        AttentionMask(16384, 16384, window=4096, segment_ids=segments).block_mask(device)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    repeats = 20
+    for _ in range(repeats):
+        AttentionMask(16384, 16384, window=4096, segment_ids=segments).block_mask(device)
+    torch.cuda.synchronize()
+    per_mask_ms = (time.perf_counter() - start) / repeats * 1e3
+    print(f"\ndocument block mask at 16K tokens: {per_mask_ms:.3f} ms")
+    assert per_mask_ms < 2.0

@@ -1,0 +1,132 @@
+"""Masks: block sparsity matches the mask function exactly; segment ids from what batches carry."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from fastgemma.masks import (
+    BLOCK_SIZE,
+    PAD_SEGMENT,
+    AttentionMask,
+    BlockMaskCache,
+    segments_from_cu_seqlens,
+    segments_from_padding_mask,
+    segments_from_position_ids,
+)
+
+
+def tiles_of(block_mask, num_q_blocks, num_kv_blocks):
+    """(partial, full) tile grids read back from a BlockMask's index lists."""
+    def grid(counts, indices):
+        dense = torch.zeros(*counts.shape, num_kv_blocks, dtype=torch.bool)
+        for index in itertools.product(*(range(n) for n in counts.shape)):
+            dense[index][indices[index][: counts[index]].long()] = True
+        return dense
+
+    full = grid(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    partial = grid(block_mask.kv_num_blocks, block_mask.kv_indices)
+    return partial[..., :num_q_blocks, :], full[..., :num_q_blocks, :]
+
+
+def random_segments(batch, length, generator, with_padding):
+    rows = []
+    for _ in range(batch):
+        cuts = torch.sort(torch.randint(1, max(length, 2), (3,), generator=generator)).values
+        row = torch.bucketize(torch.arange(length), cuts, right=True)
+        if with_padding:
+            row[torch.rand(length, generator=generator) < 0.1] = PAD_SEGMENT
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("length", [1, 127, 128, 300, 777])
+@pytest.mark.parametrize("window", [None, 1, 100, 128, 200])
+@pytest.mark.parametrize("kind", ["plain", "packed", "holes"])
+def test_block_mask_tiles_agree_with_the_mask_function(length, window, kind):
+    """Every tile with an allowed pair is visited; a tile marked full has every pair allowed."""
+    generator = torch.Generator().manual_seed(length * 7 + (window or 0))
+    segments = None if kind == "plain" else random_segments(2, length, generator, with_padding=kind == "holes")
+    mask = AttentionMask(length, length, window=window, segment_ids=segments)
+    block_mask = mask.block_mask("cpu")
+    n = math.ceil(length / BLOCK_SIZE)
+    partial, full = tiles_of(block_mask, n, n)
+    allowed = mask.dense("cpu")  # (B, 1, L, L)
+    padded = torch.zeros(allowed.shape[0], 1, n * BLOCK_SIZE, n * BLOCK_SIZE, dtype=torch.bool)
+    padded[..., :length, :length] = allowed
+    tiles = padded.view(allowed.shape[0], 1, n, BLOCK_SIZE, n, BLOCK_SIZE)
+    any_allowed = tiles.any(dim=(3, 5))
+    all_allowed = tiles.all(dim=(3, 5))
+    assert not (partial & full).any(), "a tile is listed both as partial and as full"
+    assert ((partial | full) >= any_allowed).all(), "a tile with allowed pairs would be skipped"
+    in_range = torch.zeros(n, n, dtype=torch.bool)
+    in_range[: length // BLOCK_SIZE, : length // BLOCK_SIZE] = True  # tiles with no out-of-range index
+    assert (~full | all_allowed | ~in_range).all(), "a tile marked full has masked pairs"
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_dense_mask_follows_the_definition(window):
+    length = 150
+    segments = torch.tensor([[0] * 50 + [1] * 60 + [PAD_SEGMENT] * 40])
+    allowed = AttentionMask(length, length, window=window, segment_ids=segments).dense("cpu")[0, 0]
+    for q in range(length):
+        for k in range(length):
+            expected = k <= q and (window is None or q - k < window)
+            expected = expected and segments[0, q] == segments[0, k] and segments[0, k] >= 0
+            assert bool(allowed[q, k]) == expected, (q, k)
+
+
+def test_cache_builds_once_and_crops():
+    cache = BlockMaskCache(1024)
+    first = cache.get(300, 300, 64, "cpu")
+    assert cache.get(300, 300, 64, "cpu") is first
+    assert len(cache._grids) == 1
+    cache.get(1000, 1000, 64, "cpu")
+    cache.get(1000, 1000, None, "cpu")
+    assert len(cache._grids) == 2  # one per window, not per length
+    fresh = BlockMaskCache(300).get(300, 300, 64, "cpu")
+    for name in ("kv_num_blocks", "full_kv_num_blocks"):
+        assert torch.equal(getattr(first, name), getattr(fresh, name))
+
+
+def test_cache_grows_past_max_seq_length_with_a_warning(caplog):
+    cache = BlockMaskCache(256)
+    with caplog.at_level("WARNING", logger="fastgemma"):
+        mask = cache.get(1000, 1000, None, "cpu")
+    assert cache.max_seq_length >= 1000
+    assert mask.seq_lengths == (1000, 1000)
+    assert "max_seq_length" in caplog.text
+
+
+def test_segments_from_position_ids():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    assert segments_from_position_ids(positions).tolist() == [
+        [0, 0, 0, 1, 1, 2, 2, 2, 2],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ]
+    assert segments_from_position_ids(torch.arange(9)[None]) is None  # nothing packed
+    with pytest.raises(ValueError, match="position_ids"):
+        segments_from_position_ids(torch.arange(9))
+
+
+def test_segments_from_cu_seqlens():
+    assert segments_from_cu_seqlens(torch.tensor([0, 2, 5, 6]), 6).tolist() == [[0, 0, 1, 1, 1, 2]]
+    with pytest.raises(ValueError, match="cu_seq_lens"):
+        segments_from_cu_seqlens(torch.tensor([0, 2, 5]), 6)
+
+
+def test_segments_from_padding_mask():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert segments_from_padding_mask(right) is None  # right padding needs nothing beyond causal
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert segments_from_padding_mask(left).tolist() == [[-1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_attention_mask_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="q_len == kv_len"):
+        AttentionMask(5, 6)
+    with pytest.raises(ValueError, match="segment_ids"):
+        AttentionMask(5, 5, segment_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_seq_length"):
+        BlockMaskCache(0)
