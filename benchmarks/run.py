@@ -139,23 +139,31 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     from . import common as C
-    from .suite_registry import get_suite
 
     suites = list(SUITES) if args.suite == "all" else C.parse_list(args.suite, SUITES)
     for s in suites:
         if s not in SUITES:
             raise SystemExit(f"unknown suite {s!r}; choose from {', '.join(SUITES)} or all")
 
+    import torch
+
     device = C.pick_device(args.tiny, force_cpu=args.cpu)
-    if device.type == "cpu" and args.tiny and not os.environ.get("BENCH_CPU_THREADS"):
-        # Tiny matmuls on a small shared CPU run far slower with intra-op threads contending.
-        import torch
-
-        torch.set_num_threads(1)
-    elif os.environ.get("BENCH_CPU_THREADS"):
-        import torch
-
+    threads_before = torch.get_num_threads()
+    if os.environ.get("BENCH_CPU_THREADS"):
         torch.set_num_threads(int(os.environ["BENCH_CPU_THREADS"]))
+    elif device.type == "cpu" and args.tiny:
+        # Tiny matmuls on a small shared CPU run far slower with intra-op threads contending.
+        torch.set_num_threads(1)
+    try:
+        return _run(args, argv, device, suites)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, argv: list[str], device, suites: list[str]) -> dict:
+    from . import common as C
+    from .suite_registry import get_suite
+
     if args.tiny:
         tmpdir = tempfile.mkdtemp(prefix="fastgemma_bench_tiny_")
         results = None if args.no_results else (args.results or os.path.join(tmpdir, "RESULTS.md"))

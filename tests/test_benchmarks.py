@@ -1,0 +1,226 @@
+"""CPU smoke tests of the benchmark harness (benchmarks/): every suite's --tiny configuration on a tiny
+Gemma 2, plus the pieces the numbers rest on (exact pair counts, the float64 reference, the chunked loss,
+OOM classification, the module guard)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import common as C
+from benchmarks import run as bench_run
+from benchmarks.masks import MaskSpec
+
+CPU = ["--cpu"]
+
+
+def _results_file_state():
+    path = bench_run.DEFAULT_RESULTS
+    if not os.path.exists(path):
+        return None
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bench_ckpt"))
+
+
+def _run_suite(suite, tmp_path, *extra):
+    results = tmp_path / "RESULTS.md"
+    js = tmp_path / "raw.json"
+    payload = bench_run.main(
+        ["--suite", suite, "--tiny", *CPU, "--results", str(results), "--json", str(js), *extra]
+    )
+    text = results.read_text()
+    raw = json.loads(js.read_text())
+    return payload, text, raw
+
+
+def _check_header(text, suite, argv_fragment):
+    assert f"## {suite} suite" in text
+    assert "- GPU:" in text and "- versions: torch" in text and "transformers" in text and "liger-kernel" in text
+    assert "- command: `python -m benchmarks.run" in text
+    assert argv_fragment in text
+
+
+def _table_rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [1, 7, 64, 130])
+def test_pair_counts_are_exact(seq):
+    for spec in (
+        MaskSpec.make("causal", seq, 16, (3, 20), 0),
+        MaskSpec.make("sliding", seq, 16, (3, 20), 0),
+        MaskSpec.make("sliding", seq, 200, (3, 20), 0),
+        MaskSpec.make("docs", seq, 16, (3, 20), 0),
+    ):
+        dense = spec.dense_rows(0, seq, torch.device("cpu"))
+        assert int(dense.sum()) == spec.pairs(), spec
+
+
+def test_hf_mask_functions_agree_with_spec():
+    from transformers import masking_utils as mu
+
+    for kind in ("causal", "sliding", "docs"):
+        spec = MaskSpec.make(kind, 96, 20, (5, 30), 3)
+        hf = mu.eager_mask(batch_size=1, q_length=96, kv_length=96, mask_function=spec.hf_mask_function("cpu"),
+                           dtype=torch.float32, device="cpu")
+        assert torch.equal(hf[0, 0] == 0, spec.dense_rows(0, 96, torch.device("cpu"))), kind
+
+
+def test_float64_reference_matches_autograd():
+    from benchmarks.suite_kernel import make_inputs, reference_group
+
+    heads, seq, scale, cap = (4, 2, 8), 40, 8**-0.5, 5.0  # small cap: the softcap is strongly active
+    spec = MaskSpec.make("docs", seq, 16, (5, 15), 1)
+    q, k, v, do = make_inputs(0, 7, heads, seq, torch.device("cpu"), torch.float64, 3.0, False)
+    out, dq, dk, dv, sl = reference_group(q, k, v, do, spec, scale, cap, kv_head=1, chunk=16)
+
+    qs = q[0, sl].clone().requires_grad_(True)
+    ks = k[0, 1].clone().requires_grad_(True)
+    vs = v[0, 1].clone().requires_grad_(True)
+    s = (qs @ ks.T) * scale
+    s = cap * torch.tanh(s / cap)
+    s = s.masked_fill(~spec.dense_rows(0, seq, torch.device("cpu")), float("-inf"))
+    o = torch.softmax(s, -1) @ vs
+    o.backward(do[0, sl])
+    torch.testing.assert_close(out, o.detach())
+    torch.testing.assert_close(dq, qs.grad)
+    torch.testing.assert_close(dk, ks.grad)
+    torch.testing.assert_close(dv, vs.grad)
+
+
+def test_chunked_loss_matches_hf_loss():
+    from benchmarks import models as M
+    from benchmarks.suite_context import chunked_lm_loss
+
+    model = M.build_random_model("tiny", "hf-eager", torch.device("cpu"), torch.float32, 0, 256)
+    ids = torch.randint(C.FIRST_TEXT_TOKEN, 512, (1, 100), generator=torch.Generator().manual_seed(0))
+    hf = model(input_ids=ids, labels=ids).loss
+    hidden = model.model(input_ids=ids).last_hidden_state
+    mine = chunked_lm_loss(hidden, model.lm_head, ids, model.config.final_logit_softcapping, chunk=32)
+    torch.testing.assert_close(mine, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_oom_is_reported_not_raised():
+    def boom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    assert C.run_guarded(boom, "test") == ("OOM", None)
+
+    def wrapped():
+        try:
+            boom()
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("compile failed") from e
+
+    assert C.run_guarded(wrapped, "test")[0] == "OOM"
+    status, _ = C.run_guarded(lambda: 1 / 0, "test")
+    assert status.startswith("failed (ZeroDivisionError")
+
+
+def test_module_guard_undoes_module_level_patches():
+    import transformers.models.gemma2.modeling_gemma2 as mg
+
+    norm, fwd = mg.Gemma2RMSNorm, mg.Gemma2ForCausalLM.forward
+    with C.stock_guard():
+        mg.Gemma2RMSNorm = object
+        mg.Gemma2ForCausalLM.forward = lambda self: None
+        mg._bench_added = 1
+    assert mg.Gemma2RMSNorm is norm and mg.Gemma2ForCausalLM.forward is fwd
+    assert not hasattr(mg, "_bench_added")
+
+
+# --------------------------------------------------------------------------------------------------
+# Suites, --tiny on CPU
+# --------------------------------------------------------------------------------------------------
+
+
+def test_kernel_suite_tiny(tmp_path):
+    payload, text, raw = _run_suite("kernel", tmp_path, "--masks", "causal,sliding,docs")
+    _check_header(text, "kernel", "--masks causal,sliding,docs")
+    assert "FLOP convention" in text
+    rows = raw["suites"]["kernel"]["rows"]
+    assert {r["contender"] for r in rows} == {"fastgemma", "hf-eager", "hf-flex"}
+    assert {r["mask"].split("(")[0] for r in rows} == {"causal", "sliding", "docs"}
+    table = _table_rows(text)
+    assert len(table) == len(rows) == 9
+    for name in ("fastgemma (eager)", "HF eager", "HF flex_attention"):
+        assert sum(name in line for line in table) == 3
+    for r in rows:
+        assert r["status"].startswith("ok"), r
+        assert r["ms"] > 0
+        assert r["err_out"] < 1e-4  # fp32 on CPU against the float64 reference
+        if r["contender"] != "hf-flex":
+            assert r["err_grad"] < 1e-4 and r["tflops"] > 0
+
+
+def test_model_suite_tiny(tmp_path):
+    payload, text, raw = _run_suite("model", tmp_path, "--plot", str(tmp_path / "model.png"))
+    _check_header(text, "model", "--suite model --tiny")
+    rows = raw["suites"]["model"]["rows"]
+    assert [r["contender"] for r in rows] == ["hf-eager"] * 2 + ["hf-flex"] * 2 + ["liger"] * 2 + ["fastgemma"] * 2
+    table = _table_rows(text)
+    assert len(table) == 8
+    for label in ("HF eager", "HF flex_attention", "Liger", "fastgemma"):
+        assert any(label in line for line in table)
+    by = {(r["contender"], r["seq"]): r for r in rows}
+    for seq in (64, 128):
+        assert by[("hf-eager", seq)]["status"] == "ok" and by[("fastgemma", seq)]["status"] == "ok"
+        assert by[("hf-eager", seq)]["tokens_per_s"] > 0
+        assert by[("liger", seq)]["status"].startswith("n/a")
+        assert by[("hf-flex", seq)]["status"].startswith("n/a")
+        # same weights, same data: the first-step losses agree
+        assert abs(by[("fastgemma", seq)]["loss_first"] - by[("hf-eager", seq)]["loss_first"]) < 1e-4
+    assert (tmp_path / "model.png").stat().st_size > 1000
+    assert "![model suite](model.png)" in text
+
+
+def test_trl_suite_tiny(tmp_path, ckpt_dir):
+    payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--steps", "3")
+    _check_header(text, "trl", "--steps 3")
+    rows = raw["suites"]["trl"]["rows"]
+    assert [r["contender"] for r in rows] == ["hf-eager", "hf-flex", "fastgemma"]
+    assert len(_table_rows(text)) == 3
+    for r in rows:
+        if r["contender"] == "hf-flex":
+            assert r["status"].startswith("n/a")
+            continue
+        assert r["status"] == "ok", r
+        assert r["steps_done"] == 3
+        assert 0 < r["first_step_from_train_s"] <= r["first_step_from_load_s"]
+        assert r["tokens_per_s"] > 0
+        assert all(0 < t <= 4 * 128 for t in r["tokens_per_step"])
+    assert abs(rows[0]["loss_first"] - rows[2]["loss_first"]) < 1e-3
+
+
+def test_context_suite_tiny_and_default_results_untouched(tmp_path, ckpt_dir):
+    before = _results_file_state()
+    js = tmp_path / "ctx.json"
+    payload = bench_run.main(["--suite", "context", "--tiny", *CPU, "--ckpt-dir", ckpt_dir, "--json", str(js)])
+    assert _results_file_state() == before  # --tiny never writes benchmarks/RESULTS.md by itself
+    assert payload["results_file"] and os.path.abspath(payload["results_file"]) != bench_run.DEFAULT_RESULTS
+    text = open(payload["results_file"]).read()
+    _check_header(text, "context", "--suite context --tiny")
+    rows = json.loads(js.read_text())["suites"]["context"]["rows"]
+    assert [r["contender"] for r in rows] == ["fastgemma", "hf-eager", "hf-flex"]
+    assert len(_table_rows(text)) == 3
+    for r in rows[:2]:
+        assert r["status"] == "ok" and r["max_ok"] == 256 and r["reached_cap"]
+    assert rows[2]["status"].startswith("n/a")
+
+    # the GPU JSON can be turned into a results section here
+    out = tmp_path / "from_json.md"
+    bench_run.main(["--from-json", str(js), "--results", str(out)])
+    assert "## context suite" in out.read_text()
