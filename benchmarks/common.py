@@ -293,6 +293,31 @@ def median(xs: list[float]) -> float | None:
     return float(statistics.median(xs)) if xs else None
 
 
+def raise_recompile_limits(limit: int = 512) -> None:
+    """Let torch.compile keep a graph per shape/mask seen in a suite instead of falling back to eager.
+
+    Both HF's and fastgemma's flex_attention wrappers compile the same function, so the default limit
+    (8 recompiles per code object) would be hit after a few sequence lengths and masks, and the later
+    configurations would silently run flex_attention unfused. Warm-up steps absorb every recompile.
+    """
+    try:
+        import torch._dynamo.config as dc
+    except Exception:  # pragma: no cover
+        return
+    for name in ("recompile_limit", "cache_size_limit"):
+        try:
+            if getattr(dc, name) < limit:
+                setattr(dc, name, limit)
+        except Exception:  # noqa: BLE001 - the name differs between torch versions
+            pass
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        try:
+            if getattr(dc, name) < 4 * limit:
+                setattr(dc, name, 4 * limit)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 class Budget:
     """Wall-clock budget of a suite; ``expired()`` once it is spent."""
 
@@ -475,7 +500,7 @@ def ratio(row: dict, rows: list[dict], key_fields: tuple[str, ...], metric: str,
     for other in rows:
         if other.get("contender") != baseline or other.get("status") != "ok" or other.get(metric) is None:
             continue
-        if all(other.get(k) == row.get(k) for k in key_fields):
+        if all(other.get(k) == row.get(k) for k in (*key_fields, "run")):
             a, b = row[metric], other[metric]
             if not a or not b:
                 return None

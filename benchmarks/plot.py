@@ -25,6 +25,7 @@ def plot_model_suite(rows: list[dict], path: str, env: dict | None = None) -> bo
         if r["contender"] not in contenders:
             contenders.append(r["contender"])
     markers = {"hf-eager": "o", "hf-flex": "s", "liger": "^", "fastgemma": "D"}
+    colors = {"hf-eager": "tab:blue", "hf-flex": "tab:orange", "liger": "tab:green", "fastgemma": "tab:red"}
     styles = ["-", "--", ":", "-."]
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -36,16 +37,17 @@ def plot_model_suite(rows: list[dict], path: str, env: dict | None = None) -> bo
                 continue
             label = f"{model} {next((r.get('label') for r in ok if r['contender'] == c), c)}"
             xs = [p[0] for p in pts]
-            kw = dict(marker=markers.get(c, "x"), linestyle=styles[mi % len(styles)], label=label)
+            kw = dict(marker=markers.get(c, "x"), color=colors.get(c), linestyle=styles[mi % len(styles)], label=label)
             ax_t.plot(xs, [p[1] for p in pts], **kw)
             if all(p[2] is not None for p in pts):
                 ax_m.plot(xs, [p[2] / 1024 for p in pts], **kw)
-            for p in pts:
-                ax_t.annotate(f"{p[3]}×{p[0]}", (p[0], p[1]), fontsize=6, alpha=0.6,
-                              textcoords="offset points", xytext=(3, 3))
+    ticks = sorted({(r["seq"], r["batch"]) for r in ok})
     for ax in (ax_t, ax_m):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length (tokens per row; label = batch×length)")
+        ax.set_xticks([t[0] for t in ticks])
+        ax.set_xticklabels([f"{t[1]}×{t[0]}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("batch × sequence length")
         ax.grid(True, alpha=0.3)
     ax_t.set_ylabel("tokens / s (fwd+bwd)")
     ax_t.set_title("throughput")

@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-results", action="store_true", help="do not append to any results file")
     p.add_argument("--json", default=None, help="write raw results as JSON to this path")
     p.add_argument("--plot", default=None, help=f"model-suite plot path (default {DEFAULT_PLOT}; with --tiny: temp)")
-    p.add_argument("--from-json", default=None,
-                   help="do not run anything: append the tables stored in this JSON (from a GPU run) to the "
-                   "results file and redraw the plot")
+    p.add_argument("--from-json", default=None, nargs="+", metavar="JSON",
+                   help="do not run anything: merge the rows stored in these JSON files (from GPU runs, e.g. one "
+                   "per model), append one section per suite to the results file and redraw the plot")
     p.add_argument("--models", default=None, help="comma list of 2b,9b,27b (suite defaults otherwise)")
     p.add_argument("--seqs", default=None, help="comma list of sequence lengths, e.g. 2048,8192 or 2k,8k")
     p.add_argument("--shapes", default=None, help="model suite: comma list of BxS, e.g. 2x2048,1x8192")
@@ -107,23 +107,51 @@ def append_results(path: str, text: str) -> None:
         f.write("\n")
 
 
+def merge_payloads(payloads: list[dict]) -> tuple[dict, dict]:
+    """(env, {suite: {"rows": [...], "notes": [...]}}) merged over several runs' JSON payloads."""
+    env = dict(payloads[0]["env"])
+    commands, dates = [], []
+    suites: dict = {}
+    for p in payloads:
+        e = p["env"]
+        if e["command"] not in commands:
+            commands.append(e["command"])
+        dates.append(e["date"])
+        for k in ("gpu", "torch", "transformers", "trl", "peft", "bitsandbytes", "liger_kernel", "fastgemma_git"):
+            if e.get(k) != env.get(k) and f" / {e.get(k)}" not in str(env.get(k)):
+                env[k] = f"{env.get(k)} / {e.get(k)}"
+        for suite, data in p.get("suites", {}).items():
+            tgt = suites.setdefault(suite, {"rows": [], "notes": []})
+            tgt["rows"].extend(data["rows"])
+            for n in data.get("notes", []):
+                if n not in tgt["notes"]:
+                    tgt["notes"].append(n)
+    env["command"] = "` ; `".join(commands)
+    if len(payloads) > 1:
+        env["date"] = f"{min(dates)} .. {max(dates)} (merged from {len(payloads)} runs)"
+    return env, suites
+
+
 def _from_json(args) -> int:
     from . import common as C
     from .plot import plot_model_suite
     from .suite_registry import table_for
 
-    with open(args.from_json) as f:
-        payload = json.load(f)
-    env = payload["env"]
+    payloads = []
+    for path in args.from_json:
+        with open(path) as f:
+            payloads.append(json.load(f))
+    env, suites = merge_payloads(payloads)
+    tiny = any(p.get("tiny") for p in payloads)
     results = args.results or DEFAULT_RESULTS
-    for suite, data in payload.get("suites", {}).items():
-        res = C.SuiteResult(suite, rows=data["rows"], notes=data.get("notes", []))
+    for suite, data in suites.items():
+        res = C.SuiteResult(suite, rows=data["rows"], notes=data["notes"])
         res.table = table_for(suite, res.rows)
         if suite == "model":
             plot = args.plot or DEFAULT_PLOT
             if plot_model_suite(res.rows, plot, env):
                 res.extra_files.append(os.path.relpath(plot, os.path.dirname(os.path.abspath(results))))
-        text = render_section(suite, env, res, payload.get("tiny", False))
+        text = render_section(suite, env, res, tiny)
         print(text, flush=True)
         if not args.no_results:
             append_results(results, text)
@@ -186,19 +214,27 @@ def _run(args, argv: list[str], device, suites: list[str]) -> dict:
         "results_file": results,
     }
 
+    run_id = f"{env['date']} pid{os.getpid()}"
+    payload["run_id"] = run_id
+
     def save(res=None) -> None:
         if res is not None:
+            for row in res.rows:
+                row.setdefault("run", run_id)  # ratios are only taken between rows of the same run
             payload["suites"][res.suite] = res.to_json()
         if args.json:
             C.write_json(args.json, payload)
 
     args.on_row = save
+    C.raise_recompile_limits()
     t_all = time.perf_counter()
     for suite in suites:
         t0 = time.perf_counter()
         C.log(f"=== suite {suite} ===")
         mod = get_suite(suite)
         res = mod.run(args, device)
+        save(res)
+        res.table = mod.table(res.rows)
         res.notes.append(f"suite wall time {time.perf_counter() - t0:.0f} s")
         if suite == "model" and res.rows:
             from .plot import plot_model_suite

@@ -261,7 +261,8 @@ def _bound_ratio(r: dict, rows: list[dict], baseline: str) -> str:
     if r.get("status") != "ok" or not r.get("max_ok"):
         return "-"
     for o in rows:
-        if o.get("contender") == baseline and o.get("model") == r.get("model") and o.get("status") == "ok":
+        if (o.get("contender") == baseline and o.get("model") == r.get("model") and o.get("status") == "ok"
+                and o.get("run") == r.get("run")):
             if not o.get("max_ok"):
                 return "-"
             x = r["max_ok"] / o["max_ok"]
