@@ -1,0 +1,232 @@
+"""patch_model on whole models against Hugging Face's own eager Gemma 2, in float32."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import fastgemma
+from conftest import random_gemma2, relative_error, tiny_gemma2_config
+
+VALUE_TOLERANCE = 1e-4
+GRAD_TOLERANCE = 1e-3
+
+CONFIGS = {
+    # head_dim equal to query_pre_attn_scalar (2B / 9B style), GQA 2:1
+    "hd32-gqa2": dict(head_dim=32, heads=4, kv_heads=2),
+    # 27B style: query_pre_attn_scalar differs from head_dim; GQA 4:1
+    "hd16-qpas144-gqa4": dict(head_dim=16, query_pre_attn_scalar=144, heads=8, kv_heads=2),
+}
+
+
+def forward_backward(model, **batch):
+    model.zero_grad(set_to_none=True)
+    output = model(**batch, use_cache=False)
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output.logits.detach(), output.loss.detach(), grads
+
+
+def assert_same_training_step(reference, patched, real=None, **batch):
+    """Logits (on real tokens), loss and every parameter gradient agree."""
+    ref_logits, ref_loss, ref_grads = forward_backward(reference, **batch)
+    logits, loss, grads = forward_backward(patched, **batch)
+    if real is not None:
+        ref_logits, logits = ref_logits[real], logits[real]
+    assert relative_error(logits, ref_logits) < VALUE_TOLERANCE
+    assert relative_error(loss, ref_loss) < VALUE_TOLERANCE
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert relative_error(grads[name], ref_grads[name]) < GRAD_TOLERANCE, name
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("length", [70, 200])  # not multiples of 128; longer than the window (24)
+def test_training_step_matches_hf_eager(config_name, length):
+    reference = random_gemma2(tiny_gemma2_config(**CONFIGS[config_name]), seed=length)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="eager")
+    ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
+    assert_same_training_step(reference, patched, input_ids=ids, labels=ids)
+
+
+def test_compiled_backend_matches_hf_eager():
+    reference = random_gemma2(tiny_gemma2_config(**CONFIGS["hd16-qpas144-gqa4"]))
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="compiled")
+    ids = torch.randint(0, 97, (2, 150))
+    assert_same_training_step(reference, patched, input_ids=ids, labels=ids)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_matches_hf_eager_on_real_tokens(side):
+    reference = random_gemma2(tiny_gemma2_config())
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="eager")
+    ids = torch.randint(0, 97, (3, 90))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 17, 60]):
+        if pad:
+            if side == "right":
+                mask[row, -pad:] = 0
+            else:
+                mask[row, :pad] = 0
+    # no loss on padding, nor on a prediction made at a padded position (HF's and ours differ there)
+    predicted_from_pad = torch.nn.functional.pad(mask[:, :-1] == 0, (1, 0))
+    labels = ids.masked_fill((mask == 0) | predicted_from_pad, -100)
+    assert_same_training_step(reference, patched, real=mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_flex_forward_on_cpu_matches_hf_eager():
+    reference = random_gemma2(tiny_gemma2_config())
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="flex")
+    ids = torch.randint(0, 97, (2, 130))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    with torch.no_grad():
+        for batch in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+            expected = reference(**batch, use_cache=False).logits
+            actual = patched(**batch, use_cache=False).logits
+            real = batch.get("attention_mask", torch.ones_like(ids)).bool()
+            assert relative_error(actual[real], expected[real]) < VALUE_TOLERANCE
+
+
+def test_patched_model_never_calls_hf_attention(monkeypatch):
+    from transformers.models.gemma2 import modeling_gemma2
+
+    reference = random_gemma2(tiny_gemma2_config())
+    patched = fastgemma.patch_model(copy.deepcopy(reference), backend="eager")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("HF's eager attention was called")
+
+    monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", forbidden)
+    ids = torch.randint(0, 97, (1, 40))
+    patched(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    with pytest.raises(AssertionError, match="HF's eager attention"):
+        reference(input_ids=ids, use_cache=False)  # the spy is live: the unpatched model trips it
+
+
+def test_greedy_generation_with_kv_cache_is_unchanged():
+    reference = random_gemma2(tiny_gemma2_config(window=16))
+    patched = fastgemma.patch_model(copy.deepcopy(reference))  # auto
+    prompt = torch.randint(0, 97, (2, 11))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0  # left-padded prompt, as generate expects
+    kwargs = dict(max_new_tokens=25, do_sample=False, pad_token_id=0)  # 36 tokens: past the window
+    expected = reference.generate(prompt, attention_mask=mask, **kwargs)
+    actual = patched.generate(prompt, attention_mask=mask, **kwargs)
+    assert torch.equal(actual, expected)
+
+
+def test_peft_lora_gradients_flow_and_match():
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    base = random_gemma2(tiny_gemma2_config())
+    reference = get_peft_model(copy.deepcopy(base), lora)
+    patched = copy.deepcopy(reference)
+    fastgemma.patch_model(patched, max_seq_length=128, backend="eager")
+    assert fastgemma.is_patched(patched)
+    ids = torch.randint(0, 97, (2, 60))
+    ref_logits, _, ref_grads = forward_backward(reference, input_ids=ids, labels=ids)
+    logits, _, grads = forward_backward(patched, input_ids=ids, labels=ids)
+    assert all("lora_" in name for name in grads) and len(grads) == 4 * 2 * 4  # 4 layers x 4 projections x A,B
+    assert relative_error(logits, ref_logits) < VALUE_TOLERANCE
+    for name in grads:
+        assert grads[name].abs().sum() > 0
+        assert relative_error(grads[name], ref_grads[name]) < GRAD_TOLERANCE, name
+
+
+def test_4bit_model_is_patched():
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from transformers import Gemma2ForCausalLM
+
+    try:
+        model = Gemma2ForCausalLM.from_pretrained(
+            _saved_tiny_model(), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+            dtype=torch.float32,
+        )
+    except Exception as error:  # bitsandbytes builds without a CPU 4-bit backend
+        pytest.skip(f"4-bit loading not available on this machine: {error}")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    fastgemma.patch_model(model, backend="eager")
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    assert torch.isfinite(logits).all()
+
+
+_SAVED = {}
+
+
+def _saved_tiny_model():
+    import tempfile
+
+    if "path" not in _SAVED:
+        path = tempfile.mkdtemp(prefix="fastgemma-tiny-")
+        random_gemma2(tiny_gemma2_config(head_dim=64, heads=2, kv_heads=1)).save_pretrained(path)
+        _SAVED["path"] = path
+    return _SAVED["path"]
+
+
+def test_patch_is_per_instance_idempotent_and_undoable(caplog):
+    reference = random_gemma2(tiny_gemma2_config())
+    first, second = copy.deepcopy(reference), copy.deepcopy(reference)
+    with caplog.at_level(logging.INFO, logger="fastgemma"):
+        fastgemma.patch_model(first, backend="eager")
+    assert "patched 4 Gemma 2 attention layers (2 sliding, 2 global)" in caplog.text
+    assert fastgemma.is_patched(first) and not fastgemma.is_patched(second)
+    assert type(first.model.layers[0].self_attn).forward is type(second.model.layers[0].self_attn).forward
+
+    fastgemma.patch_model(first, backend="eager")  # twice: harmless
+    ids = torch.randint(0, 97, (1, 50))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, use_cache=False).logits
+        assert relative_error(first(input_ids=ids, use_cache=False).logits, expected) < VALUE_TOLERANCE
+
+    fastgemma.unpatch_model(first)
+    assert not fastgemma.is_patched(first)
+    assert "forward" not in first.model.layers[0].self_attn.__dict__
+    assert first.config._attn_implementation == reference.config._attn_implementation
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=ids, use_cache=False).logits, expected)
+
+
+def test_gemma2_backbone_alone_is_patched():
+    reference = random_gemma2(tiny_gemma2_config()).model
+    patched = fastgemma.patch_model(copy.deepcopy(reference), backend="eager")
+    ids = torch.randint(0, 97, (2, 33))
+    with torch.no_grad():
+        assert relative_error(patched(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state) < 1e-4
+
+
+def test_non_gemma2_models_are_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=64, vocab_size=50))
+    with pytest.raises(ValueError, match="Gemma 2"):
+        fastgemma.patch_model(llama)
+    with pytest.raises(ValueError, match="Gemma 2"):
+        fastgemma.patch_model("google/gemma-2-2b")
+
+
+def test_bad_arguments_are_refused():
+    model = random_gemma2(tiny_gemma2_config())
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        fastgemma.patch_model(model, backend="sdpa")
+    with pytest.raises(ValueError, match="max_seq_length"):
+        fastgemma.patch_model(model, max_seq_length=0)
+    assert not fastgemma.is_patched(model)
+
+
+def test_batch_longer_than_max_seq_length_is_still_exact(caplog):
+    reference = random_gemma2(tiny_gemma2_config())
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="flex")
+    ids = torch.randint(0, 97, (1, 300))
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fastgemma"):
+        actual = patched(input_ids=ids, use_cache=False).logits
+        expected = reference(input_ids=ids, use_cache=False).logits
+    assert "max_seq_length=128" in caplog.text
+    assert relative_error(actual, expected) < VALUE_TOLERANCE
