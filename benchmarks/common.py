@@ -176,6 +176,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timer_name(device: torch.device) -> str:
+    return "CUDA events" if device.type == "cuda" else "time.perf_counter (CPU)"
+
+
 class Timer:
     """Times a region with CUDA events on a GPU and ``perf_counter`` on CPU. ``ms`` after ``stop``."""
 

@@ -32,7 +32,7 @@ CONVENTION = (
     "FLOP convention: pairs = exact number of allowed (q,k) pairs of the mask; forward = 4·D·H·pairs "
     "(QKᵀ and PV), forward+backward = 2.5 × forward; TFLOP/s = that count / median fwd+bwd time. "
     "Dense (eager) kernels are credited only with the unmasked work. Timed region: forward + backward "
-    "(CUDA events), mask built per step outside it (its time is the 'mask ms' column). 'peak extra' = "
+    "(CUDA events on a GPU), mask built per step outside it (its time is the 'mask ms' column). 'peak extra' = "
     "max allocated during fwd+bwd minus allocated before it (inputs excluded). Errors: the step-0 inputs "
     "against a float64 reference (chunked exact softmax with the analytic backward) on the query heads of "
     "kv head 0; 'err out' = max |Δ| of the output, 'err grad' = max over dq, dk, dv of max|Δ| / max|ref|. "
@@ -319,7 +319,6 @@ def _measure(contender: Contender, spec: MaskSpec, seed: int, heads, device, dty
             r_out, r_dq, r_dk, r_dv, sl = ref
             err_out = _max_abs(out.detach()[0, sl], r_out)
             if backward:
-                hkv, g = heads[1], heads[0] // heads[1]
                 dk = k.grad[0, 0]
                 dv = v.grad[0, 0]
                 err_grad = max(_rel(q.grad[0, sl], r_dq), _rel(dk, r_dk), _rel(dv, r_dv))
@@ -353,7 +352,8 @@ def run(args, device: torch.device) -> C.SuiteResult:
     res.notes.append(CONVENTION)
     res.notes.append(
         f"dtype {str(dtype).replace('torch.', '')}, B=1, q_std={args.q_std}, warm-up {args.k_warmup}, "
-        f"median of {args.k_iters} timed steps; window {window}; document lengths uniform in {doc_range}."
+        f"median of {args.k_iters} timed steps; window {window}; document lengths uniform in {doc_range}. "
+        "torch.compile's recompile limit is raised so every configuration runs compiled (warm-up absorbs it)."
     )
     if device.type != "cuda":
         res.notes.append("CPU run: perf_counter timing, no memory numbers; flex runs forward only (no CPU backward).")

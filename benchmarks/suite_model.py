@@ -76,7 +76,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
         f"Random-init Gemma 2, {str(dtype).replace('torch.', '')} base weights, LoRA r={args.lora_r} (alpha={args.lora_r}) "
         "on all linear layers (peft, adapters fp32), gradient checkpointing (non-reentrant), HF loss from labels "
         f"(Liger: its fused linear cross-entropy). One forward+backward per step (no optimizer), warm-up {warmup}, "
-        f"median of {iters} timed steps (CUDA events); fresh random token ids per step, identical for every "
+        f"median of {iters} timed steps ({C.timer_name(device)}); fresh random token ids per step, identical for every "
         "contender. tokens/s = B·S / median step time. Peak = torch.cuda.max_memory_allocated over the steps "
         "(absolute: includes weights). 'loss@1' = loss of the first step (same weights, same data: should agree). "
         f"fastgemma backend: {M.fastgemma_backend(args, device)}."
