@@ -183,8 +183,13 @@ def test_model_suite_tiny(tmp_path):
         assert by[("hf-flex", seq)]["status"].startswith("n/a")
         # same weights, same data: the first-step losses agree
         assert abs(by[("fastgemma", seq)]["loss_first"] - by[("hf-eager", seq)]["loss_first"]) < 1e-4
-    assert (tmp_path / "model.png").stat().st_size > 1000
-    assert "![model suite](model.png)" in text
+    try:
+        import matplotlib  # noqa: F401  (the "bench" extra; not installed by every test environment)
+    except ImportError:
+        assert not (tmp_path / "model.png").exists()
+    else:
+        assert (tmp_path / "model.png").stat().st_size > 1000
+        assert "![model suite](model.png)" in text
 
 
 def test_trl_suite_tiny(tmp_path, ckpt_dir):
