@@ -193,7 +193,9 @@ def _run(args, argv: list[str], device, suites: list[str]) -> dict:
     from .suite_registry import get_suite
 
     if args.tiny:
-        tmpdir = tempfile.mkdtemp(prefix="fastgemma_bench_tiny_")
+        # never benchmarks/RESULTS.md or benchmarks/model_suite.png unless asked for explicitly
+        need_tmp = (not args.no_results and not args.results) or not args.plot
+        tmpdir = tempfile.mkdtemp(prefix="fastgemma_bench_tiny_") if need_tmp else None
         results = None if args.no_results else (args.results or os.path.join(tmpdir, "RESULTS.md"))
         plot = args.plot or os.path.join(tmpdir, "model_suite.png")
     else:

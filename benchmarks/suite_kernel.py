@@ -406,7 +406,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
                         f"err_out={C.fmt(row.get('err_out'), 4)} err_grad={C.fmt(row.get('err_grad'), 4)}"
                     )
                     res.rows.append(row)
-                    if args.on_row:
+                    if getattr(args, "on_row", None):
                         args.on_row(res)
                 ref = None
                 C.free_memory(device)
