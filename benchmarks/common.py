@@ -445,7 +445,8 @@ def env_info(device: torch.device, argv: list[str] | None = None) -> dict[str, A
         gpu = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
     else:
         gpu = f"none (CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    cmd = "python -m benchmarks.run " + " ".join(_shell_quote(a) for a in argv[1:])
+    exe = os.path.basename(sys.executable or "python") or "python"
+    cmd = f"{exe} -m benchmarks.run " + " ".join(_shell_quote(a) for a in argv[1:])
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "gpu": gpu,

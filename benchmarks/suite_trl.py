@@ -80,9 +80,11 @@ def _make_trainer_cls():
 
 def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool, steps: int, max_length: int,
              batch: int, out_dir: str) -> dict:
+    from transformers import AutoTokenizer
     from trl import SFTConfig
 
     StepClock, CountingSFTTrainer = _make_trainer_cls()
+    tokenizer = AutoTokenizer.from_pretrained(path)  # not part of the timed load: a 256K-word vocabulary
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     C.free_memory(device)
     C.reset_peak(device)
@@ -127,7 +129,7 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         model=model,
         args=cfg,
         train_dataset=ds,
-        processing_class=M.offline_tokenizer(model.config.vocab_size),
+        processing_class=tokenizer,
         peft_config=M.lora_config(args.lora_r),
         callbacks=[clock],
     )
