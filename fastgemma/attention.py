@@ -109,9 +109,9 @@ def _compiled_dense():
 # --------------------------------------------------------------------------------------
 # flex backend
 # --------------------------------------------------------------------------------------
-# Recompiles are bounded by design (one mask function for both layer types, dynamic
-# shapes), but a silent fall back to unfused flex_attention would be O(length²) memory:
-# give our own compiles head-room, without changing the limit for the user's code.
+# Recompiles are bounded by design (static shapes at one padded length, one mask function
+# for both layer types), but a silent fall back to unfused flex_attention would cost
+# O(length²) memory: give our own compiles head-room without changing the user's limit.
 FLEX_RECOMPILE_LIMIT = 32
 _RECOMPILE_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
@@ -120,23 +120,35 @@ _RECOMPILE_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recom
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # dynamic=True: one kernel for every sequence length (packed rows change length each step).
-    return torch.compile(flex_attention, dynamic=True)
+    # Static shapes: every batch arrives padded to the block mask's fixed length, so one
+    # kernel serves all lengths. (Dynamic shapes with tensors captured by the mask
+    # function break flex_attention's compiled backward in torch 2.11.)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[-2]
+    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, 0, missing))
 
 
 def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compiled=True):
+    """flex_attention with a softcap score function; inputs are padded to the block mask's length."""
     from torch.nn.attention.flex_attention import flex_attention
 
     score_mod = None if softcap is None else tanh_softcap(float(softcap))
     enable_gqa = query.shape[1] != key.shape[1]
+    length, padded = query.shape[-2], block_mask.seq_lengths[0]
+    query, key, value = (_pad_length(t, padded) for t in (query, key, value))
     if not compiled:
         if not torch.is_grad_enabled():  # torch refuses CPU flex for inputs that require grad, even under no_grad
             query, key, value = query.detach(), key.detach(), value.detach()
-        return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-    with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
-        return _compiled_flex()(
-            query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
-        )
+        out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    else:
+        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
+            out = _compiled_flex()(
+                query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
+            )
+    return out[:, :, :length]
 
 
 # --------------------------------------------------------------------------------------

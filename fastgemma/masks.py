@@ -126,28 +126,30 @@ def pad_segments(segment_ids: torch.Tensor, length: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Block-level sparsity, computed directly (no mask_mod evaluation over the full grid)
 # --------------------------------------------------------------------------------------
-def _block_grids(num_q_blocks, num_kv_blocks, window, segment_ids, device):
+def _block_grids(num_blocks, valid_length, window, segment_ids, device):
     """Which (q_block, kv_block) tiles have some allowed pair ("partial") and which have all pairs allowed.
 
-    Each test is a bound on a whole tile, so `partial` may include tiles with no allowed
-    pair (harmless: the kernel applies the mask there) and `full` is exact.
+    Tiles past `valid_length` are empty, so a mask padded to a fixed length costs nothing
+    there. Each test bounds a whole tile: `partial` may include a tile with no allowed pair
+    (harmless, the kernel applies the mask there); `full` is exact.
     """
-    q_block = torch.arange(num_q_blocks, device=device)[:, None]
-    kv_block = torch.arange(num_kv_blocks, device=device)[None, :]
+    blocks = torch.arange(num_blocks, device=device)
+    q_block, kv_block = blocks[:, None], blocks[None, :]
+    valid_blocks = math.ceil(valid_length / BLOCK_SIZE)
     # causal: a tile has an allowed pair when kv_block <= q_block, all pairs when kv_block < q_block
-    partial = kv_block <= q_block
-    full = kv_block < q_block
+    partial = (kv_block <= q_block) & (q_block < valid_blocks)
+    full = (kv_block < q_block) & (q_block < valid_blocks)
     if window is not None:
         min_distance = (q_block - kv_block) * BLOCK_SIZE - (BLOCK_SIZE - 1)
         max_distance = (q_block - kv_block) * BLOCK_SIZE + (BLOCK_SIZE - 1)
         partial = partial & (min_distance < window)
         full = full & (max_distance < window)
-    partial, full = partial[None, None], full[None, None]  # (1, 1, nq, nk)
+    partial, full = partial[None, None], full[None, None]  # (1, 1, n, n)
     if segment_ids is not None:
-        tiles = segment_ids.view(segment_ids.shape[0], -1, BLOCK_SIZE)
-        seg_min, seg_max = tiles.amin(-1), tiles.amax(-1)  # (B, n_blocks)
-        q_min, q_max = seg_min[:, :num_q_blocks, None], seg_max[:, :num_q_blocks, None]
-        kv_min, kv_max = seg_min[:, None, :num_kv_blocks], seg_max[:, None, :num_kv_blocks]
+        tiles = segment_ids.view(segment_ids.shape[0], num_blocks, BLOCK_SIZE)
+        seg_min, seg_max = tiles.amin(-1), tiles.amax(-1)  # (B, n)
+        q_min, q_max = seg_min[:, :, None], seg_max[:, :, None]
+        kv_min, kv_max = seg_min[:, None, :], seg_max[:, None, :]
         overlap = (kv_max >= 0) & (kv_min <= q_max) & (q_min <= kv_max)
         one_segment = (q_min == q_max) & (kv_min == kv_max) & (q_min == kv_min) & (kv_min >= 0)
         partial = partial & overlap[:, None]
@@ -156,27 +158,31 @@ def _block_grids(num_q_blocks, num_kv_blocks, window, segment_ids, device):
 
 
 def _to_block_indices(blocks: torch.Tensor):
-    """(B, H, nq, nk) bool tiles -> (count per row, column indices with the used ones first)."""
+    """(B, H, rows, cols) bool tiles -> (count per row, column indices with the used ones first)."""
     counts = blocks.sum(-1, dtype=torch.int32)
     indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
     return counts, indices
 
 
-def make_block_mask(partial: torch.Tensor, full: torch.Tensor, mask_mod: MaskMod, q_len: int, kv_len: int):
-    """Assemble a flex_attention BlockMask from tile grids; only non-full tiles run `mask_mod`."""
+def make_block_mask(partial: torch.Tensor, full: torch.Tensor, mask_mod: MaskMod, length: int):
+    """Assemble a flex_attention BlockMask from tile grids; only non-full tiles run `mask_mod`.
+
+    The query-major indices (for the backward pass) come from the transposed grids, which
+    is much cheaper than torch's generic transposition of the index lists.
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
-    kv_num_blocks, kv_indices = _to_block_indices(partial & ~full)
-    full_kv_num_blocks, full_kv_indices = _to_block_indices(full)
-    return BlockMask.from_kv_blocks(
-        kv_num_blocks,
-        kv_indices,
-        full_kv_num_blocks,
-        full_kv_indices,
-        BLOCK_SIZE=BLOCK_SIZE,
-        mask_mod=mask_mod,
-        seq_lengths=(q_len, kv_len),
-    )
+    partial = partial & ~full
+    kv_blocks = (*_to_block_indices(partial), *_to_block_indices(full))
+    try:
+        block_mask = BlockMask.from_kv_blocks(
+            *kv_blocks, BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(length, length), compute_q_blocks=False
+        )
+    except TypeError:  # torch without compute_q_blocks: let it transpose
+        return BlockMask.from_kv_blocks(*kv_blocks, BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(length, length))
+    block_mask.q_num_blocks, block_mask.q_indices = _to_block_indices(partial.transpose(-1, -2))
+    block_mask.full_q_num_blocks, block_mask.full_q_indices = _to_block_indices(full.transpose(-1, -2))
+    return block_mask
 
 
 def dense_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -189,51 +195,72 @@ def dense_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device) -
     return allowed.expand(batch, 1, q_len, kv_len)
 
 
+def round_up(length: int, multiple: int = BLOCK_SIZE) -> int:
+    return math.ceil(length / multiple) * multiple
+
+
 # --------------------------------------------------------------------------------------
 # Cache of the plain causal / sliding block masks
 # --------------------------------------------------------------------------------------
 class BlockMaskCache:
-    """Causal and sliding-window block masks, built once per (max_seq_length, window, device).
+    """Block masks at one fixed length, shared by all layers and steps.
 
-    Shorter batches crop the cached tile grids, and each cropped mask is kept, so
-    steady-state training builds nothing. A batch longer than `max_seq_length` grows the
-    cache (once, with a warning) rather than being wrong.
+    flex_attention is compiled for static shapes: every batch is padded to `length`
+    (max_seq_length rounded up to a block), so batches of any shorter length reuse one
+    compiled kernel. Tiles past a batch's real length are empty, so the padding costs no
+    attention work. The causal and sliding tile grids are built once per (length, window,
+    device); each batch length only masks off the tail. A batch longer than `length` grows
+    it (doubling, with a warning: one recompile) rather than being wrong.
     """
 
+    MAX_KEPT = 64  # distinct batch lengths whose BlockMask is kept
+
     def __init__(self, max_seq_length: int):
-        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         self.max_seq_length = max_seq_length
+        self.length = round_up(max_seq_length)
         self._grids: dict = {}
         self._masks: dict = {}
+        self._mask_mods: dict = {}
 
-    def _grid(self, window, device):
-        key = (self.max_seq_length, window, str(device))
-        if key not in self._grids:
-            n = math.ceil(self.max_seq_length / BLOCK_SIZE)
-            self._grids[key] = _block_grids(n, n, window, None, device)
-        return self._grids[key]
-
-    def get(self, q_len: int, kv_len: int, window: Optional[int], device):
-        """The causal (or sliding, when `window` is set) BlockMask for queries and keys both starting at 0."""
-        if max(q_len, kv_len) > self.max_seq_length:
-            new_length = math.ceil(max(q_len, kv_len) / BLOCK_SIZE) * BLOCK_SIZE
+    def length_for(self, length: int) -> int:
+        """The fixed length a batch of `length` tokens is padded to (grown if needed)."""
+        if length > self.length:
+            new_length = self.length
+            while new_length < length:
+                new_length *= 2
             logger.warning(
-                "fastgemma: batch of length %d exceeds max_seq_length=%d; growing the block-mask cache to %d. "
-                "Pass a larger max_seq_length to patch_model to avoid this rebuild.",
-                max(q_len, kv_len), self.max_seq_length, new_length,
+                "fastgemma: batch of %d tokens exceeds max_seq_length=%d; growing the block masks to %d "
+                "(flex_attention recompiles once). Pass a larger max_seq_length to patch_model to avoid this.",
+                length, self.max_seq_length, new_length,
             )
-            self.max_seq_length = new_length
+            self.length = new_length
             self._grids.clear()
             self._masks.clear()
-        key = (q_len, kv_len, window, str(device))
+        return self.length
+
+    def mask_mod(self, window: Optional[int], device) -> MaskMod:
+        key = (window, str(device))
+        if key not in self._mask_mods:
+            self._mask_mods[key] = causal_mask_mod(window, device)
+        return self._mask_mods[key]
+
+    def get(self, length: int, window: Optional[int], device):
+        """The causal (or sliding, when `window` is set) BlockMask for a batch of `length` tokens."""
+        padded = self.length_for(length)
+        key = (length, window, str(device))
         mask = self._masks.get(key)
         if mask is None:
-            partial, full = self._grid(window, device)
-            nq, nk = math.ceil(q_len / BLOCK_SIZE), math.ceil(kv_len / BLOCK_SIZE)
-            mask = make_block_mask(
-                partial[..., :nq, :nk], full[..., :nq, :nk], causal_mask_mod(window, device), q_len, kv_len
-            )
+            grid_key = (padded, window, str(device))
+            if grid_key not in self._grids:
+                self._grids[grid_key] = _block_grids(padded // BLOCK_SIZE, padded, window, None, device)
+            partial, full = self._grids[grid_key]
+            valid = torch.arange(padded // BLOCK_SIZE, device=device) < math.ceil(length / BLOCK_SIZE)
+            valid_rows = valid[:, None]  # tiles of padding queries: nothing to compute
+            mask = make_block_mask(partial & valid_rows, full & valid_rows, self.mask_mod(window, device), padded)
+            if len(self._masks) >= self.MAX_KEPT:
+                self._masks.pop(next(iter(self._masks)))
             self._masks[key] = mask
         return mask
 
@@ -262,36 +289,35 @@ class AttentionMask:
     def __post_init__(self):
         if self.q_len != self.kv_len:
             raise ValueError(f"AttentionMask needs q_len == kv_len, got {self.q_len} and {self.kv_len}")
-        if self.segment_ids is not None:
-            if self.segment_ids.dim() != 2 or self.segment_ids.shape[-1] != self.kv_len:
-                raise ValueError(
-                    f"segment_ids must be (batch, {self.kv_len}), got {tuple(self.segment_ids.shape)}"
-                )
-            padded = math.ceil(self.kv_len / BLOCK_SIZE) * BLOCK_SIZE
-            self.segment_ids = pad_segments(self.segment_ids.to(torch.int32), padded)
+        if self.segment_ids is not None and (self.segment_ids.dim() != 2 or self.segment_ids.shape[-1] != self.kv_len):
+            raise ValueError(f"segment_ids must be (batch, {self.kv_len}), got {tuple(self.segment_ids.shape)}")
 
     @property
-    def is_plain(self) -> bool:
-        return self.segment_ids is None
+    def padded_length(self) -> int:
+        """The length flex_attention runs at: the cache's fixed length, or the next block multiple."""
+        return self.cache.length_for(self.kv_len) if self.cache is not None else round_up(self.kv_len)
 
-    def mask_mod(self, device) -> MaskMod:
-        """This batch's mask as a flex_attention mask function."""
-        inner = causal_mask_mod(self.window, device)
+    def _segments(self, device, length):
+        return pad_segments(self.segment_ids.to(device=device, dtype=torch.int32), length)
+
+    def mask_mod(self, device, length=None) -> MaskMod:
+        """This batch's mask as a flex_attention mask function (segment ids padded to `length`)."""
+        inner = self.cache.mask_mod(self.window, device) if self.cache else causal_mask_mod(self.window, device)
         if self.segment_ids is None:
             return inner
-        return within_segments(self.segment_ids.to(device), inner)
+        return within_segments(self._segments(device, length or round_up(self.kv_len)), inner)
 
     def block_mask(self, device):
-        """The flex_attention BlockMask (batch 1 and broadcast when plain, else one per row)."""
+        """The flex_attention BlockMask at `padded_length` (batch 1 and broadcast when plain)."""
         if self._block_mask is None:
+            length = self.padded_length
             if self.segment_ids is None:
-                cache = self.cache or BlockMaskCache(self.kv_len)
-                self._block_mask = cache.get(self.q_len, self.kv_len, self.window, device)
+                cache = self.cache or BlockMaskCache(length)
+                self._block_mask = cache.get(self.kv_len, self.window, device)
             else:
-                segments = self.segment_ids.to(device)
-                n = segments.shape[-1] // BLOCK_SIZE
-                partial, full = _block_grids(n, n, self.window, segments, device)
-                self._block_mask = make_block_mask(partial, full, self.mask_mod(device), self.q_len, self.kv_len)
+                segments = self._segments(device, length)
+                partial, full = _block_grids(length // BLOCK_SIZE, length, self.window, segments, device)
+                self._block_mask = make_block_mask(partial, full, self.mask_mod(device, length), length)
         return self._block_mask
 
     def dense(self, device) -> torch.Tensor:

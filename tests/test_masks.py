@@ -77,26 +77,44 @@ def test_dense_mask_follows_the_definition(window):
             assert bool(allowed[q, k]) == expected, (q, k)
 
 
-def test_cache_builds_once_and_crops():
-    cache = BlockMaskCache(1024)
-    first = cache.get(300, 300, 64, "cpu")
-    assert cache.get(300, 300, 64, "cpu") is first
-    assert len(cache._grids) == 1
-    cache.get(1000, 1000, 64, "cpu")
-    cache.get(1000, 1000, None, "cpu")
-    assert len(cache._grids) == 2  # one per window, not per length
-    fresh = BlockMaskCache(300).get(300, 300, 64, "cpu")
-    for name in ("kv_num_blocks", "full_kv_num_blocks"):
-        assert torch.equal(getattr(first, name), getattr(fresh, name))
+def test_cache_builds_grids_once_and_masks_the_tail():
+    cache = BlockMaskCache(1000)
+    first = cache.get(300, 64, "cpu")
+    assert first.seq_lengths == (1024, 1024)  # one fixed (padded) length for every batch
+    assert cache.get(300, 64, "cpu") is first
+    cache.get(1000, 64, "cpu")
+    cache.get(1000, None, "cpu")
+    assert len(cache._grids) == 2  # one per window, not per batch length
+    # rows of padding queries are empty; real rows match a mask built for exactly 300 tokens
+    exact = BlockMaskCache(300).get(300, 64, "cpu")
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        ours, expected = getattr(first, name)[..., :3], getattr(exact, name)
+        assert torch.equal(ours, expected), name
+    assert first.kv_num_blocks[..., 3:].sum() == 0 and first.full_kv_num_blocks[..., 3:].sum() == 0
+
+
+def test_q_indices_are_the_transpose_of_kv_indices():
+    segments = torch.repeat_interleave(torch.arange(4), torch.tensor([200, 90, 300, 150]))[None]
+    fast = AttentionMask(740, 740, window=250, segment_ids=segments).block_mask("cpu")
+    from torch.nn.attention.flex_attention import BlockMask
+
+    generic = BlockMask.from_kv_blocks(fast.kv_num_blocks, fast.kv_indices, fast.full_kv_num_blocks,
+                                       fast.full_kv_indices, BLOCK_SIZE=BLOCK_SIZE, seq_lengths=fast.seq_lengths)
+    for name in ("q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(fast, name), getattr(generic, name))
+    for counts, name in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        for row in itertools.product(*(range(n) for n in getattr(fast, counts).shape)):
+            used = int(getattr(fast, counts)[row])
+            assert torch.equal(getattr(fast, name)[row][:used].sort().values, getattr(generic, name)[row][:used].sort().values)
 
 
 def test_cache_grows_past_max_seq_length_with_a_warning(caplog):
     cache = BlockMaskCache(256)
     with caplog.at_level("WARNING", logger="fastgemma"):
-        mask = cache.get(1000, 1000, None, "cpu")
-    assert cache.max_seq_length >= 1000
-    assert mask.seq_lengths == (1000, 1000)
-    assert "max_seq_length" in caplog.text
+        mask = cache.get(1000, None, "cpu")
+    assert cache.length == 1024
+    assert mask.seq_lengths == (1024, 1024)
+    assert "max_seq_length=256" in caplog.text
 
 
 def test_segments_from_position_ids():
