@@ -1,16 +1,25 @@
-"""Build the small character-level tokenizer that ships with the recipe.
+"""Build the tiny Gemma 2 that the default recipe run trains: its config and its tokenizer.
 
-Why a tokenizer of our own: the default recipe run must work on a machine with no
-Hugging Face hub access, so it cannot download Gemma's 256k-token SentencePiece model.
-This one covers printable ASCII one character per token, plus Gemma's special tokens
-(<pad>, <eos>, <bos>, <unk>, <start_of_turn>, <end_of_turn>) and a Gemma-style chat
-template with `{% generation %}` markers, which TRL needs for assistant-only loss.
+Writes recipes/assets/tiny_gemma2/ (config.json, tokenizer.json, tokenizer_config.json,
+chat_template.jinja). No weights: the recipe initialises them at random from a fixed seed.
 
-Character level keeps the toy tasks (reversal, sorting, digit-wise addition) learnable
-for a tiny model: every character the model must move around is its own token.
+Why our own: the default run must work on a machine with no Hugging Face hub access, so it
+cannot download Gemma's weights or its 256k-token SentencePiece model.
 
-Usage (writes next to recipes/assets/tiny_gemma2/config.json):
-    python recipes/build_tokenizer.py [--out recipes/assets/tiny_gemma2]
+The config is a small but complete Gemma 2: grouped-query attention (4 query heads, 2 key/
+value heads), layers alternating sliding-window (first) and global attention, a sliding
+window of 64 tokens (the toy chats run 30-70 tokens, so the window cuts into the longer
+ones), attention logit softcapping 50, final logit softcapping 30, and
+query_pre_attn_scalar = head_dim, as in Gemma 2 2B/9B.
+
+The tokenizer is character-level over printable ASCII, plus Gemma's special tokens (<pad>,
+<eos>, <bos>, <unk>, <start_of_turn>, <end_of_turn>) and a Gemma-style chat template with
+`{% generation %}` markers, which TRL needs for assistant-only loss. Character level keeps
+the toy tasks (reversal, sorting, digit-wise addition) learnable for a tiny model: every
+character the model must move around is its own token.
+
+Usage:
+    python recipes/build_tiny_gemma2.py [--out recipes/assets/tiny_gemma2]
 """
 
 import argparse
@@ -18,7 +27,7 @@ import string
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import Gemma2Config, PreTrainedTokenizerFast
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "tiny_gemma2"
 
@@ -49,6 +58,36 @@ CHAT_TEMPLATE = (
 )
 
 
+def build_config(vocab_size: int) -> Gemma2Config:
+    config = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        max_position_embeddings=2048,
+        # Larger than Gemma's 0.02: the LM head is the (frozen, tied) embedding matrix, and
+        # with 0.02 at this width its logits cannot get confident enough for LoRA to bring
+        # the loss down far. At 0.05 the untrained model still starts near uniform
+        # (loss ~ ln(vocab)).
+        initializer_range=0.05,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
+    config.architectures = ["Gemma2ForCausalLM"]
+    return config
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     # A BPE model with no merges splits every word into single characters; with no
@@ -76,12 +115,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory to write the tokenizer files to")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory to write config and tokenizer to")
     args = parser.parse_args()
     tokenizer = build_tokenizer()
+    vocab_size = 128  # room above the 106 tokens, rounded to a multiple of 64 like real vocabularies
+    assert len(tokenizer) <= vocab_size
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(args.out)
-    print(f"wrote a {len(tokenizer)}-token tokenizer to {args.out}")
+    build_config(vocab_size).save_pretrained(args.out)
+    print(f"wrote a tiny Gemma 2 config (vocab {vocab_size}) and a {len(tokenizer)}-token tokenizer to {args.out}")
 
 
 if __name__ == "__main__":
