@@ -548,6 +548,7 @@ def run(args: argparse.Namespace) -> dict:
     trainer.save_model(str(output_dir))  # adapter_model.safetensors + adapter_config.json + tokenizer
     trainer.save_state()  # trainer_state.json (log history, steps)
     summary = print_summary(trainer, clock, train_output, args, on_gpu, model_description)
+    summary["fastgemma_patched"] = fastgemma.is_patched(trainer.model)  # still patched after PEFT wrapping
     summary["generations"] = show_generations(trainer.model, tokenizer, heldout)
     with open(output_dir / "recipe_summary.json", "w") as f:
         json.dump({**summary, "args": vars(args)}, f, indent=2, default=str)
