@@ -47,7 +47,10 @@ from transformers import (
 )
 from trl import SFTConfig, SFTTrainer
 
-import fastgemma
+# Run from a source checkout without `pip install -e .`: fall back to the checkout's packages
+# (appended, so an installed fastgemma still wins).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+import fastgemma  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Knobs. Real Gemma 2 (--model given): the usual single-GPU QLoRA settings.
@@ -361,6 +364,15 @@ class StepClock(TrainerCallback):
         self.step_end_times[state.global_step] = time.perf_counter()
 
 
+class LogLastStep(TrainerCallback):
+    """Log the final step too, so the summary's last loss is the end of training even when
+    --max-steps is not a multiple of --logging-steps."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 def peak_memory_line(on_gpu: bool) -> str:
     if on_gpu:
         allocated = torch.cuda.max_memory_allocated() / 2**20
@@ -537,7 +549,7 @@ def run(args: argparse.Namespace) -> dict:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(args),
-        callbacks=[clock],
+        callbacks=[clock, LogLastStep()],
     )
     trainer.model.print_trainable_parameters()
     if on_gpu:

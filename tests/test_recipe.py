@@ -111,6 +111,17 @@ def test_other_dataset_formats(recipe, tmp_path, rows, flags):
     assert (output_dir / "adapter_model.safetensors").is_file()
 
 
+def test_4bit_loading_path(recipe, tmp_path):
+    """--load-in-4bit: the tiny base goes through from_pretrained + BitsAndBytesConfig (nf4), as a real model would."""
+    pytest.importorskip("bitsandbytes")
+    output_dir = tmp_path / "out"
+    argv = [*FAST_STEPS, "--load-in-4bit", "--output-dir", str(output_dir), "--backend", "eager"]
+    assert recipe.main(argv) == 0
+    summary = json.loads((output_dir / "recipe_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["fastgemma_patched"] is True
+    assert (output_dir / "adapter_model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------------------------------
 # Clear errors, before any weights are loaded
 # ---------------------------------------------------------------------------------------
