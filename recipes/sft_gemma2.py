@@ -32,6 +32,7 @@ import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -98,9 +99,6 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in SFTC
 GENERATION_MAX_NEW_TOKENS = 32
 DATASET_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
-logger = logging.getLogger("sft_gemma2")
-
-
 class RecipeError(Exception):
     """A problem with the inputs, reported as one short line and exit status 2."""
 
@@ -156,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     how.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step [{GRAD_ACCUM}; tiny {TINY_GRAD_ACCUM}]")
     how.add_argument("--lr", type=float, help=f"peak learning rate [{LEARNING_RATE}; tiny {TINY_LEARNING_RATE}]")
-    how.add_argument("--epochs", type=float, default=EPOCHS, help=f"passes over the dataset, unless --max-steps is set [{EPOCHS}]")
-    how.add_argument("--max-steps", type=int, help=f"stop after this many optimizer steps; -1 = use --epochs [-1; tiny {TINY_MAX_STEPS}]")
+    how.add_argument("--epochs", type=float, help=f"passes over the dataset, unless --max-steps is set [{EPOCHS}]")
+    how.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"stop after this many optimizer steps; -1 = use --epochs [-1; tiny {TINY_MAX_STEPS} unless --epochs is given]",
+    )
     how.add_argument(
         "--optim",
         help=f"transformers optimizer name [{GPU_OPTIMIZER} on a GPU, {CPU_OPTIMIZER} on CPU]",
@@ -204,7 +206,9 @@ def fill_in_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespa
         default("batch_size", BATCH_SIZE_UNPACKED, TINY_BATCH_SIZE_UNPACKED)
     default("grad_accum", GRAD_ACCUM, TINY_GRAD_ACCUM)
     default("lr", LEARNING_RATE, TINY_LEARNING_RATE)
-    default("max_steps", -1, TINY_MAX_STEPS)
+    default("max_steps", -1, TINY_MAX_STEPS if args.epochs is None else -1)
+    if args.epochs is None:
+        args.epochs = EPOCHS
     default("logging_steps", LOGGING_STEPS, TINY_LOGGING_STEPS)
     default("show_generations", 0, TINY_SHOW_GENERATIONS)
     args.warmup = TINY_WARMUP if tiny else WARMUP
@@ -309,7 +313,6 @@ def load_base_model(model_source: str, load_in_4bit: bool, on_gpu: bool):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(
         model_source,
@@ -424,24 +427,35 @@ def print_summary(trainer, clock, train_output, args, on_gpu, model_description)
     return summary
 
 
-def prompt_and_answer(row: dict, tokenizer) -> tuple[str, str]:
-    """The generation prompt (chat-templated where needed) and the expected answer of one example."""
+@dataclass
+class HeldOutExample:
+    model_prompt: str  # exactly what the model sees (chat-templated where needed)
+    shown_prompt: str  # what a person reads: the last user message, or the plain prompt
+    expected: str
+
+
+def held_out_example(row: dict, tokenizer) -> HeldOutExample | None:
+    """A generation prompt and its expected answer; None for a chat without an assistant turn."""
     if "messages" in row:
         messages = row["messages"]
-        last_answer = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-        prompt = tokenizer.apply_chat_template(messages[:last_answer], tokenize=False, add_generation_prompt=True)
-        return prompt, messages[last_answer]["content"]
+        answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        if not answers:
+            return None
+        context = messages[: answers[-1]]
+        prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+        return HeldOutExample(prompt, context[-1]["content"], messages[answers[-1]]["content"])
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, list):  # conversational prompt/completion
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        completion = completion[-1]["content"]
-    return prompt, completion
+        templated = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return HeldOutExample(templated, prompt[-1]["content"], completion[-1]["content"])
+    return HeldOutExample(prompt, prompt, completion)
 
 
 @torch.no_grad()
 def show_generations(model, tokenizer, heldout: Dataset) -> list[dict]:
     """Greedy generations from the trained adapter, next to the expected answers."""
-    if len(heldout) == 0:
+    examples = [example for row in heldout if (example := held_out_example(row, tokenizer)) is not None]
+    if not examples:
         return []
     model.eval()
     stop_ids = [tokenizer.eos_token_id]
@@ -450,12 +464,11 @@ def show_generations(model, tokenizer, heldout: Dataset) -> list[dict]:
         stop_ids.append(end_of_turn)  # Gemma ends a chat turn with <end_of_turn>
     device = next(model.parameters()).device
     results = []
-    print(f"\nGreedy generations from the trained adapter on {len(heldout)} held-out prompts:")
-    for row in heldout:
-        prompt, expected = prompt_and_answer(row, tokenizer)
+    print(f"\nGreedy generations from the trained adapter on {len(examples)} held-out prompts:")
+    for example in examples:
         # Chat templates already start with <bos>; plain prompts get it from the tokenizer.
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not prompt.startswith(tokenizer.bos_token))
-        inputs = inputs.to(device)
+        starts_with_bos = example.model_prompt.startswith(tokenizer.bos_token)
+        inputs = tokenizer(example.model_prompt, return_tensors="pt", add_special_tokens=not starts_with_bos).to(device)
         output = model.generate(
             **inputs,
             max_new_tokens=GENERATION_MAX_NEW_TOKENS,
@@ -464,12 +477,11 @@ def show_generations(model, tokenizer, heldout: Dataset) -> list[dict]:
             pad_token_id=tokenizer.pad_token_id,
         )
         generated = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        correct = generated == expected.strip()
-        shown_prompt = row["messages"][-2]["content"] if "messages" in row else prompt
-        print(f"  [{'ok' if correct else '--'}] {shown_prompt!r:34} expected {expected.strip()!r:20} got {generated!r}")
-        results.append({"prompt": shown_prompt, "expected": expected, "generated": generated, "correct": correct})
-    right = sum(result["correct"] for result in results)
-    print(f"  {right}/{len(results)} exactly right")
+        expected = example.expected.strip()
+        correct = generated == expected
+        print(f"  [{'ok' if correct else '--'}] {example.shown_prompt!r:34} expected {expected!r:20} got {generated!r}")
+        results.append({"prompt": example.shown_prompt, "expected": expected, "generated": generated, "correct": correct})
+    print(f"  {sum(result['correct'] for result in results)}/{len(results)} exactly right")
     return results
 
 

@@ -96,7 +96,8 @@ def test_fresh_tiny_base_matches_the_one_saved_by_the_run(recipe, trained_output
 @pytest.mark.parametrize(
     "rows, flags",
     [
-        ([{"prompt": f"upper: {w}", "completion": w.upper()} for w in ["ab", "cde", "fgh", "ij"] * 4], ["--no-packing"]),
+        ([{"prompt": f"upper: {w}", "completion": w.upper()} for w in ["ab", "cde", "fgh", "ij"] * 4],
+         ["--no-packing", "--show-generations", "2"]),
         ([{"text": f"{n} + {n} = {2 * n}"} for n in range(16)], ["--packing"]),
     ],
     ids=["prompt-completion", "text-packed"],
@@ -109,6 +110,9 @@ def test_other_dataset_formats(recipe, tmp_path, rows, flags):
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert (output_dir / "adapter_model.safetensors").is_file()
+    summary = json.loads((output_dir / "recipe_summary.json").read_text())
+    if "--show-generations" in flags:  # the last rows were held out of training and generated for
+        assert [g["expected"] for g in summary["generations"]] == [rows[-2]["completion"], rows[-1]["completion"]]
 
 
 def test_4bit_loading_path(recipe, tmp_path):
