@@ -95,7 +95,9 @@ TINY_SHOW_GENERATIONS = 8
 
 # transformers renamed gradient_checkpointing to activation_checkpointing (same switch); use
 # whichever this version has.
-CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
+CHECKPOINTING = "gradient_checkpointing"
+if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
+    CHECKPOINTING = "activation_checkpointing"
 GENERATION_MAX_NEW_TOKENS = 32
 DATASET_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--max-seq-length",
         type=int,
-        help=f"longest sequence in tokens; with packing, the length of a packed row [{MAX_SEQ_LENGTH}; tiny {TINY_MAX_SEQ_LENGTH}]",
+        help="longest sequence in tokens; with packing, the length of a packed row "
+        f"[{MAX_SEQ_LENGTH}; tiny {TINY_MAX_SEQ_LENGTH}]",
     )
     how.add_argument(
         "--packing",
@@ -144,21 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
         "[on with a GPU, off on CPU]",
     )
     how.add_argument("--lora-r", type=int, default=LORA_R, help=f"LoRA rank [{LORA_R}]")
-    how.add_argument("--lora-alpha", type=int, default=LORA_ALPHA, help=f"LoRA alpha; the update is scaled by alpha/r [{LORA_ALPHA}]")
-    how.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help=f"dropout on the LoRA input [{LORA_DROPOUT}]")
+    how.add_argument(
+        "--lora-alpha", type=int, default=LORA_ALPHA, help=f"LoRA alpha; the update is scaled by alpha/r [{LORA_ALPHA}]"
+    )
+    how.add_argument(
+        "--lora-dropout", type=float, default=LORA_DROPOUT, help=f"dropout on the LoRA input [{LORA_DROPOUT}]"
+    )
     how.add_argument(
         "--batch-size",
         type=int,
         help="sequences (or packed rows) per micro-step "
-        f"[{BATCH_SIZE_PACKED} packed, {BATCH_SIZE_UNPACKED} unpacked; tiny {TINY_BATCH_SIZE_PACKED} / {TINY_BATCH_SIZE_UNPACKED}]",
+        f"[{BATCH_SIZE_PACKED} packed, {BATCH_SIZE_UNPACKED} unpacked; "
+        f"tiny {TINY_BATCH_SIZE_PACKED} / {TINY_BATCH_SIZE_UNPACKED}]",
     )
-    how.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step [{GRAD_ACCUM}; tiny {TINY_GRAD_ACCUM}]")
+    how.add_argument(
+        "--grad-accum", type=int, help=f"micro-steps per optimizer step [{GRAD_ACCUM}; tiny {TINY_GRAD_ACCUM}]"
+    )
     how.add_argument("--lr", type=float, help=f"peak learning rate [{LEARNING_RATE}; tiny {TINY_LEARNING_RATE}]")
     how.add_argument("--epochs", type=float, help=f"passes over the dataset, unless --max-steps is set [{EPOCHS}]")
     how.add_argument(
         "--max-steps",
         type=int,
-        help=f"stop after this many optimizer steps; -1 = use --epochs [-1; tiny {TINY_MAX_STEPS} unless --epochs is given]",
+        help="stop after this many optimizer steps; -1 = use --epochs "
+        f"[-1; tiny {TINY_MAX_STEPS} unless --epochs is given]",
     )
     how.add_argument(
         "--optim",
@@ -174,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--seed", type=int, default=SEED, help=f"seed for adapter init and data order [{SEED}]")
 
     report = parser.add_argument_group("reporting")
-    report.add_argument("--logging-steps", type=int, help=f"log the loss every N steps [{LOGGING_STEPS}; tiny {TINY_LOGGING_STEPS}]")
+    report.add_argument(
+        "--logging-steps", type=int, help=f"log the loss every N steps [{LOGGING_STEPS}; tiny {TINY_LOGGING_STEPS}]"
+    )
     report.add_argument(
         "--show-generations",
         type=int,
@@ -414,7 +427,8 @@ def print_summary(trainer, clock, train_output, args, on_gpu, model_description)
     print("\n" + "=" * 30 + " fastgemma SFT summary " + "=" * 30)
     print(f"model        {model_description}")
     print(f"attention    fastgemma, backend={args.backend}")
-    print(f"steps        {summary['steps']} optimizer steps in {summary['train_runtime_s']:.1f} s, {total_tokens:,} tokens")
+    runtime = summary["train_runtime_s"]
+    print(f"steps        {summary['steps']} optimizer steps in {runtime:.1f} s, {total_tokens:,} tokens")
     print(f"throughput   {throughput}")
     print(f"peak memory  {peak_memory_line(on_gpu)}")
     if losses:
@@ -422,7 +436,8 @@ def print_summary(trainer, clock, train_output, args, on_gpu, model_description)
             f"loss         first {losses[0][1]:.4f} (step {losses[0][0]}) -> last {losses[-1][1]:.4f} "
             f"(step {losses[-1][0]}), {change:+.0f}%"
         )
-    print(f"adapter      {summary['output_dir']} (adapter_model.safetensors, adapter_config.json, tokenizer, trainer_state.json)")
+    print(f"adapter      {summary['output_dir']}")
+    print("             (adapter_model.safetensors, adapter_config.json, tokenizer, trainer_state.json)")
     print("=" * 83)
     return summary
 
@@ -480,7 +495,9 @@ def show_generations(model, tokenizer, heldout: Dataset) -> list[dict]:
         expected = example.expected.strip()
         correct = generated == expected
         print(f"  [{'ok' if correct else '--'}] {example.shown_prompt!r:34} expected {expected!r:20} got {generated!r}")
-        results.append({"prompt": example.shown_prompt, "expected": expected, "generated": generated, "correct": correct})
+        results.append(
+            {"prompt": example.shown_prompt, "expected": expected, "generated": generated, "correct": correct}
+        )
     print(f"  {sum(result['correct'] for result in results)}/{len(results)} exactly right")
     return results
 
@@ -512,7 +529,9 @@ def run(args: argparse.Namespace) -> dict:
     # 2. Base model. The tiny demo's random weights go through the same loading path.
     if tiny:
         model_source = str(save_tiny_base_model(output_dir.resolve() / "tiny_base_model"))
-        model_description = f"tiny random-init Gemma 2 ({TINY_MODEL_DIR.name}, seed {TINY_INIT_SEED}), base saved in {model_source}"
+        model_description = (
+            f"tiny random-init Gemma 2 ({TINY_MODEL_DIR.name}, seed {TINY_INIT_SEED}), base saved in {model_source}"
+        )
     else:
         model_source = args.model
         model_description = args.model
@@ -544,7 +563,8 @@ def run(args: argparse.Namespace) -> dict:
         warmup_steps=args.warmup,
         optim=args.optim,
         weight_decay=0.0,
-        **{CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},  # recompute activations in backward
+        # Gradient (activation) checkpointing: recompute each layer's activations in backward.
+        **{CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         bf16=compute_dtype(on_gpu) == torch.bfloat16,
         logging_steps=args.logging_steps,
         logging_first_step=True,  # the first loss, for the summary
