@@ -8,9 +8,9 @@ cannot download Gemma's weights or its 256k-token SentencePiece model.
 
 The config is a small but complete Gemma 2: grouped-query attention (4 query heads, 2 key/
 value heads), layers alternating sliding-window (first) and global attention, a sliding
-window of 64 tokens (the toy chats run 30-70 tokens, so the window cuts into the longer
-ones), attention logit softcapping 50, final logit softcapping 30, and
-query_pre_attn_scalar = head_dim, as in Gemma 2 2B/9B.
+window of 32 tokens (the toy chats run 27-59 tokens, so the window cuts into most of them and
+the sliding layers really differ from the global ones), attention logit softcapping 50,
+final logit softcapping 30, and query_pre_attn_scalar = head_dim, as in Gemma 2 2B/9B.
 
 The tokenizer is character-level over printable ASCII, plus Gemma's special tokens (<pad>,
 <eos>, <bos>, <unk>, <start_of_turn>, <end_of_turn>) and a Gemma-style chat template with
@@ -68,7 +68,7 @@ def build_config(vocab_size: int) -> Gemma2Config:
         num_key_value_heads=2,
         head_dim=64,
         query_pre_attn_scalar=64,
-        sliding_window=64,
+        sliding_window=32,
         layer_types=["sliding_attention", "full_attention"] * 2,
         attn_logit_softcapping=50.0,
         final_logit_softcapping=30.0,
