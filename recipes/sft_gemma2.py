@@ -25,6 +25,7 @@ Datasets (a hub name or a local .jsonl / .json / .parquet file) need one of thes
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -599,18 +600,35 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+@contextlib.contextmanager
+def console_settings():
+    """Readable output for the duration of the run (undone afterwards, for in-process callers)."""
+    fastgemma_logger = logging.getLogger("fastgemma")
+    previous_level = fastgemma_logger.level
+    progress_bars_were_on = datasets.is_progress_bar_enabled()
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    fastgemma_logger.setLevel(logging.INFO)  # one line saying what was patched
+    datasets.disable_progress_bars()  # keep the console for the training progress bar and the losses
+    try:
+        with warnings.catch_warnings():
+            # Upstream renames the user cannot act on (gradient -> activation checkpointing inside TRL/peft).
+            renamed = r".*deprecated and will be removed in v6.*"
+            warnings.filterwarnings("ignore", message=renamed, category=FutureWarning)
+            yield
+    finally:
+        fastgemma_logger.setLevel(previous_level)
+        if progress_bars_were_on:
+            datasets.enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("fastgemma").setLevel(logging.INFO)  # one line saying what was patched
-    datasets.disable_progress_bars()  # keep the console for the training progress bar and the losses
-    # Upstream renames the user cannot act on (gradient -> activation checkpointing inside TRL/peft).
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
-    try:
-        run(args)
-    except RecipeError as error:
-        print(f"sft_gemma2.py: error: {error}", file=sys.stderr)
-        return 2
+    with console_settings():
+        try:
+            run(args)
+        except RecipeError as error:
+            print(f"sft_gemma2.py: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 
