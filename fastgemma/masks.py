@@ -32,11 +32,15 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 # --------------------------------------------------------------------------------------
 # Mask functions (flex_attention's mask_mod signature)
 # --------------------------------------------------------------------------------------
-def sliding_window(window) -> MaskMod:
+def causal(b, h, q_idx, kv_idx):
+    """A query sees itself and every earlier key."""
+    return q_idx >= kv_idx
+
+
+def sliding_window(window: int) -> MaskMod:
     """Causal, and a query sees exactly `window` keys, itself included: ``0 <= q - k < window``.
 
     This is Hugging Face's Gemma 2 definition (some peers use ``<=`` and see one key more).
-    `window` may be a 0-d tensor, so that one compiled kernel serves every window size.
     """
 
     def sliding_window_causal(b, h, q_idx, kv_idx):
@@ -60,18 +64,14 @@ def within_segments(segment_ids: torch.Tensor, inner: MaskMod) -> MaskMod:
     return same_segment
 
 
-NO_WINDOW = 2**30  # "unlimited" window of global layers, longer than any sequence
+def causal_mask_mod(window: Optional[int]) -> MaskMod:
+    """Plain causal, or causal with a sliding window when `window` is set.
 
-
-def causal_mask_mod(window: Optional[int], device=None) -> MaskMod:
-    """Causal with an optional sliding window, as ONE function for both layer types.
-
-    The window travels as a tensor (NO_WINDOW on global layers) rather than a Python
-    constant: torch.compile then traces a single mask function for sliding and global
-    layers, instead of one graph each (which, times every new sequence length, used to
-    exhaust the recompile limit and silently drop flex_attention to its unfused path).
+    The window stays a Python int: a 0-d tensor captured by the mask function (one
+    compiled kernel for both layer types) computed wrong gradients in torch 2.11's
+    compiled flex_attention backward.
     """
-    return sliding_window(torch.tensor(NO_WINDOW if window is None else window, device=device))
+    return causal if window is None else sliding_window(window)
 
 
 # --------------------------------------------------------------------------------------
@@ -158,30 +158,34 @@ def _block_grids(num_blocks, valid_length, window, segment_ids, device):
 
 
 def _to_block_indices(blocks: torch.Tensor):
-    """(B, H, rows, cols) bool tiles -> (count per row, column indices with the used ones first)."""
+    """(..., rows, cols) bool tiles -> (count per row, column indices with the used ones first)."""
     counts = blocks.sum(-1, dtype=torch.int32)
     indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
     return counts, indices
 
 
 def make_block_mask(partial: torch.Tensor, full: torch.Tensor, mask_mod: MaskMod, length: int):
-    """Assemble a flex_attention BlockMask from tile grids; only non-full tiles run `mask_mod`.
+    """Assemble a flex_attention BlockMask from (B, H, n, n) tile grids; only non-full tiles run `mask_mod`.
 
-    The query-major indices (for the backward pass) come from the transposed grids, which
-    is much cheaper than torch's generic transposition of the index lists.
+    All four index lists (key-major for the forward, query-major for the backward) come
+    from one sort of the stacked grids and their transposes: a handful of kernel launches,
+    far cheaper than torch's generic transposition of index lists.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     partial = partial & ~full
-    kv_blocks = (*_to_block_indices(partial), *_to_block_indices(full))
+    batch = max(partial.shape[0], full.shape[0])
+    grids = [g.expand(batch, *g.shape[1:]) for g in (partial, full, partial.transpose(-1, -2), full.transpose(-1, -2))]
+    counts, indices = _to_block_indices(torch.stack(grids))
+    kv_blocks = (counts[0], indices[0], counts[1], indices[1])
     try:
         block_mask = BlockMask.from_kv_blocks(
             *kv_blocks, BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(length, length), compute_q_blocks=False
         )
     except TypeError:  # torch without compute_q_blocks: let it transpose
         return BlockMask.from_kv_blocks(*kv_blocks, BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(length, length))
-    block_mask.q_num_blocks, block_mask.q_indices = _to_block_indices(partial.transpose(-1, -2))
-    block_mask.full_q_num_blocks, block_mask.full_q_indices = _to_block_indices(full.transpose(-1, -2))
+    block_mask.q_num_blocks, block_mask.q_indices = counts[2], indices[2]
+    block_mask.full_q_num_blocks, block_mask.full_q_indices = counts[3], indices[3]
     return block_mask
 
 
@@ -222,7 +226,6 @@ class BlockMaskCache:
         self.length = round_up(max_seq_length)
         self._grids: dict = {}
         self._masks: dict = {}
-        self._mask_mods: dict = {}
 
     def length_for(self, length: int) -> int:
         """The fixed length a batch of `length` tokens is padded to (grown if needed)."""
@@ -240,12 +243,6 @@ class BlockMaskCache:
             self._masks.clear()
         return self.length
 
-    def mask_mod(self, window: Optional[int], device) -> MaskMod:
-        key = (window, str(device))
-        if key not in self._mask_mods:
-            self._mask_mods[key] = causal_mask_mod(window, device)
-        return self._mask_mods[key]
-
     def get(self, length: int, window: Optional[int], device):
         """The causal (or sliding, when `window` is set) BlockMask for a batch of `length` tokens."""
         padded = self.length_for(length)
@@ -258,7 +255,7 @@ class BlockMaskCache:
             partial, full = self._grids[grid_key]
             valid = torch.arange(padded // BLOCK_SIZE, device=device) < math.ceil(length / BLOCK_SIZE)
             valid_rows = valid[:, None]  # tiles of padding queries: nothing to compute
-            mask = make_block_mask(partial & valid_rows, full & valid_rows, self.mask_mod(window, device), padded)
+            mask = make_block_mask(partial & valid_rows, full & valid_rows, causal_mask_mod(window), padded)
             if len(self._masks) >= self.MAX_KEPT:
                 self._masks.pop(next(iter(self._masks)))
             self._masks[key] = mask
@@ -302,7 +299,7 @@ class AttentionMask:
 
     def mask_mod(self, device, length=None) -> MaskMod:
         """This batch's mask as a flex_attention mask function (segment ids padded to `length`)."""
-        inner = self.cache.mask_mod(self.window, device) if self.cache else causal_mask_mod(self.window, device)
+        inner = causal_mask_mod(self.window)
         if self.segment_ids is None:
             return inner
         return within_segments(self._segments(device, length or round_up(self.kv_len)), inner)
