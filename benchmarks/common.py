@@ -24,44 +24,14 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from patches.gemma2_shapes import PUBLISHED_SHAPES, SHARED_FIELDS
+
 # --------------------------------------------------------------------------------------------------
 # Gemma 2 shapes (published configs of google/gemma-2-{2b,9b,27b}); "tiny" is the CPU smoke shape.
 # --------------------------------------------------------------------------------------------------
 
 GEMMA2_SHAPES: dict[str, dict[str, Any]] = {
-    "2b": dict(
-        hidden_size=2304,
-        num_hidden_layers=26,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        intermediate_size=9216,
-        query_pre_attn_scalar=256,
-        vocab_size=256000,
-        sliding_window=4096,
-    ),
-    "9b": dict(
-        hidden_size=3584,
-        num_hidden_layers=42,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=256,
-        intermediate_size=14336,
-        query_pre_attn_scalar=256,
-        vocab_size=256000,
-        sliding_window=4096,
-    ),
-    "27b": dict(
-        hidden_size=4608,
-        num_hidden_layers=46,
-        num_attention_heads=32,
-        num_key_value_heads=16,
-        head_dim=128,
-        intermediate_size=36864,
-        query_pre_attn_scalar=144,
-        vocab_size=256000,
-        sliding_window=4096,
-    ),
+    **PUBLISHED_SHAPES,
     "tiny": dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -75,18 +45,7 @@ GEMMA2_SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
-COMMON_GEMMA2 = dict(
-    attn_logit_softcapping=50.0,
-    final_logit_softcapping=30.0,
-    hidden_activation="gelu_pytorch_tanh",
-    rms_norm_eps=1e-6,
-    max_position_embeddings=8192,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-    tie_word_embeddings=True,
-    attention_dropout=0.0,
-)
+COMMON_GEMMA2 = SHARED_FIELDS
 
 # Token ids 0..3 are reserved for <pad>, <eos>, <bos>, <unk> of the offline tokenizer; random data
 # never uses them so "real tokens" can be counted without ambiguity.

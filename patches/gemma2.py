@@ -20,6 +20,7 @@ import types
 from dataclasses import dataclass, field
 
 import torch
+from transformers.models.gemma2 import modeling_gemma2
 
 from fastgemma.attention import softcap_attention
 from fastgemma.masks import (
@@ -35,17 +36,10 @@ logger = logging.getLogger("fastgemma")
 NAME = "Gemma 2"
 
 
-def _classes():
-    from transformers.models.gemma2 import modeling_gemma2
-
-    return modeling_gemma2.Gemma2Model, modeling_gemma2.Gemma2Attention
-
-
 def find_modules(model: torch.nn.Module):
     """The Gemma2Model backbones and Gemma2Attention layers inside `model` (plain, PEFT or 4-bit)."""
-    backbone_cls, attention_cls = _classes()
-    backbones = [m for m in model.modules() if isinstance(m, backbone_cls)]
-    attentions = [m for m in model.modules() if isinstance(m, attention_cls)]
+    backbones = [m for m in model.modules() if isinstance(m, modeling_gemma2.Gemma2Model)]
+    attentions = [m for m in model.modules() if isinstance(m, modeling_gemma2.Gemma2Attention)]
     return backbones, attentions
 
 
@@ -69,8 +63,6 @@ class PatchState:
 # --------------------------------------------------------------------------------------
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
     """Gemma2Attention.forward with fastgemma's softcapped attention core."""
-    from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
-
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -78,7 +70,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    query, key = modeling_gemma2.apply_rotary_pos_emb(query, key, cos, sin)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
@@ -168,11 +160,10 @@ def _swap_forward(module, new_forward, state: PatchState):
 
 def patch(model: torch.nn.Module, max_seq_length: int, backend: str) -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
-    _, attention_cls = _classes()
     backbones, _ = find_modules(model)
     summary = {"layers": 0, "sliding": 0, "global": 0, "already": False}
     for backbone in backbones:
-        attentions = [m for m in backbone.modules() if isinstance(m, attention_cls)]
+        attentions = [m for m in backbone.modules() if isinstance(m, modeling_gemma2.Gemma2Attention)]
         state = backbone.__dict__.get("_fastgemma_state")
         if state is not None:  # patched before: only update the settings
             summary["already"] = True

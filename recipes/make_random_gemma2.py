@@ -19,49 +19,29 @@ model with weights (seed 0, as the recipe builds it).
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config
+from transformers import AutoConfig, AutoModelForCausalLM
+
+# Run from a source checkout without `pip install -e .` (appended: an installed copy wins).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from patches.gemma2_shapes import PUBLISHED_SHAPES, published_config  # noqa: E402
 
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny_gemma2"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-
-# The architecture fields of google/gemma-2-2b, -9b and -27b.
-GEMMA2_SHAPES = {
-    "2b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "9b": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
-               num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    "27b": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
-                num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
-}
-SHARED = dict(
-    vocab_size=256000,
-    max_position_embeddings=8192,
-    sliding_window=4096,
-    attn_logit_softcapping=50.0,
-    final_logit_softcapping=30.0,
-    hidden_activation="gelu_pytorch_tanh",
-    rms_norm_eps=1e-6,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-    tie_word_embeddings=True,
-)
 
 
 def gemma2_config(size: str):
     if size == "tiny":
         return AutoConfig.from_pretrained(TINY_MODEL_DIR)
-    config = Gemma2Config(**SHARED, **GEMMA2_SHAPES[size])  # layer_types: sliding first, then alternating
-    config.architectures = ["Gemma2ForCausalLM"]
-    return config
+    return published_config(size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "2b", "9b", "27b"], required=True, help="which Gemma 2 shapes")
+    parser.add_argument("--size", choices=["tiny", *PUBLISHED_SHAPES], required=True, help="which Gemma 2 shapes")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights [0]")
     parser.add_argument(

@@ -545,8 +545,10 @@ def run(args: argparse.Namespace) -> dict:
     model = load_base_model(model_source, args.load_in_4bit, on_gpu)
 
     # 3. fastgemma: swap in exact softcapped attention (per module instance, so PEFT
-    #    wrapping by the trainer afterwards keeps it).
-    fastgemma.patch_model(model, max_seq_length=args.max_seq_length, backend=args.backend)
+    #    wrapping by the trainer afterwards keeps it). Padding-free packing flattens the
+    #    whole micro-batch into one row, so the longest row is batch_size x max length.
+    longest_row = args.max_seq_length * (args.batch_size if args.packing else 1)
+    fastgemma.patch_model(model, max_seq_length=longest_row, backend=args.backend)
 
     # 4. LoRA + TRL.
     config = SFTConfig(
