@@ -40,8 +40,10 @@ def patch_model(model: torch.nn.Module, max_seq_length: int = 8192, backend: str
 
     Args:
         model: Gemma2ForCausalLM or Gemma2Model, plain, PEFT-wrapped or loaded in 4-bit.
-        max_seq_length: length of the cached causal / sliding block masks; longer batches
-            grow the cache (with a warning), shorter ones crop it.
+        max_seq_length: the longest row you will feed (with padding-free packing, batch
+            size x max length). flex_attention runs every batch at this one padded length,
+            so one compiled kernel serves all shorter batches; a longer batch grows it
+            (doubling, one recompile, a warning).
         backend: "auto" (flex on CUDA GPUs of compute capability >= 8.0, compiled dense
             elsewhere, eager while decoding with a KV cache), or force "flex", "compiled", "eager".
 

@@ -112,7 +112,9 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
         cu_seqlens = extra.get("cu_seq_lens_q")
         seq_idx = extra.get("seq_idx")
         if cu_seqlens is not None and batch == 1:
-            segments = segments_from_cu_seqlens(cu_seqlens.to(device), length) if cu_seqlens.numel() > 2 else None
+            # Even a single-document row keeps segment ids: packed training then runs one
+            # compiled mask variant throughout instead of recompiling for the odd plain row.
+            segments = segments_from_cu_seqlens(cu_seqlens.to(device), length)
         elif seq_idx is not None and tuple(seq_idx.shape) == (batch, length):
             segments = seq_idx.to(device) if bool((seq_idx != seq_idx[:, :1]).any()) else None
         elif position_ids is not None:

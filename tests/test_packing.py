@@ -133,3 +133,21 @@ def test_sft_trainer_packing_reaches_patched_attention_with_boundaries(tmp_path,
         assert {m.window for m in seen[step * layers : (step + 1) * layers]} == {None, model.config.sliding_window}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_single_document_row_from_trl_stays_on_the_packed_path():
+    """A padding-free row holding one document keeps segment ids (no switch of compiled variant) and stays exact."""
+    from patches.gemma2 import build_mask_mapping
+
+    config = tiny_gemma2_config()
+    masks = build_mask_mapping(config, None, 1, 40, "cpu", None, torch.arange(40)[None], None,
+                               {"cu_seq_lens_q": torch.tensor([0, 40], dtype=torch.int32)})
+    assert all(mask.segment_ids is not None for mask in masks.values())
+    reference = random_gemma2(config)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=64, backend="eager")
+    ids = torch.randint(0, 97, (1, 40))
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, use_cache=False).logits
+        actual = patched(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False).logits
+    assert relative_error(actual, expected) < TOLERANCE
