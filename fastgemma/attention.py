@@ -109,9 +109,10 @@ def _compiled_dense():
 # --------------------------------------------------------------------------------------
 # flex backend
 # --------------------------------------------------------------------------------------
-# Recompiles are bounded by design (static shapes at one padded length, one mask function
-# for both layer types), but a silent fall back to unfused flex_attention would cost
-# O(length²) memory: give our own compiles head-room without changing the user's limit.
+# Recompiles are bounded by design (static shapes at one padded length; one graph per
+# mask variant: plain or packed, sliding or global), but a silent fall back to unfused
+# flex_attention would cost O(length²) memory: give our own compiles head-room without
+# changing the limit for the user's code.
 FLEX_RECOMPILE_LIMIT = 32
 _RECOMPILE_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
@@ -121,8 +122,8 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     # Static shapes: every batch arrives padded to the block mask's fixed length, so one
-    # kernel serves all lengths. (Dynamic shapes with tensors captured by the mask
-    # function break flex_attention's compiled backward in torch 2.11.)
+    # kernel serves all lengths. (With dynamic shapes, torch 2.11 fell back to unfused
+    # flex_attention, or failed in the backward, once the mask function captured tensors.)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -67,9 +67,9 @@ def within_segments(segment_ids: torch.Tensor, inner: MaskMod) -> MaskMod:
 def causal_mask_mod(window: Optional[int]) -> MaskMod:
     """Plain causal, or causal with a sliding window when `window` is set.
 
-    The window stays a Python int: a 0-d tensor captured by the mask function (one
-    compiled kernel for both layer types) computed wrong gradients in torch 2.11's
-    compiled flex_attention backward.
+    The window stays a Python int, so sliding and global layers compile separately.
+    Capturing it as a 0-d tensor instead, to share one kernel, gave wrong gradients in
+    torch 2.11's compiled flex_attention backward (forward outputs were right).
     """
     return causal if window is None else sliding_window(window)
 
@@ -297,12 +297,12 @@ class AttentionMask:
     def _segments(self, device, length):
         return pad_segments(self.segment_ids.to(device=device, dtype=torch.int32), length)
 
-    def mask_mod(self, device, length=None) -> MaskMod:
-        """This batch's mask as a flex_attention mask function (segment ids padded to `length`)."""
+    def mask_mod(self, device) -> MaskMod:
+        """This batch's mask as a mask function (what the dense backends evaluate)."""
         inner = causal_mask_mod(self.window)
         if self.segment_ids is None:
             return inner
-        return within_segments(self._segments(device, length or round_up(self.kv_len)), inner)
+        return within_segments(self._segments(device, round_up(self.kv_len)), inner)
 
     def block_mask(self, device):
         """The flex_attention BlockMask at `padded_length` (batch 1 and broadcast when plain)."""
@@ -314,7 +314,8 @@ class AttentionMask:
             else:
                 segments = self._segments(device, length)
                 partial, full = _block_grids(length // BLOCK_SIZE, length, self.window, segments, device)
-                self._block_mask = make_block_mask(partial, full, self.mask_mod(device, length), length)
+                mask_mod = within_segments(segments, causal_mask_mod(self.window))
+                self._block_mask = make_block_mask(partial, full, mask_mod, length)
         return self._block_mask
 
     def dense(self, device) -> torch.Tensor:
