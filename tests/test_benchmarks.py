@@ -229,3 +229,14 @@ def test_context_suite_tiny_and_default_results_untouched(tmp_path, ckpt_dir):
     out = tmp_path / "from_json.md"
     bench_run.main(["--from-json", str(js), "--results", str(out)])
     assert "## context suite" in out.read_text()
+
+
+def test_profile_step_breaks_a_packed_step_down_by_category():
+    from benchmarks import profile_step
+
+    result = profile_step.main(["--model", "tiny", "--tokens", "200", "--docs", "3", "--cpu",
+                                "--warmup", "1", "--steps", "1", "--top", "5"])
+    assert result["total_ms"] > 0
+    assert result["categories"]["matmul"] > 0 and "attention" in result["categories"]
+    assert profile_step.category("triton_tem_fused_flex_attention_backward_0") == "attention"
+    assert profile_step.category("void kgemm_4bit_inference_naive<bf16>") == "4-bit dequant"
