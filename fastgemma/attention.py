@@ -45,6 +45,11 @@ def flex_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def flex_head_dim_ok(head_dim: int) -> bool:
+    """flex_attention's kernels want a power-of-two head size of at least 16 (Gemma 2: 128, 256)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 # --------------------------------------------------------------------------------------
 # Score functions (flex_attention's score_mod signature)
 # --------------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ def resolve_backend(backend: str, query, key, mask, dropout_p: float = 0.0) -> s
     if backend == "auto":
         if not ours or dropout_p > 0.0:
             return "eager"
-        if flex_supported(query.device):
+        if flex_supported(query.device) and flex_head_dim_ok(query.shape[-1]):
             return "flex"
         return "compiled"
     if backend == "flex":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import reference_attention, relative_error
-from fastgemma.attention import resolve_backend, softcap_attention
+from fastgemma.attention import flex_head_dim_ok, resolve_backend, softcap_attention
 from fastgemma.masks import PAD_SEGMENT, AttentionMask
 
 FP32_TOLERANCE = 1e-5
@@ -103,6 +103,7 @@ def test_auto_backend_choice_on_cpu():
     assert resolve_backend("auto", query, key, mask) == "compiled"
     assert resolve_backend("auto", query, key, torch.ones(1, 1, 8, 8, dtype=torch.bool)) == "eager"
     assert resolve_backend("auto", query, key, mask, dropout_p=0.1) == "eager"
+    assert flex_head_dim_ok(128) and flex_head_dim_ok(256) and not flex_head_dim_ok(24) and not flex_head_dim_ok(8)
 
 
 def test_clear_errors():
