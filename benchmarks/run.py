@@ -107,29 +107,37 @@ def append_results(path: str, text: str) -> None:
         f.write("\n")
 
 
-def merge_payloads(payloads: list[dict]) -> tuple[dict, dict]:
-    """(env, {suite: {"rows": [...], "notes": [...]}}) merged over several runs' JSON payloads."""
-    env = dict(payloads[0]["env"])
-    commands, dates = [], []
-    suites: dict = {}
+def merge_payloads(payloads: list[dict]) -> dict:
+    """{suite: (env, {"rows": [...], "notes": [...]})}, each suite merged over the runs that measured it.
+
+    A suite's env (date, command, versions) names only the runs that contributed its rows.
+    """
+    runs_of: dict = {}
     for p in payloads:
-        e = p["env"]
-        if e["command"] not in commands:
-            commands.append(e["command"])
-        dates.append(e["date"])
-        for k in ("gpu", "torch", "transformers", "trl", "peft", "bitsandbytes", "liger_kernel", "fastgemma_git"):
-            if e.get(k) != env.get(k) and f" / {e.get(k)}" not in str(env.get(k)):
-                env[k] = f"{env.get(k)} / {e.get(k)}"
-        for suite, data in p.get("suites", {}).items():
-            tgt = suites.setdefault(suite, {"rows": [], "notes": []})
-            tgt["rows"].extend(data["rows"])
-            for n in data.get("notes", []):
-                if n not in tgt["notes"]:
-                    tgt["notes"].append(n)
-    env["command"] = "` ; `".join(commands)
-    if len(payloads) > 1:
-        env["date"] = f"{min(dates)} .. {max(dates)} (merged from {len(payloads)} runs)"
-    return env, suites
+        for suite in p.get("suites", {}):
+            runs_of.setdefault(suite, []).append(p)
+    merged = {}
+    for suite, runs in runs_of.items():
+        env = dict(runs[0]["env"])
+        commands, dates = [], []
+        data: dict = {"rows": [], "notes": []}
+        for p in runs:
+            e = p["env"]
+            if e["command"] not in commands:
+                commands.append(e["command"])
+            dates.append(e["date"])
+            for k in ("gpu", "torch", "transformers", "trl", "peft", "bitsandbytes", "liger_kernel", "fastgemma_git"):
+                if e.get(k) != env.get(k) and f" / {e.get(k)}" not in str(env.get(k)):
+                    env[k] = f"{env.get(k)} / {e.get(k)}"
+            data["rows"].extend(p["suites"][suite]["rows"])
+            for n in p["suites"][suite].get("notes", []):
+                if n not in data["notes"]:
+                    data["notes"].append(n)
+        env["command"] = "` ; `".join(commands)
+        if len(runs) > 1:
+            env["date"] = f"{min(dates)} .. {max(dates)} (merged from {len(runs)} runs)"
+        merged[suite] = (env, data)
+    return merged
 
 
 def _from_json(args) -> int:
@@ -141,10 +149,9 @@ def _from_json(args) -> int:
     for path in args.from_json:
         with open(path) as f:
             payloads.append(json.load(f))
-    env, suites = merge_payloads(payloads)
     tiny = any(p.get("tiny") for p in payloads)
     results = args.results or DEFAULT_RESULTS
-    for suite, data in suites.items():
+    for suite, (env, data) in merge_payloads(payloads).items():
         res = C.SuiteResult(suite, rows=data["rows"], notes=data["notes"])
         res.table = table_for(suite, res.rows)
         if suite == "model":
