@@ -38,6 +38,11 @@ def availability(contender: str, device: torch.device, training: bool = True) ->
     return None
 
 
+def not_startable(contender: str, device: torch.device, budget) -> str | None:
+    """The row status of a contender that must not start (n/a here, or the suite is out of time), else None."""
+    return availability(contender, device) or ("skipped (time budget)" if budget.expired() else None)
+
+
 def fastgemma_backend(args, device: torch.device) -> str:
     if getattr(args, "fastgemma_backend", None) and args.fastgemma_backend != "auto":
         return args.fastgemma_backend
@@ -137,6 +142,25 @@ def ensure_checkpoint(name: str, args, device: torch.device, dtype: torch.dtype)
     with open(done, "w") as f:
         f.write("ok\n")
     return path
+
+
+class SharedCheckpoint:
+    """One model's random-init checkpoint for a suite, saved on first use; a failed save is retried by the next contender."""
+
+    def __init__(self, name: str, args, device: torch.device, dtype: torch.dtype, label: str):
+        self.name, self.args, self.device, self.dtype, self.label = name, args, device, dtype, label
+        self.path = None
+
+    def get(self) -> tuple[str, str | None]:
+        """("ok", directory), or (failure status, None)."""
+        if self.path is None:
+            status, path = C.run_guarded(
+                lambda: ensure_checkpoint(self.name, self.args, self.device, self.dtype), self.label
+            )
+            if status != "ok":
+                return status, None
+            self.path = path
+        return "ok", self.path
 
 
 def load_for_training(path: str, contender: str, device: torch.device, quantize: bool, dtype: torch.dtype):

@@ -192,23 +192,18 @@ def run(args, device: torch.device) -> C.SuiteResult:
     if device.type != "cuda":
         res.notes.append("CPU run: no OOM can occur, so the search simply reaches its cap.")
     for name in models:
-        path = None
+        checkpoint = M.SharedCheckpoint(name, args, device, dtype, f"context {name} checkpoint")
         for cname in contenders:
             row = dict(suite="context", model=name, contender=cname, label=C.LABELS.get(cname, cname), cap=cap,
                        resolution=resolution, loss_mode=args.context_loss)
-            na = M.availability(cname, device)
-            if na:
-                row["status"] = na
-            elif suite_budget.expired():
-                row["status"] = "skipped (time budget)"
+            blocked = M.not_startable(cname, device, suite_budget)
+            if blocked:
+                row["status"] = blocked
             else:
-                if path is None:
-                    st, path = C.run_guarded(lambda: M.ensure_checkpoint(name, args, device, dtype),
-                                             f"context {name} checkpoint")
-                    if st != "ok":
-                        res.rows.append(dict(row, status=f"{st} (saving the checkpoint)"))
-                        path = None
-                        continue
+                st, path = checkpoint.get()
+                if st != "ok":
+                    res.rows.append(dict(row, status=f"{st} (saving the checkpoint)"))
+                    continue
                 C.log(f"context {name} {cname}: loading")
                 C.free_memory(device)
                 with C.stock_guard():

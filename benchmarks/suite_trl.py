@@ -201,23 +201,18 @@ def run(args, device: torch.device) -> C.SuiteResult:
         n_tokens = int((steps + 2) * batch * max_length * 1.2)
         ds, total = synthetic_dataset(vocab, n_tokens, doc_range, args.seed)
         C.log(f"trl {name}: synthetic dataset {len(ds)} documents, {total:,} tokens")
-        path = None
+        checkpoint = M.SharedCheckpoint(name, args, device, dtype, f"trl {name} checkpoint")
         for cname in contenders:
             row = dict(suite="trl", model=name, contender=cname, label=C.LABELS.get(cname, cname),
                        quant="nf4" if quantize else "none", max_length=max_length, batch=batch)
-            na = M.availability(cname, device)
-            if na:
-                row["status"] = na
-            elif budget.expired():
-                row["status"] = "skipped (time budget)"
+            blocked = M.not_startable(cname, device, budget)
+            if blocked:
+                row["status"] = blocked
             else:
-                if path is None:
-                    st, path = C.run_guarded(lambda: M.ensure_checkpoint(name, args, device, dtype),
-                                             f"trl {name} checkpoint")
-                    if st != "ok":
-                        res.rows.append(dict(row, status=f"{st} (saving the checkpoint)"))
-                        path = None
-                        continue
+                st, path = checkpoint.get()
+                if st != "ok":
+                    res.rows.append(dict(row, status=f"{st} (saving the checkpoint)"))
+                    continue
                 out_dir = tempfile.mkdtemp(prefix=f"fastgemma_bench_trl_{cname}_")
                 C.log(f"trl {name} {cname}: training {steps} steps")
                 with C.stock_guard():
