@@ -162,7 +162,11 @@ def _swap_forward(module, new_forward, state: PatchState):
 
 def patch(model: torch.nn.Module, max_seq_length: int, backend: str) -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
-    backbones, _ = find_modules(model)
+    backbones, attentions = find_modules(model)
+    if any(not getattr(attention, "is_causal", True) for attention in attentions):
+        # fastgemma's masks are causal; a bidirectional Gemma 2 variant would be silently wrong.
+        raise ValueError("fastgemma supports causal Gemma 2 models only; this one uses bidirectional attention "
+                         "(config.use_bidirectional_attention=True)")
     summary = {"layers": 0, "sliding": 0, "global": 0, "already": False}
     for backbone in backbones:
         attentions = [m for m in backbone.modules() if isinstance(m, modeling_gemma2.Gemma2Attention)]

@@ -212,6 +212,16 @@ def test_non_gemma2_models_are_refused():
         fastgemma.patch_model("google/gemma-2-2b")
 
 
+def test_bidirectional_gemma2_is_refused():
+    config = tiny_gemma2_config()
+    config.use_bidirectional_attention = True
+    model = random_gemma2(config)
+    assert not model.model.layers[0].self_attn.is_causal
+    with pytest.raises(ValueError, match="bidirectional"):
+        fastgemma.patch_model(model)
+    assert not fastgemma.is_patched(model)
+
+
 def test_bad_arguments_are_refused():
     model = random_gemma2(tiny_gemma2_config())
     with pytest.raises(ValueError, match="unknown attention backend"):
