@@ -1,8 +1,5 @@
 """Shared helpers for the tests: tiny random Gemma 2 models and a float64 attention reference."""
 
-import copy
-
-import pytest
 import torch
 
 
@@ -52,10 +49,3 @@ def reference_attention(query, key, value, allowed, scale, softcap):
 def relative_error(actual, expected):
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def twin_models():
-    """(reference HF eager model, identical copy to patch)."""
-    reference = random_gemma2(tiny_gemma2_config())
-    return reference, copy.deepcopy(reference)
