@@ -14,7 +14,6 @@ is forward + backward only; the mask is built (and timed separately) before it, 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

@@ -14,7 +14,6 @@ with from_pretrained + BitsAndBytesConfig, as a user would load a real checkpoin
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 import time

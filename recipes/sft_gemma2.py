@@ -102,6 +102,7 @@ if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
 GENERATION_MAX_NEW_TOKENS = 32
 DATASET_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
+
 class RecipeError(Exception):
     """A problem with the inputs, reported as one short line and exit status 2."""
 
