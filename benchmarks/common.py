@@ -82,6 +82,7 @@ LABELS = {
     "hf-flex": "HF flex_attention",
     "liger": "Liger (on eager)",
     "fastgemma": "fastgemma",
+    "fastgemma-attn": "fastgemma, attention only",
 }
 BASELINES = ("hf-eager", "hf-flex")
 

@@ -35,7 +35,9 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
-def patch_model(model: torch.nn.Module, max_seq_length: int = 8192, backend: str = "auto") -> torch.nn.Module:
+def patch_model(
+    model: torch.nn.Module, max_seq_length: int = 8192, backend: str = "auto", fused_ops="auto"
+) -> torch.nn.Module:
     """Swap every attention forward of a Gemma 2 model for fastgemma's softcapped attention, in place.
 
     Args:
@@ -46,15 +48,22 @@ def patch_model(model: torch.nn.Module, max_seq_length: int = 8192, backend: str
             (doubling, one recompile, a warning).
         backend: "auto" (flex on CUDA GPUs of compute capability >= 8.0, compiled dense
             elsewhere, eager while decoding with a KV cache), or force "flex", "compiled", "eager".
+        fused_ops: fuse the elementwise work around attention while training: RMSNorms with
+            their residual adds, RoPE, the GeGLU gate (each one torch.compile'd kernel per
+            direction), and LoRA adapters added inside their GEMMs. "auto" fuses on CUDA;
+            True also on CPU (slow first compile there); False keeps Hugging Face's ops.
+            Inference (no grad) always runs the unfused ops, so generation never compiles.
 
     Returns the same model. Calling it again only updates the settings; `unpatch_model`
     restores the original forwards.
     """
     check_backend(backend)
+    if not (isinstance(fused_ops, bool) or (isinstance(fused_ops, str) and fused_ops == "auto")):
+        raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     patcher = _patcher_for(model)
-    summary = patcher.patch(model, max_seq_length, backend)
+    summary = patcher.patch(model, max_seq_length, backend, fused_ops)
     device = _device_of(model)
     if backend == "auto":
         resolved = "flex" if flex_supported(device) else "compiled"
@@ -62,9 +71,10 @@ def patch_model(model: torch.nn.Module, max_seq_length: int = 8192, backend: str
     else:
         how = backend
     logger.info(
-        "fastgemma: %s %d %s attention layers (%d sliding, %d global) of %s; backend=%s; max_seq_length=%d",
+        "fastgemma: %s %d %s attention layers (%d sliding, %d global) of %s; backend=%s; max_seq_length=%d; "
+        "fused_ops=%s",
         "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
-        summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length,
+        summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length, fused_ops,
     )
     return model
 

@@ -1,6 +1,6 @@
 """Model-specific glue for fastgemma. Each module here patches one model family.
 
-A patcher module provides: NAME, matches(model), patch(model, max_seq_length, backend),
+A patcher module provides: NAME, matches(model), patch(model, max_seq_length, backend, fused_ops),
 unpatch(model) and is_patched(model).
 """
 

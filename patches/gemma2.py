@@ -23,6 +23,7 @@ import torch
 from transformers.models.gemma2 import modeling_gemma2
 
 from fastgemma.attention import softcap_attention
+from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
 from fastgemma.masks import (
     AttentionMask,
     BlockMaskCache,
@@ -53,6 +54,7 @@ class PatchState:
     """What patch_model did to one backbone, so it can be adjusted or undone."""
 
     backend: str
+    fused_ops: object  # True, False or "auto" (fused on CUDA)
     cache: BlockMaskCache
     original_attn_implementation: object
     patched: dict = field(default_factory=dict)  # module -> its own `forward` attribute before, or None
@@ -61,16 +63,26 @@ class PatchState:
 # --------------------------------------------------------------------------------------
 # The attention forward
 # --------------------------------------------------------------------------------------
+def _fused(module, x: torch.Tensor) -> bool:
+    """Whether this call runs the fused (compiled) elementwise ops: when training (grad enabled),
+    on CUDA under "auto". Inference and decoding run the same maths eagerly, without compiles."""
+    setting = module._fastgemma_fused
+    if not torch.is_grad_enabled() or setting is False:
+        return False
+    return setting is True or x.device.type == "cuda"
+
+
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
     """Gemma2Attention.forward with fastgemma's softcapped attention core."""
+    fused = _fused(self, hidden_states)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query = lora_linear(self.q_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
+    key = lora_linear(self.k_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
+    value = lora_linear(self.v_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
-    query, key = modeling_gemma2.apply_rotary_pos_emb(query, key, cos, sin)
+    query, key = rotate_pairs(query, key, cos, sin, fused=fused)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
@@ -85,7 +97,58 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         dropout_p=self.attention_dropout if self.training else 0.0,
     )
     output = output.transpose(1, 2).reshape(*input_shape, -1)
-    return self.o_proj(output), None
+    return lora_linear(self.o_proj, output, fused), None
+
+
+# --------------------------------------------------------------------------------------
+# The decoder layer, MLP and norms: Gemma 2's "sandwich" norms fused with the residual adds
+# --------------------------------------------------------------------------------------
+UNIT_OFFSET = 1.0  # Gemma's RMSNorm scales by (1 + weight)
+
+
+def decoder_layer_forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                          past_key_values=None, **kwargs):
+    """Gemma2DecoderLayer.forward: norm -> attention -> norm + add + norm -> MLP -> norm + add."""
+    fused = _fused(self, hidden_states)
+    eps = self.input_layernorm.eps
+    normed = rms_norm(hidden_states, self.input_layernorm.weight, eps, UNIT_OFFSET, fused=fused)
+    attended, _ = self.self_attn(
+        hidden_states=normed,
+        position_embeddings=position_embeddings,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        **kwargs,
+    )
+    stream, normed = norm_add_norm(
+        attended, hidden_states, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+        eps, UNIT_OFFSET, fused=fused,
+    )
+    return norm_add(self.mlp(normed), stream, self.post_feedforward_layernorm.weight, eps, UNIT_OFFSET, fused=fused)
+
+
+def mlp_forward(self, x):
+    """Gemma2MLP.forward with the GeGLU gate fused (and LoRA adapters added inside their GEMMs)."""
+    fused = _fused(self, x)
+    gate, up = lora_linear(self.gate_proj, x, fused), lora_linear(self.up_proj, x, fused)
+    return lora_linear(self.down_proj, gelu_tanh_gate(gate, up, fused=fused), fused)
+
+
+def norm_forward(self, x):
+    """Gemma2RMSNorm.forward, fused."""
+    return rms_norm(x, self.weight, self.eps, UNIT_OFFSET, fused=_fused(self, x))
+
+
+def _fusable(module) -> bool:
+    """Layers whose maths our fused forwards reproduce; anything else (a custom subclass,
+    another activation) keeps its own forward."""
+    if type(module) is modeling_gemma2.Gemma2MLP:
+        return getattr(module.config, "hidden_activation", None) == "gelu_pytorch_tanh"
+    if type(module) is modeling_gemma2.Gemma2DecoderLayer:
+        norms = (module.input_layernorm, module.post_attention_layernorm, module.pre_feedforward_layernorm,
+                 module.post_feedforward_layernorm)
+        return all(type(n) is modeling_gemma2.Gemma2RMSNorm and n.eps == norms[0].eps for n in norms)
+    return type(module) is modeling_gemma2.Gemma2RMSNorm
 
 
 # --------------------------------------------------------------------------------------
@@ -160,7 +223,7 @@ def _swap_forward(module, new_forward, state: PatchState):
     module.forward = types.MethodType(new_forward, module)
 
 
-def patch(model: torch.nn.Module, max_seq_length: int, backend: str) -> dict:
+def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="auto") -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
     backbones, attentions = find_modules(model)
     if any(not getattr(attention, "is_causal", True) for attention in attentions):
@@ -174,12 +237,14 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str) -> dict:
         if state is not None:  # patched before: only update the settings
             summary["already"] = True
             state.backend = backend
+            state.fused_ops = fused_ops
             if state.cache.max_seq_length != max_seq_length:
                 state.cache = BlockMaskCache(max_seq_length)
         else:
             config = backbone.config
             state = PatchState(
                 backend=backend,
+                fused_ops=fused_ops,
                 cache=BlockMaskCache(max_seq_length),
                 original_attn_implementation=config._attn_implementation,
             )
@@ -189,7 +254,14 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str) -> dict:
             _swap_forward(backbone, make_backbone_forward(backbone.forward, state), state)
             for attention in attentions:
                 _swap_forward(attention, attention_forward, state)
+            for module in backbone.modules():
+                if _fusable(module):
+                    forward = {modeling_gemma2.Gemma2DecoderLayer: decoder_layer_forward,
+                               modeling_gemma2.Gemma2MLP: mlp_forward}.get(type(module), norm_forward)
+                    _swap_forward(module, forward, state)
             backbone._fastgemma_state = state
+        for module in state.patched:
+            module._fastgemma_fused = fused_ops
         for attention in attentions:
             attention._fastgemma_backend = backend
             summary["layers"] += 1
@@ -211,6 +283,7 @@ def unpatch(model: torch.nn.Module) -> int:
             else:
                 module.forward = previous
             module.__dict__.pop("_fastgemma_backend", None)
+            module.__dict__.pop("_fastgemma_fused", None)
             restored += 1
         backbone.config._attn_implementation = state.original_attn_implementation
         del backbone._fastgemma_state

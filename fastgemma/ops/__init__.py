@@ -1,0 +1,14 @@
+"""Fused elementwise operations for transformer blocks, model-agnostic.
+
+Each op is written once in plain PyTorch (the exact maths of the reference model) and
+compiled with torch.compile into one kernel for the forward and one for the backward.
+``fused=False`` runs the same code eagerly, op by op.
+"""
+
+from .compile import fuse
+from .lora import lora_linear
+from .norms import norm_add, norm_add_norm, rms_norm
+from .activations import gelu_tanh_gate
+from .rope import rotate_pairs
+
+__all__ = ["fuse", "rms_norm", "norm_add", "norm_add_norm", "gelu_tanh_gate", "rotate_pairs", "lora_linear"]

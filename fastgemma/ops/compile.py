@@ -1,0 +1,32 @@
+"""torch.compile for small elementwise ops whose token dimension changes from batch to batch."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def fuse(fn, dynamic_dims: dict[int, tuple[int, ...]]):
+    """`fn` compiled lazily, with the given (argument index -> dimensions) marked dynamic.
+
+    Marking the token dimensions dynamic before the first call gives one graph for every
+    length at once (instead of a static graph first and a dynamic one on the second length)
+    while the feature dimensions stay static, so reductions over them keep fixed block sizes.
+    Calling ``.eager(...)`` runs `fn` uncompiled.
+    """
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=None)
+        for index, dims in dynamic_dims.items():
+            for dim in dims:
+                if args[index].shape[dim] > 1:  # size 1 is specialised by torch anyway
+                    torch._dynamo.maybe_mark_dynamic(args[index], dim)
+        return compiled(*args)
+
+    wrapper.eager = fn
+    return wrapper

@@ -1,0 +1,50 @@
+"""A PEFT LoRA linear layer with its adapter added inside the GEMM.
+
+PEFT computes ``base(x).clone() + lora_B(lora_A(x)) * scaling`` as four passes over the
+output (clone, GEMM, scale, add). ``addmm`` folds the scale and the add into the second
+adapter GEMM's epilogue, and needs no clone because nothing is modified in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def plain_lora_parts(module: torch.nn.Module):
+    """(base_layer, lora_A weight, lora_B weight, scaling) when `module` is a vanilla PEFT LoRA linear
+    in its plain state (one active adapter, no dropout, not merged, no DoRA or other variant, no
+    hooks of its own); otherwise None, and the caller runs the module as it is."""
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None or getattr(module, "base_layer", None) is None:
+        return None
+    if module.disable_adapters or module.merged or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    active = module.active_adapters
+    if len(active) != 1 or active[0] not in lora_a or getattr(module, "lora_variant", {}).get(active[0]) is not None:
+        return None
+    name = active[0]
+    dropout = module.lora_dropout[name]
+    if module.training and not isinstance(dropout, torch.nn.Identity):
+        return None
+    if getattr(module, "lora_bias", {}).get(name, False):
+        return None
+    return module.base_layer, lora_a[name].weight, module.lora_B[name].weight, module.scaling[name]
+
+
+def lora_linear(module: torch.nn.Module, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """``module(x)``; for a plain PEFT LoRA linear (and `fused`), the adapter is added in the GEMM epilogue.
+
+    The fused path runs only where PEFT would compute in x's dtype too: under autocast, or
+    when the adapter weights already have x's dtype. Anything else goes through PEFT.
+    """
+    parts = plain_lora_parts(module) if fused else None
+    if parts is None:
+        return module(x)
+    base, weight_a, weight_b, scaling = parts
+    if not torch.is_autocast_enabled(x.device.type) and not (weight_a.dtype == weight_b.dtype == x.dtype):
+        return module(x)
+    result = base(x)
+    down = torch.nn.functional.linear(x, weight_a)
+    out_features = result.shape[-1]
+    fused = torch.addmm(result.reshape(-1, out_features), down.reshape(-1, down.shape[-1]), weight_b.t(), alpha=scaling)
+    return fused.view(result.shape)
