@@ -187,7 +187,8 @@ def test_patch_is_per_instance_idempotent_and_undoable(caplog):
 
     fastgemma.unpatch_model(first)
     assert not fastgemma.is_patched(first)
-    assert "forward" not in first.model.layers[0].self_attn.__dict__
+    for module in (first.model, first.model.norm, *first.model.layers[0].modules()):
+        assert "forward" not in module.__dict__, type(module).__name__
     assert first.config._attn_implementation == reference.config._attn_implementation
     with torch.no_grad():
         assert torch.equal(first(input_ids=ids, use_cache=False).logits, expected)
@@ -228,6 +229,8 @@ def test_bad_arguments_are_refused():
         fastgemma.patch_model(model, backend="sdpa")
     with pytest.raises(ValueError, match="max_seq_length"):
         fastgemma.patch_model(model, max_seq_length=0)
+    with pytest.raises(ValueError, match="fused_ops"):
+        fastgemma.patch_model(model, fused_ops="yes")
     assert not fastgemma.is_patched(model)
 
 
