@@ -23,13 +23,20 @@ import torch
 from transformers.models.gemma2 import modeling_gemma2
 
 from fastgemma.attention import softcap_attention
-from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
 from fastgemma.masks import (
     AttentionMask,
     BlockMaskCache,
     segments_from_cu_seqlens,
     segments_from_padding_mask,
     segments_from_position_ids,
+)
+from fastgemma.ops import (
+    gelu_tanh_gate,
+    lora_linear,
+    norm_add,
+    norm_add_norm,
+    rms_norm,
+    rotate_pairs,
 )
 
 logger = logging.getLogger("fastgemma")

@@ -75,6 +75,7 @@ CPU_OPTIMIZER = "adamw_torch"
 LOGGING_STEPS = 10
 SEED = 42
 BACKEND = "auto"  # fastgemma: flex_attention on Ampere+ GPUs, torch.compile'd dense attention elsewhere
+FUSED_OPS = "auto"  # fastgemma: fused norms / RoPE / GeGLU / LoRA-in-GEMM while training, on CUDA
 
 # ---------------------------------------------------------------------------------------
 # Knobs for the embedded tiny demo (no --model): sized to finish in minutes on 2 CPU cores.
@@ -183,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "flex", "compiled", "eager"],
         help="fastgemma attention: flex (flex_attention, GPU), compiled (torch.compile'd dense), eager (plain "
         f"PyTorch); auto picks flex on Ampere+ GPUs and compiled elsewhere [{BACKEND}]",
+    )
+    how.add_argument(
+        "--fused-ops",
+        default=FUSED_OPS,
+        choices=["auto", "on", "off"],
+        help="fastgemma's fused elementwise ops while training (norms with residual adds, RoPE, GeGLU, LoRA added "
+        "inside its GEMM): auto fuses on CUDA; on also fuses on CPU (a slow first compile there); off keeps "
+        f"Hugging Face's ops [{FUSED_OPS}]",
     )
     how.add_argument("--seed", type=int, default=SEED, help=f"seed for adapter init and data order [{SEED}]")
 
@@ -428,7 +437,7 @@ def print_summary(trainer, clock, train_output, args, on_gpu, model_description)
     change = (summary["last_loss"] / summary["first_loss"] - 1) * 100 if losses else math.nan
     print("\n" + "=" * 30 + " fastgemma SFT summary " + "=" * 30)
     print(f"model        {model_description}")
-    print(f"attention    fastgemma, backend={args.backend}")
+    print(f"attention    fastgemma, backend={args.backend}, fused ops {args.fused_ops}")
     runtime = summary["train_runtime_s"]
     print(f"steps        {summary['steps']} optimizer steps in {runtime:.1f} s, {total_tokens:,} tokens")
     print(f"throughput   {throughput}")
@@ -549,7 +558,8 @@ def run(args: argparse.Namespace) -> dict:
     #    wrapping by the trainer afterwards keeps it). Padding-free packing flattens the
     #    whole micro-batch into one row, so the longest row is batch_size x max length.
     longest_row = args.max_seq_length * (args.batch_size if args.packing else 1)
-    fastgemma.patch_model(model, max_seq_length=longest_row, backend=args.backend)
+    fused_ops = {"auto": "auto", "on": True, "off": False}[args.fused_ops]
+    fastgemma.patch_model(model, max_seq_length=longest_row, backend=args.backend, fused_ops=fused_ops)
 
     # 4. LoRA + TRL.
     config = SFTConfig(

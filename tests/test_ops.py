@@ -8,7 +8,14 @@ import torch
 
 import fastgemma
 from conftest import random_gemma2, relative_error, tiny_gemma2_config
-from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
+from fastgemma.ops import (
+    gelu_tanh_gate,
+    lora_linear,
+    norm_add,
+    norm_add_norm,
+    rms_norm,
+    rotate_pairs,
+)
 
 FP32_TOLERANCE = 1e-5
 
@@ -135,7 +142,7 @@ def test_lora_linear_leaves_other_states_to_peft(monkeypatch):
     x = torch.randn(2, 5, 24)
     for layer in cases:
         calls = []
-        layer.register_forward_hook(lambda *args: calls.append(1))  # a hook of its own also forces PEFT's path
+        layer.register_forward_hook(lambda *args, calls=calls: calls.append(1))  # a hook of its own also forces PEFT's path
         with torch.no_grad():
             lora_linear(layer, x)
         assert calls == [1]
@@ -144,8 +151,10 @@ def test_lora_linear_leaves_other_states_to_peft(monkeypatch):
     lora_linear(plain, x)  # the fused path never calls PEFT's forward
 
 
-def test_patched_model_with_every_op_fused_trains_like_hf_eager():
-    """fused_ops=True on CPU: a packed LoRA training step equals HF eager + PEFT (float32)."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_patched_model_with_every_op_fused_trains_like_hf_eager(checkpointing):
+    """fused_ops=True on CPU: packed LoRA training steps equal HF eager + PEFT (float32), with and
+    without gradient checkpointing (whose recompute runs the fused ops a second time)."""
     from peft import LoraConfig, get_peft_model
 
     reference = random_gemma2(tiny_gemma2_config(window=16))
@@ -155,6 +164,11 @@ def test_patched_model_with_every_op_fused_trains_like_hf_eager():
     reference = get_peft_model(reference, lora)
     torch.manual_seed(0)
     patched = get_peft_model(patched, lora)
+    if checkpointing:
+        for model in (reference, patched):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+            model.train()
     lengths = [40, 9, 30]  # packed documents, some longer than the window
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     for step in range(2):  # the second, different length reuses the compiled graphs

@@ -5,10 +5,10 @@ compiled with torch.compile into one kernel for the forward and one for the back
 ``fused=False`` runs the same code eagerly, op by op.
 """
 
+from .activations import gelu_tanh_gate
 from .compile import fuse
 from .lora import lora_linear
 from .norms import norm_add, norm_add_norm, rms_norm
-from .activations import gelu_tanh_gate
 from .rope import rotate_pairs
 
 __all__ = ["fuse", "rms_norm", "norm_add", "norm_add_norm", "gelu_tanh_gate", "rotate_pairs", "lora_linear"]
