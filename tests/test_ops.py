@@ -132,20 +132,37 @@ def test_lora_linear_matches_peft_forward_and_backward():
 
 
 def test_lora_linear_leaves_other_states_to_peft(monkeypatch):
-    """Dropout while training, merged or disabled adapters, DoRA: PEFT's own forward runs."""
-    cases = [lora_layer(dropout=0.1).train(), lora_layer(use_dora=True)]
-    merged = lora_layer()
-    merged.merge()
-    disabled = lora_layer()
-    disabled.enable_adapters(False)
-    cases += [merged, disabled]
+    """Dropout while training, DoRA, merged or disabled adapters, hooks (its own or accelerate's), or
+    adapter weights of another dtype without autocast: PEFT's own forward runs, and gives PEFT's result."""
+    from fastgemma.ops.lora import plain_lora_parts
+
     x = torch.randn(2, 5, 24)
-    for layer in cases:
+    assert plain_lora_parts(lora_layer()) is not None
+    merged, disabled, hooked, accelerated, half = lora_layer(), lora_layer(), lora_layer(), lora_layer(), lora_layer()
+    merged.merge()
+    disabled.enable_adapters(False)
+    hooked.register_forward_pre_hook(lambda *args: None)
+    accelerated._hf_hook = object()  # what accelerate's add_hook_to_module leaves on a module
+    half.lora_A["default"].to(torch.float64)
+    half.lora_B["default"].to(torch.float64)
+    cases = {"dropout": lora_layer(dropout=0.1).train(), "dora": lora_layer(use_dora=True), "merged": merged,
+             "disabled": disabled, "hooked": hooked, "accelerate": accelerated}
+    for name, layer in cases.items():
+        assert plain_lora_parts(layer) is None, name
+    cases["other dtype"] = half
+    for name, layer in cases.items():
         calls = []
-        layer.register_forward_hook(lambda *args, calls=calls: calls.append(1))  # a hook of its own also forces PEFT's path
+        original = type(layer).forward
+        monkeypatch.setattr(type(layer), "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        torch.manual_seed(0)
         with torch.no_grad():
-            lora_linear(layer, x)
-        assert calls == [1]
+            actual = lora_linear(layer, x)
+            torch.manual_seed(0)
+            expected = original(layer, x)
+        monkeypatch.undo()
+        assert calls == [1], name
+        if name != "dropout":  # dropout draws random masks
+            assert torch.equal(actual, expected), name
     plain = lora_layer()
     monkeypatch.setattr(type(plain), "forward", lambda *args, **kwargs: pytest.fail("PEFT forward called"))
     lora_linear(plain, x)  # the fused path never calls PEFT's forward

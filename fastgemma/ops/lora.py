@@ -13,11 +13,13 @@ import torch
 def plain_lora_parts(module: torch.nn.Module):
     """(base_layer, lora_A weight, lora_B weight, scaling) when `module` is a vanilla PEFT LoRA linear
     in its plain state (one active adapter, no dropout, not merged, no DoRA or other variant, no
-    hooks of its own); otherwise None, and the caller runs the module as it is."""
+    hooks of its own or from accelerate); otherwise None, and the caller runs the module as it is."""
     lora_a = getattr(module, "lora_A", None)
     if lora_a is None or getattr(module, "base_layer", None) is None:
         return None
     if module.disable_adapters or module.merged or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    if hasattr(module, "_hf_hook"):  # accelerate wraps `forward` itself (device placement, offloading)
         return None
     active = module.active_adapters
     if len(active) != 1 or active[0] not in lora_a or getattr(module, "lora_variant", {}).get(active[0]) is not None:
