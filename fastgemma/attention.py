@@ -137,8 +137,13 @@ def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, 0, missing))
 
 
-def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compiled=True):
-    """flex_attention with a softcap score function; inputs are padded to the block mask's length."""
+def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compiled=True, kernel_options=None):
+    """flex_attention with a softcap score function; inputs are padded to the block mask's length.
+
+    `kernel_options` go to torch's Triton templates unchanged on the compiled (GPU) path (block sizes,
+    warps, stages; ``fwd_`` / ``bwd_`` prefixes address one direction); None keeps torch's defaults.
+    See benchmarks/tune_flex.py.
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     score_mod = None if softcap is None else tanh_softcap(float(softcap))
@@ -152,7 +157,8 @@ def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compil
     else:
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
             out = _compiled_flex()(
-                query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
+                query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                kernel_options=kernel_options,
             )
     return out[:, :, :length]
 

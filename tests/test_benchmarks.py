@@ -240,3 +240,25 @@ def test_profile_step_breaks_a_packed_step_down_by_category():
     assert result["categories"]["matmul"] > 0 and "attention" in result["categories"]
     assert profile_step.category("triton_tem_fused_flex_attention_backward_0") == "attention"
     assert profile_step.category("void kgemm_4bit_inference_naive<bf16>") == "4-bit dequant"
+    assert profile_step.category("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled elementwise"
+
+
+def test_model_suite_can_measure_fastgemma_without_fused_ops(tmp_path):
+    """The fastgemma-attn contender (fused_ops=False) runs next to fastgemma, for measuring the fused ops."""
+    payload, text, raw = _run_suite("model", tmp_path, "--contenders", "fastgemma,fastgemma-attn", "--seqs", "64")
+    rows = {r["contender"]: r for r in raw["suites"]["model"]["rows"]}
+    assert rows["fastgemma"]["status"] == rows["fastgemma-attn"]["status"] == "ok"
+    assert "fastgemma, attention only" in text
+    assert abs(rows["fastgemma"]["loss_first"] - rows["fastgemma-attn"]["loss_first"]) < 1e-4
+
+
+def test_tune_flex_reads_option_sets_and_refuses_typos(capsys):
+    from benchmarks import tune_flex
+
+    assert tune_flex.parse_options("default") is None
+    assert tune_flex.parse_options("bwd_num_warps=8, USE_TMA=True") == {"bwd_num_warps": 8, "USE_TMA": True}
+    for text in tune_flex.DEFAULT_OPTIONS:
+        tune_flex.parse_options(text)
+    with pytest.raises(SystemExit):
+        tune_flex.main(["--options", "bwd_num_warps"])
+    assert "not KEY=VALUE" in capsys.readouterr().err
