@@ -89,7 +89,10 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     value = lora_linear(self.v_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
-    query, key = rotate_pairs(query, key, cos, sin, fused=fused)
+    if fused:
+        query, key = rotate_pairs(query, key, cos, sin)
+    else:  # HF's own function, so anything that replaces it (a hub kernel, another patch) still applies
+        query, key = modeling_gemma2.apply_rotary_pos_emb(query, key, cos, sin)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 

@@ -153,7 +153,8 @@ def test_lora_linear_leaves_other_states_to_peft(monkeypatch):
     for name, layer in cases.items():
         calls = []
         original = type(layer).forward
-        monkeypatch.setattr(type(layer), "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        monkeypatch.setattr(type(layer), "forward",
+                            lambda self, *a, calls=calls, original=original, **k: calls.append(1) or original(self, *a, **k))
         torch.manual_seed(0)
         with torch.no_grad():
             actual = lora_linear(layer, x)
@@ -204,3 +205,22 @@ def test_patched_model_with_every_op_fused_trains_like_hf_eager(checkpointing):
             assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
         lengths = [25, 50]
         positions = torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def test_fused_norm_takes_any_number_of_leading_dimensions():
+    weight = torch.randn(16)
+    for shape in ((7, 16), (2, 3, 16), (2, 2, 3, 16)):
+        x = torch.randn(*shape)
+        assert relative_error(rms_norm(x, weight, 1e-6, 1.0, fused=True), gemma_norm(x.double(), weight.double())) < 1e-6
+
+
+def test_lora_linear_keeps_peft_arithmetic_when_the_base_layer_changes_dtype():
+    layer = lora_layer()
+    layer.base_layer.to(torch.float64)
+    layer.base_layer.register_forward_pre_hook(lambda module, args: (args[0].double(),))
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        actual = lora_linear(layer, x)
+        expected = layer(x)
+    assert actual.dtype == expected.dtype == torch.float64
+    assert relative_error(actual, expected) < 1e-6

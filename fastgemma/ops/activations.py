@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .compile import fuse
+from .compile import LEADING, fuse
 
 
 def _gelu_tanh_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(gate, approximate="tanh") * up
 
 
-_fused_gelu_tanh_gate = fuse(_gelu_tanh_gate, {0: (0, 1), 1: (0, 1)})
+_fused_gelu_tanh_gate = fuse(_gelu_tanh_gate, {0: LEADING, 1: LEADING})
 
 
 def gelu_tanh_gate(gate: torch.Tensor, up: torch.Tensor, fused: bool = True) -> torch.Tensor:

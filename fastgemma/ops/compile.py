@@ -6,9 +6,11 @@ import functools
 
 import torch
 
+LEADING = "leading"  # every dimension but the last (the feature dimension)
 
-def fuse(fn, dynamic_dims: dict[int, tuple[int, ...]]):
-    """`fn` compiled lazily, with the given (argument index -> dimensions) marked dynamic.
+
+def fuse(fn, dynamic_dims: dict[int, tuple[int, ...] | str]):
+    """`fn` compiled lazily, with the given (argument index -> dimensions, or LEADING) marked dynamic.
 
     Marking the token dimensions dynamic before the first call gives one graph for every
     length at once (instead of a static graph first and a dynamic one on the second length)
@@ -23,6 +25,8 @@ def fuse(fn, dynamic_dims: dict[int, tuple[int, ...]]):
         if compiled is None:
             compiled = torch.compile(fn, dynamic=None)
         for index, dims in dynamic_dims.items():
+            if dims == LEADING:
+                dims = range(args[index].dim() - 1)
             for dim in dims:
                 if args[index].shape[dim] > 1:  # size 1 is specialised by torch anyway
                     torch._dynamo.maybe_mark_dynamic(args[index], dim)

@@ -47,6 +47,8 @@ def lora_linear(module: torch.nn.Module, x: torch.Tensor, fused: bool = True) ->
         return module(x)
     result = base(x)
     down = torch.nn.functional.linear(x, weight_a)
+    if result.dtype != down.dtype:  # a base layer that returns another dtype: PEFT's own arithmetic
+        return result + torch.nn.functional.linear(down, weight_b) * scaling
     out_features = result.shape[-1]
     fused = torch.addmm(result.reshape(-1, out_features), down.reshape(-1, down.shape[-1]), weight_b.t(), alpha=scaling)
     return fused.view(result.shape)

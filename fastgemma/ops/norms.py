@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .compile import fuse
+from .compile import LEADING, fuse
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
@@ -29,14 +29,13 @@ def _norm_add_norm(x, residual, weight, next_weight, eps: float, offset: float):
     return stream, _rms_norm(stream, next_weight, eps, offset)
 
 
-_TOKENS = (0, 1)  # (batch, tokens, features): batch and tokens vary
-_fused_rms_norm = fuse(_rms_norm, {0: _TOKENS})
-_fused_norm_add = fuse(_norm_add, {0: _TOKENS, 1: _TOKENS})
-_fused_norm_add_norm = fuse(_norm_add_norm, {0: _TOKENS, 1: _TOKENS})
+_fused_rms_norm = fuse(_rms_norm, {0: LEADING})
+_fused_norm_add = fuse(_norm_add, {0: LEADING, 1: LEADING})
+_fused_norm_add_norm = fuse(_norm_add_norm, {0: LEADING, 1: LEADING})
 
 
 def rms_norm(x, weight, eps: float, offset: float = 0.0, fused: bool = True):
-    """``x / rms(x) * (offset + weight)``, in float32, cast back to x's dtype. x is (batch, tokens, features)."""
+    """``x / rms(x) * (offset + weight)`` over the last dimension, in float32, cast back to x's dtype."""
     return (_fused_rms_norm if fused else _rms_norm)(x, weight, eps, offset)
 
 
