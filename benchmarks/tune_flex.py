@@ -17,11 +17,11 @@ kernel and trl suites confirm it.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
 
+from . import common as C
 from .masks import random_doc_lengths
 
 DEFAULT_OPTIONS = (
@@ -73,23 +73,19 @@ def measure(inputs, block_mask, scale, softcap, options, warmup: int, iters: int
         out.backward(grad_out)
         return out
 
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+    device = query.device
+    first = C.Timer(device).start()
     out = step()
-    torch.cuda.synchronize()
-    compile_s = time.perf_counter() - start
+    compile_s = first.stop().ms / 1e3
     results = [out.detach().clone()] + [t.grad.clone() for t in (query, key, value)]
     for _ in range(warmup):
         step()
     times = []
     for _ in range(iters):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
+        timer = C.Timer(device).start()
         step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return {"compile_s": compile_s, "ms": statistics.median(times), "results": results}
+        times.append(timer.stop().ms)
+    return {"compile_s": compile_s, "ms": C.median(times), "results": results}
 
 
 def run(args) -> list[dict]:
@@ -118,22 +114,21 @@ def run(args) -> list[dict]:
                   torch.randn(1, args.heads, args.seq, args.head_dim, generator=generator).to(device, torch.bfloat16))
         reference = None
         for text, options in option_sets:
-            row = {"mask": f"packed {kind}", "options": text}
-            try:
-                torch._dynamo.reset()  # compile each set from scratch, so compile times compare
-                result = measure(inputs, block_mask, scale, args.softcap, options, args.warmup, args.iters)
-            except Exception as error:  # noqa: BLE001 - a set that fails is a result, not a crash
-                row["status"] = f"failed ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
-                rows.append(row)
-                print(row, flush=True)
-                continue
-            if reference is None:
-                reference = result
-            row.update(status="ok", compile_s=result["compile_s"], ms=result["ms"],
-                       speedup=reference["ms"] / result["ms"],
-                       error=max(relative_error(a, b) for a, b in zip(result["results"], reference["results"])))
+            torch._dynamo.reset()  # compile each set from scratch, so compile times compare
+            status, result = C.run_guarded(  # a set that fails (e.g. out of shared memory) is a result
+                functools.partial(measure, inputs, block_mask, scale, args.softcap, options, args.warmup, args.iters),
+                f"tune_flex {kind} {text}",
+            )
+            row = {"mask": f"packed {kind}", "options": text, "status": status}
+            if status == "ok":
+                if options is None:
+                    reference = result
+                row.update(compile_s=result["compile_s"], ms=result["ms"])
+                if reference is not None:  # no ratios against a default that failed
+                    row.update(speedup=reference["ms"] / result["ms"],
+                               error=max(relative_error(a, b) for a, b in zip(result["results"], reference["results"])))
             rows.append(row)
-            print({k: v for k, v in row.items()}, flush=True)
+            print(row, flush=True)
     print(format_table(rows, args))
     return rows
 
@@ -152,8 +147,10 @@ def format_table(rows: list[dict], args) -> str:
         if row["status"] != "ok":
             lines.append(f"| {row['mask']} | `{row['options']}` | {row['status']} | - | - | - | - |")
             continue
+        speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "- (default failed)"
+        error = f"{row['error']:.1e}" if "error" in row else "-"
         lines.append(f"| {row['mask']} | `{row['options']}` | ok | {row['compile_s']:.1f} | {row['ms']:.2f} | "
-                     f"{row['speedup']:.2f}x | {row['error']:.1e} |")
+                     f"{speedup} | {error} |")
     return "\n".join(lines)
 
 
