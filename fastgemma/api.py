@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from .attention import check_backend, flex_supported
+from .attention import check_backend, check_kernel_options, flex_supported
 
 logger = logging.getLogger("fastgemma")
 
@@ -36,7 +36,11 @@ def _device_of(model) -> torch.device:
 
 
 def patch_model(
-    model: torch.nn.Module, max_seq_length: int = 8192, backend: str = "auto", fused_ops="auto"
+    model: torch.nn.Module,
+    max_seq_length: int = 8192,
+    backend: str = "auto",
+    fused_ops="auto",
+    flex_kernel_options="auto",
 ) -> torch.nn.Module:
     """Swap every attention forward of a Gemma 2 model for fastgemma's softcapped attention, in place.
 
@@ -53,17 +57,22 @@ def patch_model(
             direction), and LoRA adapters added inside their GEMMs. "auto" fuses on CUDA;
             True also on CPU (slow first compile there); False keeps Hugging Face's ops.
             Inference (no grad) always runs the unfused ops, so generation never compiles.
+        flex_kernel_options: Triton options for flex_attention's kernels. "auto" uses
+            fastgemma's measured choice (`fastgemma.attention.tuned_flex_kernel_options`: 8
+            backward warps for head_dim 256 on Hopper), None torch's own defaults, or a dict
+            such as {"bwd_num_warps": 8} passed as is.
 
     Returns the same model. Calling it again only updates the settings; `unpatch_model`
     restores the original forwards.
     """
     check_backend(backend)
+    check_kernel_options(flex_kernel_options)
     if not (isinstance(fused_ops, bool) or (isinstance(fused_ops, str) and fused_ops == "auto")):
         raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     patcher = _patcher_for(model)
-    summary = patcher.patch(model, max_seq_length, backend, fused_ops)
+    summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options)
     device = _device_of(model)
     if backend == "auto":
         resolved = "flex" if flex_supported(device) else "compiled"
@@ -72,9 +81,10 @@ def patch_model(
         how = backend
     logger.info(
         "fastgemma: %s %d %s attention layers (%d sliding, %d global) of %s; backend=%s; max_seq_length=%d; "
-        "fused_ops=%s",
+        "fused_ops=%s; flex_kernel_options=%s",
         "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
         summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length, fused_ops,
+        flex_kernel_options,
     )
     return model
 

@@ -163,6 +163,36 @@ def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compil
     return out[:, :, :length]
 
 
+def tuned_flex_kernel_options(query: torch.Tensor) -> Optional[dict]:
+    """fastgemma's flex_attention kernel options for this call, or None for torch's own choice.
+
+    Hopper (sm90), head_dim 256, 16-bit: 8 warps in the backward kernels. torch 2.11's Hopper
+    default uses 4 there; on an H200, 8 made softcapped fwd+bwd 1.21-1.24x faster on a packed
+    16K row, with bit-identical outputs and gradients (head_dim 128 already gets 8: no change).
+    Measured by benchmarks/tune_flex.py; see benchmarks/RESULTS.md.
+    """
+    if (
+        query.device.type == "cuda"
+        and query.shape[-1] == 256
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.get_device_capability(query.device)[0] == 9
+    ):
+        return {"bwd_num_warps": 8}
+    return None
+
+
+def check_kernel_options(kernel_options):
+    """'auto' (fastgemma's tuned choice), None (torch's defaults) or a dict of Triton options."""
+    if kernel_options is None or (isinstance(kernel_options, str) and kernel_options == "auto"):
+        return kernel_options
+    if isinstance(kernel_options, dict) and all(isinstance(key, str) for key in kernel_options):
+        return kernel_options
+    raise ValueError(
+        "flex_kernel_options must be 'auto', None (torch's defaults) or a dict such as "
+        f"{{'bwd_num_warps': 8}}, got {kernel_options!r}"
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------
@@ -206,12 +236,15 @@ def softcap_attention(
     softcap: Optional[float],
     backend: str = "auto",
     dropout_p: float = 0.0,
+    kernel_options="auto",
 ) -> torch.Tensor:
     """Softcapped attention with GQA. query (B, H, Q, D); key, value (B, Hkv, K, D) -> (B, H, Q, D).
 
     `mask` is an AttentionMask (queries and keys start together), a dense mask from the
     caller (bool allowed, or additive float; used when decoding with a KV cache), or None
     (causal when Q == K; when Q < K, the queries are the last Q positions and see every key).
+    `kernel_options` (flex only): "auto" = `tuned_flex_kernel_options`, None = torch's defaults,
+    or a dict passed to flex_attention as is.
     """
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key heads ({key.shape[1]})")
@@ -223,9 +256,12 @@ def softcap_attention(
                 f"got {query.shape[-2]} / {key.shape[-2]}"
             )
         if chosen == "flex":
+            compiled = query.device.type == "cuda"
+            if isinstance(kernel_options, str) and kernel_options == "auto":
+                kernel_options = tuned_flex_kernel_options(query)
             return flex_softcap_attention(
                 query, key, value, mask.block_mask(query.device), scale, softcap,
-                compiled=query.device.type == "cuda",
+                compiled=compiled, kernel_options=kernel_options if compiled else None,
             )
         dense = mask.dense(query.device)
     else:

@@ -105,6 +105,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         softcap=self.attn_logit_softcapping,
         backend=self._fastgemma_backend,
         dropout_p=self.attention_dropout if self.training else 0.0,
+        kernel_options=self._fastgemma_kernel_options,
     )
     output = output.transpose(1, 2).reshape(*input_shape, -1)
     return lora_linear(self.o_proj, output, fused), None
@@ -233,7 +234,8 @@ def _swap_forward(module, new_forward, state: PatchState):
     module.forward = types.MethodType(new_forward, module)
 
 
-def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="auto") -> dict:
+def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="auto",
+          flex_kernel_options="auto") -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
     backbones, attentions = find_modules(model)
     if any(not getattr(attention, "is_causal", True) for attention in attentions):
@@ -274,6 +276,7 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
             module._fastgemma_fused = fused_ops
         for attention in attentions:
             attention._fastgemma_backend = backend
+            attention._fastgemma_kernel_options = flex_kernel_options
             summary["layers"] += 1
             summary["sliding" if attention.sliding_window is not None else "global"] += 1
     return summary
@@ -294,6 +297,7 @@ def unpatch(model: torch.nn.Module) -> int:
                 module.forward = previous
             module.__dict__.pop("_fastgemma_backend", None)
             module.__dict__.pop("_fastgemma_fused", None)
+            module.__dict__.pop("_fastgemma_kernel_options", None)
             restored += 1
         backbone.config._attn_implementation = state.original_attn_implementation
         del backbone._fastgemma_state

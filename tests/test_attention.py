@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from conftest import reference_attention, relative_error
-from fastgemma.attention import flex_head_dim_ok, resolve_backend, softcap_attention
+from fastgemma.attention import (
+    check_kernel_options,
+    flex_head_dim_ok,
+    resolve_backend,
+    softcap_attention,
+    tuned_flex_kernel_options,
+)
 from fastgemma.masks import PAD_SEGMENT, AttentionMask
 
 FP32_TOLERANCE = 1e-5
@@ -118,3 +124,32 @@ def test_clear_errors():
                           scale=1.0, softcap=50.0)
     with pytest.raises(ValueError, match="built for 9 queries"):
         softcap_attention(query, key, value, AttentionMask(9, 9), scale=1.0, softcap=50.0, backend="eager")
+
+
+class _QueryOn:
+    """Stands in for a query tensor on a device this machine may not have."""
+
+    def __init__(self, device, head_dim, dtype=torch.bfloat16):
+        self.device, self.shape, self.dtype = torch.device(device), (1, 8, 128, head_dim), dtype
+
+
+@pytest.mark.parametrize("capability,head_dim,dtype,expected", [
+    ((9, 0), 256, torch.bfloat16, {"bwd_num_warps": 8}),
+    ((9, 0), 256, torch.float16, {"bwd_num_warps": 8}),
+    ((9, 0), 128, torch.bfloat16, None),  # torch already picks 8 warps for head_dim 128
+    ((9, 0), 256, torch.float32, None),
+    ((8, 0), 256, torch.bfloat16, None),  # measured on Hopper only
+    ((10, 0), 256, torch.bfloat16, None),
+])
+def test_tuned_flex_kernel_options_only_where_measured(monkeypatch, capability, head_dim, dtype, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert tuned_flex_kernel_options(_QueryOn("cuda", head_dim, dtype)) == expected
+    assert tuned_flex_kernel_options(_QueryOn("cpu", head_dim, dtype)) is None
+
+
+def test_kernel_options_are_checked():
+    assert check_kernel_options("auto") == "auto" and check_kernel_options(None) is None
+    assert check_kernel_options({"bwd_num_warps": 8}) == {"bwd_num_warps": 8}
+    for bad in ("fast", 8, {8: 8}, ["bwd_num_warps"]):
+        with pytest.raises(ValueError, match="flex_kernel_options must be"):
+            check_kernel_options(bad)

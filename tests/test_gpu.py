@@ -63,6 +63,36 @@ def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, length, wi
         assert relative_error(grad, leaf.grad) < BF16_TOLERANCE
 
 
+def test_tuned_kernel_options_are_used_and_change_no_bit(monkeypatch):
+    import fastgemma.attention as attention
+
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(7)
+    length, window = 6000, 4096
+    segments = random_documents(length, generator).to(device)
+    mask = AttentionMask(length, length, window=window, segment_ids=segments)
+    tensors = [(torch.randn(shape, generator=generator) * 2).to(device, torch.bfloat16)
+               for shape in ((1, 8, length, 256), (1, 4, length, 256), (1, 4, length, 256))]
+    grad_out = torch.randn(1, 8, length, 256, generator=generator).to(device, torch.bfloat16)
+    tuned = attention.tuned_flex_kernel_options(tensors[0])
+    if tuned is None:
+        pytest.skip("fastgemma keeps torch's kernel options on this GPU")
+    seen = []
+    original = attention.flex_softcap_attention
+    monkeypatch.setattr(attention, "flex_softcap_attention",
+                        lambda *a, **k: seen.append(k["kernel_options"]) or original(*a, **k))
+
+    results = {}
+    for options in ("auto", None):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = softcap_attention(*leaves, mask, scale=256**-0.5, softcap=50.0, backend="flex", kernel_options=options)
+        out.backward(grad_out)
+        results[options] = [out.detach()] + [t.grad for t in leaves]
+    assert seen == [tuned, None]
+    for tuned_result, default_result in zip(results["auto"], results[None]):
+        assert torch.equal(tuned_result, default_result)
+
+
 def test_packed_model_bf16_matches_documents_alone_and_hf_eager():
     device = torch.device("cuda")
     config = tiny_gemma2_config(head_dim=64, layers=4, window=128, vocab=512)

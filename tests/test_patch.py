@@ -231,6 +231,8 @@ def test_bad_arguments_are_refused():
         fastgemma.patch_model(model, max_seq_length=0)
     with pytest.raises(ValueError, match="fused_ops"):
         fastgemma.patch_model(model, fused_ops="yes")
+    with pytest.raises(ValueError, match="flex_kernel_options"):
+        fastgemma.patch_model(model, flex_kernel_options="fast")
     assert not fastgemma.is_patched(model)
 
 
@@ -243,3 +245,24 @@ def test_batch_longer_than_max_seq_length_is_still_exact(caplog):
         expected = reference(input_ids=ids, use_cache=False).logits
     assert "max_seq_length=128" in caplog.text
     assert relative_error(actual, expected) < VALUE_TOLERANCE
+
+
+@pytest.mark.parametrize("options", ["auto", None, {"bwd_num_warps": 8}])
+def test_flex_kernel_options_reach_every_attention_call(monkeypatch, options):
+    import patches.gemma2 as glue
+
+    seen = []
+    original = glue.softcap_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["kernel_options"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(glue, "softcap_attention", recording)
+    model = random_gemma2(tiny_gemma2_config())
+    fastgemma.patch_model(model, backend="eager", flex_kernel_options=options)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 97, (1, 12)))
+    assert len(seen) == model.config.num_hidden_layers and all(s == options for s in seen)
+    fastgemma.unpatch_model(model)
+    assert not any("_fastgemma_kernel_options" in m.__dict__ for m in model.modules())
