@@ -168,7 +168,7 @@ def tuned_flex_kernel_options(query: torch.Tensor) -> Optional[dict]:
 
     Hopper (sm90), head_dim 256, 16-bit: 8 warps in the backward kernels. torch 2.11's Hopper
     default uses 4 there; on an H200, 8 made softcapped fwd+bwd 1.21-1.24x faster on a packed
-    16K row, with bit-identical outputs and gradients (head_dim 128 already gets 8: no change).
+    16K row, with bit-identical outputs and gradients. head_dim 128: no gain measured, torch's choice stays.
     Measured by benchmarks/tune_flex.py; see benchmarks/RESULTS.md.
     """
     if (
