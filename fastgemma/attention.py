@@ -133,8 +133,14 @@ def _compiled_flex():
 
 
 def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """`tensor` padded along the sequence to `length`, always in the contiguous layout.
+
+    A batch of exactly `length` tokens must reach the compiled kernel with the same strides as
+    a padded one (pad returns contiguous tensors; the attention layers hand over transposed
+    views), or torch.compile guards on the strides and recompiles flex fwd+bwd for that batch.
+    """
     missing = length - tensor.shape[-2]
-    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, 0, missing))
+    return tensor.contiguous() if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, 0, missing))
 
 
 def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compiled=True, kernel_options=None):

@@ -153,3 +153,15 @@ def test_kernel_options_are_checked():
     for bad in ("fast", 8, {8: 8}, ["bwd_num_warps"]):
         with pytest.raises(ValueError, match="flex_kernel_options must be"):
             check_kernel_options(bad)
+
+
+def test_full_length_batches_reach_flex_in_the_padded_layout():
+    """A batch that fills the padded length exactly must not change the strides flex sees
+    (a stride change recompiles the static-shape kernel: seen as a 28 s step at 64K tokens)."""
+    from fastgemma.attention import _pad_length
+
+    transposed = torch.randn(1, 256, 8, 64).transpose(1, 2)  # (B, H, S, D) view, as the layers pass it
+    padded = _pad_length(transposed[:, :, :200], 256)
+    full = _pad_length(transposed, 256)
+    assert full.shape == padded.shape and full.stride() == padded.stride()
+    assert torch.equal(full, transposed) and torch.equal(padded[:, :, :200], transposed[:, :, :200])
