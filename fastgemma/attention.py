@@ -174,8 +174,8 @@ def tuned_flex_kernel_options(query: torch.Tensor) -> Optional[dict]:
 
     Hopper (sm90), head_dim 256, 16-bit: 8 warps in the backward kernels. torch 2.11's Hopper
     default uses 4 there; on an H200, 8 made softcapped fwd+bwd 1.21-1.24x faster on a packed
-    16K row, with bit-identical outputs and gradients. head_dim 128: no gain measured, torch's choice stays.
-    Measured by benchmarks/tune_flex.py; see benchmarks/RESULTS.md.
+    16K row, with bit-identical outputs and gradients. head_dim 128: no gain measured, so
+    torch's choice stays. Measured by benchmarks/tune_flex.py; see benchmarks/RESULTS.md.
     """
     if (
         query.device.type == "cuda"
@@ -252,6 +252,7 @@ def softcap_attention(
     `kernel_options` (flex only): "auto" = `tuned_flex_kernel_options`, None = torch's defaults,
     or a dict passed to flex_attention as is.
     """
+    check_kernel_options(kernel_options)
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key heads ({key.shape[1]})")
     chosen = resolve_backend(backend, query, key, mask, dropout_p)

@@ -153,6 +153,9 @@ def test_kernel_options_are_checked():
     for bad in ("fast", 8, {8: 8}, ["bwd_num_warps"]):
         with pytest.raises(ValueError, match="flex_kernel_options must be"):
             check_kernel_options(bad)
+    query, key, value = random_qkv(2, 2, 8, 16, seed=0)
+    with pytest.raises(ValueError, match="flex_kernel_options must be"):
+        softcap_attention(query, key, value, AttentionMask(8, 8), scale=1.0, softcap=50.0, kernel_options="fast")
 
 
 def test_full_length_batches_reach_flex_in_the_padded_layout():
