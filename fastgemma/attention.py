@@ -73,12 +73,15 @@ def dense_softcap_attention(
     scale: float,
     softcap: Optional[float],
     dropout_p: float = 0.0,
-) -> torch.Tensor:
+    return_weights: bool = False,
+):
     """Reference-style dense attention; scores and softmax in float32.
 
     `mask` is None, a bool "allowed" tensor, or an additive float tensor, broadcastable
     to (batch, 1, q_len, kv_len). GQA without copying keys: query heads are grouped
     under their key head. A query with no allowed key outputs 0, never NaN.
+    With `return_weights`, returns ``(output, weights)``, the (batch, heads, q_len, kv_len)
+    probabilities in value's dtype, as Hugging Face's eager attention returns them.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -101,8 +104,10 @@ def dense_softcap_attention(
     probs = probs.to(value.dtype)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs, value.unsqueeze(2))
-    return out.view(batch, heads, q_len, head_dim)
+    out = torch.matmul(probs, value.unsqueeze(2)).view(batch, heads, q_len, head_dim)
+    if return_weights:
+        return out, probs.reshape(batch, heads, q_len, probs.shape[-1])
+    return out
 
 
 @functools.lru_cache(maxsize=None)

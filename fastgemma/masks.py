@@ -227,6 +227,11 @@ class BlockMaskCache:
         self._grids: dict = {}
         self._masks: dict = {}
 
+    def __getstate__(self):
+        # Cached block masks hold mask functions (closures) and device tensors: a deep copy or an
+        # unpickled model rebuilds its own on first use.
+        return {**self.__dict__, "_grids": {}, "_masks": {}}
+
     def length_for(self, length: int) -> int:
         """The fixed length a batch of `length` tokens is padded to (grown if needed)."""
         if length > self.length:

@@ -1,11 +1,13 @@
 """Gemma 2 glue: the replacement attention forward and the per-batch mask builder.
 
-Two instance-level patches (the class is never touched, so two models in one process
-stay independent):
+Instance-level patches (the class is never touched, so two models in one process stay
+independent; each patched module gets its own ``forward`` attribute, a ``PatchedForward``):
 
 - each ``Gemma2Attention.forward`` keeps Hugging Face's projections (module calls, so
   LoRA and 4-bit linears work), RoPE and KV-cache update, then calls
   ``fastgemma.attention.softcap_attention`` instead of HF's eager attention;
+- each ``Gemma2DecoderLayer.forward`` fuses Gemma's sandwich norms with the residual adds
+  and keeps HF's gradient checkpointing (wherever this transformers version runs it);
 - ``Gemma2Model.forward`` first describes the batch's masks as ``AttentionMask`` objects
   (causal / sliding, with packed documents or padding as segment ids) and hands them to
   HF's forward as a prepared mask mapping, so HF never materialises its dense
@@ -14,15 +16,15 @@ stay independent):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-import types
 from dataclasses import dataclass, field
 
 import torch
 from transformers.models.gemma2 import modeling_gemma2
 
-from fastgemma.attention import softcap_attention
+from fastgemma.attention import dense_softcap_attention, softcap_attention
 from fastgemma.masks import (
     AttentionMask,
     BlockMaskCache,
@@ -43,6 +45,15 @@ logger = logging.getLogger("fastgemma")
 
 NAME = "Gemma 2"
 
+# The models patch_model accepts (plain or PEFT-wrapped): heads whose maths on top of the
+# backbone is per token or reads real tokens only, so fastgemma's masks give HF's results.
+SUPPORTED_MODELS = (
+    modeling_gemma2.Gemma2ForCausalLM,
+    modeling_gemma2.Gemma2Model,
+    modeling_gemma2.Gemma2ForSequenceClassification,
+    modeling_gemma2.Gemma2ForTokenClassification,
+)
+
 
 def find_modules(model: torch.nn.Module):
     """The Gemma2Model backbones and Gemma2Attention layers inside `model` (plain, PEFT or 4-bit)."""
@@ -51,9 +62,35 @@ def find_modules(model: torch.nn.Module):
     return backbones, attentions
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (PeftModel -> LoraModel -> model), or `model` itself."""
+    while hasattr(model, "get_base_model") and callable(model.get_base_model):
+        inner = model.get_base_model()
+        if inner is model:
+            break
+        model = inner
+    return model
+
+
 def matches(model: torch.nn.Module) -> bool:
+    """Whether `model` contains Gemma 2 (it may still be a kind `check_supported` refuses)."""
     backbones, attentions = find_modules(model)
     return bool(backbones) and bool(attentions)
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Refuse models whose Gemma 2 backbone is used in a way fastgemma does not reproduce."""
+    root = unwrapped(model)
+    if type(root) not in SUPPORTED_MODELS:
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
+        raise ValueError(
+            f"fastgemma supports {names} (plain, PEFT-wrapped or 4-bit); got {type(root).__name__}, which contains "
+            "Gemma 2 but may mask or use it differently. Patch the Gemma 2 model itself, before wrapping it."
+        )
+    if any(not getattr(attention, "is_causal", True) for attention in find_modules(model)[1]):
+        # fastgemma's masks are causal; a bidirectional Gemma 2 variant would be silently wrong.
+        raise ValueError("fastgemma supports causal Gemma 2 models only; this one uses bidirectional attention "
+                         "(config.use_bidirectional_attention=True)")
 
 
 @dataclass
@@ -65,6 +102,33 @@ class PatchState:
     cache: BlockMaskCache
     original_attn_implementation: object
     patched: dict = field(default_factory=dict)  # module -> its own `forward` attribute before, or None
+
+
+class PatchedForward:
+    """``function(module, *args, **kwargs)``, installed as one module's own ``forward``.
+
+    A plain object rather than a closure or a bound method: a patched model then deep-copies
+    and pickles into an independent, still-patched model (each copy calls the function with
+    its own module; a closure would keep calling the original's), and ``inspect.signature``
+    shows the stock signature, so code that inspects ``forward`` (the Trainer's column
+    pruning, HF's generation utilities) sees the arguments HF's forward takes.
+    """
+
+    def __init__(self, function, module: torch.nn.Module):
+        self.function = function
+        self.module = module
+        self.__name__ = function.__name__
+        self.__doc__ = function.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+    def __repr__(self) -> str:
+        return f"<fastgemma {self.function.__name__} of {type(self.module).__name__}>"
 
 
 # --------------------------------------------------------------------------------------
@@ -80,7 +144,11 @@ def _fused(module, x: torch.Tensor) -> bool:
 
 
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-    """Gemma2Attention.forward with fastgemma's softcapped attention core."""
+    """Gemma2Attention.forward with fastgemma's softcapped attention core.
+
+    Returns ``(output, weights)``: weights are None unless the caller asked for
+    ``output_attentions``; then this layer runs the dense path, which can return them.
+    """
     fused = _fused(self, hidden_states)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
@@ -96,19 +164,27 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
-    output = softcap_attention(
-        query,
-        key,
-        value,
-        attention_mask,
-        scale=self.scaling,
-        softcap=self.attn_logit_softcapping,
-        backend=self._fastgemma_backend,
-        dropout_p=self.attention_dropout if self.training else 0.0,
-        kernel_options=self._fastgemma_kernel_options,
-    )
+    dropout_p = self.attention_dropout if self.training else 0.0
+    weights = None
+    if kwargs.get("output_attentions"):
+        mask = attention_mask.dense(query.device) if isinstance(attention_mask, AttentionMask) else attention_mask
+        output, weights = dense_softcap_attention(
+            query, key, value, mask, self.scaling, self.attn_logit_softcapping, dropout_p, return_weights=True,
+        )
+    else:
+        output = softcap_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            scale=self.scaling,
+            softcap=self.attn_logit_softcapping,
+            backend=self._fastgemma_backend,
+            dropout_p=dropout_p,
+            kernel_options=self._fastgemma_kernel_options,
+        )
     output = output.transpose(1, 2).reshape(*input_shape, -1)
-    return lora_linear(self.o_proj, output, fused), None
+    return lora_linear(self.o_proj, output, fused), weights
 
 
 # --------------------------------------------------------------------------------------
@@ -117,9 +193,40 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
 UNIT_OFFSET = 1.0  # Gemma's RMSNorm scales by (1 + weight)
 
 
-def decoder_layer_forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
-                          past_key_values=None, **kwargs):
-    """Gemma2DecoderLayer.forward: norm -> attention -> norm + add + norm -> MLP -> norm + add."""
+def hf_checkpoints_in_forward() -> bool:
+    """Where this transformers version runs a layer's gradient checkpointing.
+
+    transformers >= 5.2x wraps each ``GradientCheckpointingLayer`` subclass's *class* ``forward``
+    (so module hooks stay outside the checkpoint); older 5.x checkpointed in ``__call__``. An
+    instance-level ``forward`` bypasses the first layout, so there our forward checkpoints itself;
+    in the second, ``__call__`` already wraps it and checkpointing again would recompute twice.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return "__call__" not in vars(GradientCheckpointingLayer)
+
+
+def decoder_layer_forward(self, hidden_states, *args, **kwargs):
+    """Gemma2DecoderLayer.forward with fused norms, under HF's gradient checkpointing when it is on.
+
+    Mirrors HF's checkpointing wrapper: only while training, with the cache switched off
+    (the backward replay must not update it twice), and `hidden_states` passed positionally
+    (reentrant checkpointing only tracks gradients of positional inputs).
+    """
+    if self.gradient_checkpointing and self.training and hf_checkpoints_in_forward():
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        if not getattr(self, "_can_checkpoint_with_cache", False) and kwargs.get("past_key_values") is not None:
+            kwargs["past_key_values"] = None
+        return self._gradient_checkpointing_func(
+            functools.partial(decoder_layer_body, self, *args, **kwargs), hidden_states
+        )
+    return decoder_layer_body(self, hidden_states, *args, **kwargs)
+
+
+def decoder_layer_body(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                       past_key_values=None, **kwargs):
+    """norm -> attention -> norm + add + norm -> MLP -> norm + add (Gemma 2's decoder layer)."""
     fused = _fused(self, hidden_states)
     eps = self.input_layernorm.eps
     normed = rms_norm(hidden_states, self.input_layernorm.weight, eps, UNIT_OFFSET, fused=fused)
@@ -169,7 +276,9 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
     """{"full_attention": AttentionMask, "sliding_attention": AttentionMask}, or None to leave masks to HF.
 
     Mirrors HF's rules: a 2D `attention_mask` means padding; without one (and without a
-    KV cache), packed documents come from `cu_seq_lens_q`, `seq_idx` or `position_ids` resets.
+    filled KV cache), packed documents come from `cu_seq_lens_q`, `seq_idx` or `position_ids`
+    resets. Unlike HF 5.23, packing is detected with `use_cache=True` too (HF builds its
+    cache before its masks there and so lets packed documents see each other).
     """
     if past_key_values is not None and past_key_values.get_seq_length() > 0:
         return None  # decoding: queries start after the cached keys
@@ -202,28 +311,36 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
     }
 
 
-def make_backbone_forward(original, state: PatchState):
-    parameters = list(inspect.signature(original).parameters)
-    positional = [p for p in parameters if p != "kwargs"]
+@functools.lru_cache(maxsize=None)
+def _positional_parameters(forward) -> tuple:
+    """Names a forward takes positionally (after self), to turn positional calls into keywords."""
+    return tuple(
+        name for name, parameter in inspect.signature(forward).parameters.items()
+        if name != "self" and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    )
 
-    def backbone_forward(self, *args, **kwargs):
-        """Gemma2Model.forward that prepares fastgemma masks, then runs HF's forward."""
-        kwargs.update(zip(positional, args))
-        attention_mask = kwargs.get("attention_mask")
-        if not isinstance(attention_mask, dict):
-            embeds = kwargs.get("inputs_embeds")
-            tokens = kwargs.get("input_ids")
-            reference = tokens if tokens is not None else embeds
-            if reference is not None:
-                masks = build_mask_mapping(
-                    self.config, state.cache, reference.shape[0], reference.shape[1], reference.device,
-                    attention_mask, kwargs.get("position_ids"), kwargs.get("past_key_values"), kwargs,
-                )
-                if masks is not None:
-                    kwargs["attention_mask"] = masks
-        return original(**kwargs)
 
-    return backbone_forward
+def backbone_forward(self, *args, **kwargs):
+    """Gemma2Model.forward that prepares fastgemma masks, then runs HF's forward."""
+    state = self._fastgemma_state
+    previous = state.patched.get(self)  # a forward someone installed before us (e.g. accelerate's hooks)
+    original = previous if previous is not None else type(self).forward.__get__(self)
+    kwargs.update(zip(_positional_parameters(type(self).forward), args))
+    if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+        kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
+    attention_mask = kwargs.get("attention_mask")
+    if not isinstance(attention_mask, dict):
+        embeds = kwargs.get("inputs_embeds")
+        tokens = kwargs.get("input_ids")
+        reference = tokens if tokens is not None else embeds
+        if reference is not None:
+            masks = build_mask_mapping(
+                self.config, state.cache, reference.shape[0], reference.shape[1], reference.device,
+                attention_mask, kwargs.get("position_ids"), kwargs.get("past_key_values"), kwargs,
+            )
+            if masks is not None:
+                kwargs["attention_mask"] = masks
+    return original(**kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -231,17 +348,14 @@ def make_backbone_forward(original, state: PatchState):
 # --------------------------------------------------------------------------------------
 def _swap_forward(module, new_forward, state: PatchState):
     state.patched[module] = module.__dict__.get("forward")
-    module.forward = types.MethodType(new_forward, module)
+    module.forward = PatchedForward(new_forward, module)
 
 
 def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="auto",
           flex_kernel_options="auto") -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
-    backbones, attentions = find_modules(model)
-    if any(not getattr(attention, "is_causal", True) for attention in attentions):
-        # fastgemma's masks are causal; a bidirectional Gemma 2 variant would be silently wrong.
-        raise ValueError("fastgemma supports causal Gemma 2 models only; this one uses bidirectional attention "
-                         "(config.use_bidirectional_attention=True)")
+    check_supported(model)
+    backbones, _ = find_modules(model)
     summary = {"layers": 0, "sliding": 0, "global": 0, "already": False}
     for backbone in backbones:
         attentions = [m for m in backbone.modules() if isinstance(m, modeling_gemma2.Gemma2Attention)]
@@ -263,7 +377,7 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
             # Masks that HF still builds (decoding with a cache) must arrive dense, which is
             # what the eager implementation produces.
             config._attn_implementation = "eager"
-            _swap_forward(backbone, make_backbone_forward(backbone.forward, state), state)
+            _swap_forward(backbone, backbone_forward, state)
             for attention in attentions:
                 _swap_forward(attention, attention_forward, state)
             for module in backbone.modules():
