@@ -3,7 +3,9 @@
 Three backends compute the same function:
 
 - ``flex``: torch ``flex_attention`` (compiled), softcap as a score_mod, sparse block masks.
-  CUDA GPUs of compute capability >= 8.0. (On CPU torch runs its forward only.)
+  CUDA GPUs of compute capability >= 8.0. (On CPU torch runs its forward only.) On NVIDIA GPUs
+  its softcap uses the hardware's approximate tanh by default, as FlashAttention's does
+  (``softcap_tanh``; see fastgemma/fast_tanh.py).
 - ``compiled``: a ``torch.compile``d dense implementation; the CPU training path.
 - ``eager``: the same dense implementation in plain PyTorch, for debugging and decoding.
 
@@ -21,11 +23,17 @@ from typing import Optional, Union
 
 import torch
 
+from . import fast_tanh
 from .masks import AttentionMask
 
 logger = logging.getLogger("fastgemma")
 
 BACKENDS = ("auto", "flex", "compiled", "eager")
+SOFTCAP_TANH = ("auto", "exact", "approx")
+
+# What softcap_tanh="auto" means for flex on NVIDIA GPUs: "approx" (one-instruction tanh, as in
+# FlashAttention) while benchmarks/check_softcap.py finds its errors within HF eager bf16's; else "exact".
+AUTO_SOFTCAP_TANH = "approx"
 
 
 def check_backend(backend: str) -> str:
@@ -53,13 +61,38 @@ def flex_head_dim_ok(head_dim: int) -> bool:
 # --------------------------------------------------------------------------------------
 # Score functions (flex_attention's score_mod signature)
 # --------------------------------------------------------------------------------------
-def tanh_softcap(cap: float):
-    """Score function squashing scores smoothly into (-cap, cap): ``cap * tanh(score / cap)``."""
+def tanh_softcap(cap: float, approx: bool = False):
+    """Score function squashing scores smoothly into (-cap, cap): ``cap * tanh(score / cap)``.
+
+    `approx` swaps in the GPU's one-instruction tanh (fastgemma.fast_tanh: compiled NVIDIA kernels
+    only; call ``fast_tanh.register()`` first).
+    """
+    tanh = fast_tanh.tanh_approx if approx else torch.tanh
 
     def softcap(score, b, h, q_idx, kv_idx):
-        return cap * torch.tanh(score / cap)
+        return cap * tanh(score / cap)
 
     return softcap
+
+
+def check_softcap_tanh(softcap_tanh) -> str:
+    """'auto', 'exact' or 'approx' (see `resolve_softcap_tanh`)."""
+    if not (isinstance(softcap_tanh, str) and softcap_tanh in SOFTCAP_TANH):
+        raise ValueError(f"softcap_tanh must be 'auto', 'exact' or 'approx', got {softcap_tanh!r}")
+    return softcap_tanh
+
+
+def resolve_softcap_tanh(softcap_tanh: str, device) -> str:
+    """The tanh ("approx" or "exact") that compiled flex_attention on `device` softcaps with.
+
+    "auto" is `AUTO_SOFTCAP_TANH`. The approximate tanh exists only inside kernels compiled for
+    NVIDIA GPUs: everywhere else (CPU, AMD GPUs, the dense backends, a torch without the APIs
+    it needs) the softcap is exact, whatever was asked.
+    """
+    wanted = AUTO_SOFTCAP_TANH if check_softcap_tanh(softcap_tanh) == "auto" else softcap_tanh
+    if wanted == "approx" and fast_tanh.is_nvidia(device) and fast_tanh.register():
+        return "approx"
+    return "exact"
 
 
 # --------------------------------------------------------------------------------------
@@ -148,16 +181,19 @@ def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return tensor.contiguous() if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, 0, missing))
 
 
-def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compiled=True, kernel_options=None):
+def flex_softcap_attention(
+    query, key, value, block_mask, scale, softcap, compiled=True, kernel_options=None, softcap_tanh="auto"
+):
     """flex_attention with a softcap score function; inputs are padded to the block mask's length.
 
     `kernel_options` go to torch's Triton templates unchanged on the compiled (GPU) path (block sizes,
     warps, stages; ``fwd_`` / ``bwd_`` prefixes address one direction); None keeps torch's defaults.
-    See benchmarks/tune_flex.py.
+    See benchmarks/tune_flex.py. `softcap_tanh`: see `resolve_softcap_tanh` (uncompiled: exact).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
-    score_mod = None if softcap is None else tanh_softcap(float(softcap))
+    approx = compiled and resolve_softcap_tanh(softcap_tanh, query.device) == "approx"
+    score_mod = None if softcap is None else tanh_softcap(float(softcap), approx=approx)
     enable_gqa = query.shape[1] != key.shape[1]
     length, padded = query.shape[-2], block_mask.seq_lengths[0]
     query, key, value = (_pad_length(t, padded) for t in (query, key, value))
@@ -174,22 +210,54 @@ def flex_softcap_attention(query, key, value, block_mask, scale, softcap, compil
     return out[:, :, :length]
 
 
-def tuned_flex_kernel_options(query: torch.Tensor) -> Optional[dict]:
-    """fastgemma's flex_attention kernel options for this call, or None for torch's own choice.
+# flex_attention kernel options by (GPU class, head_dim), for 16-bit inputs; absent: torch's own choice.
+# A "fwd_" / "bwd_" prefix addresses one direction: torch strips it for that direction's kernel(s)
+# and drops the option for the other. Rules for any entry: every BLOCK_* divides the block mask's
+# 128; BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0 (torch's backward kernel).
+FLEX_KERNEL_OPTIONS = {
+    # Hopper (227 KB of shared memory per block). On an H200 (torch 2.11): 8 backward warps made
+    # fwd+bwd 1.21-1.24x faster, bit-identical (benchmarks/RESULTS.md); 128x64 forward tiles, 2 stages,
+    # 8 warps took the forward from 164 to 263 TFLOP/s in issue #12's quick measurement (to be
+    # confirmed with benchmarks/check_softcap.py). head_dim 128: torch's choice measured as fast.
+    ("sm90", 256): dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_stages=2, fwd_num_warps=8, bwd_num_warps=8),
+    # GPUs with 99 KB per block (sm86: RTX 30, A10, A40; sm89: RTX 40, L4, L40; sm12x). torch's
+    # defaults there come from its A100 table (164 KB) and can fail with "out of resource" at
+    # head_dim 256: these tiles are the ones torch picks for other 99 KB boards (its sm_120 forward
+    # table; pytorch/pytorch#198228 for the backward). Not measured by us; only sure to fit.
+    ("99KB", 256): dict(
+        fwd_BLOCK_M=32, fwd_BLOCK_N=64, fwd_num_stages=2, fwd_num_warps=4,
+        bwd_BLOCK_M1=32, bwd_BLOCK_N1=32, bwd_BLOCK_M2=32, bwd_BLOCK_N2=32, bwd_num_stages=2, bwd_num_warps=4,
+    ),
+    ("99KB", 128): dict(
+        fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_stages=2, fwd_num_warps=8,
+        bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_stages=1, bwd_num_warps=4,
+    ),
+    # A100 (sm80, 164 KB) and the rest: torch's own tables, which are tuned for A100.
+}
 
-    Hopper (sm90), head_dim 256, 16-bit: 8 warps in the backward kernels. torch 2.11's Hopper
-    default uses 4 there; on an H200, 8 made softcapped fwd+bwd 1.21-1.24x faster on a packed
-    16K row, with bit-identical outputs and gradients. head_dim 128: no gain measured, so
-    torch's choice stays. Measured by benchmarks/tune_flex.py; see benchmarks/RESULTS.md.
-    """
-    if (
-        query.device.type == "cuda"
-        and query.shape[-1] == 256
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and torch.cuda.get_device_capability(query.device)[0] == 9
-    ):
-        return {"bwd_num_warps": 8}
+
+def gpu_class(device) -> Optional[str]:
+    """The FLEX_KERNEL_OPTIONS class of an NVIDIA GPU: "sm90", "99KB", or None (torch's choice)."""
+    if not fast_tanh.is_nvidia(device):
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability == (9, 0):
+        return "sm90"
+    if capability in ((8, 6), (8, 9)) or capability[0] == 12:
+        return "99KB"
     return None
+
+
+def tuned_flex_kernel_options(query: torch.Tensor) -> Optional[dict]:
+    """fastgemma's flex_attention kernel options for this call (FLEX_KERNEL_OPTIONS), or None for torch's choice.
+
+    Keyed by GPU class and head_dim, for bf16 / fp16 inputs (float32 tiles are twice the size:
+    torch's choice). Measured with benchmarks/tune_flex.py and benchmarks/check_softcap.py.
+    """
+    if query.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    options = FLEX_KERNEL_OPTIONS.get((gpu_class(query.device), query.shape[-1]))
+    return dict(options) if options is not None else None
 
 
 def check_kernel_options(kernel_options):
@@ -248,6 +316,7 @@ def softcap_attention(
     backend: str = "auto",
     dropout_p: float = 0.0,
     kernel_options="auto",
+    softcap_tanh: str = "auto",
 ) -> torch.Tensor:
     """Softcapped attention with GQA. query (B, H, Q, D); key, value (B, Hkv, K, D) -> (B, H, Q, D).
 
@@ -256,8 +325,11 @@ def softcap_attention(
     (causal when Q == K; when Q < K, the queries are the last Q positions and see every key).
     `kernel_options` (flex only): "auto" = `tuned_flex_kernel_options`, None = torch's defaults,
     or a dict passed to flex_attention as is.
+    `softcap_tanh` (flex on NVIDIA GPUs only; exact everywhere else): "auto" = `AUTO_SOFTCAP_TANH`,
+    "exact" = torch.tanh, "approx" = the hardware's approximate tanh (see `resolve_softcap_tanh`).
     """
     check_kernel_options(kernel_options)
+    check_softcap_tanh(softcap_tanh)
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key heads ({key.shape[1]})")
     chosen = resolve_backend(backend, query, key, mask, dropout_p)
@@ -273,7 +345,7 @@ def softcap_attention(
                 kernel_options = tuned_flex_kernel_options(query)
             return flex_softcap_attention(
                 query, key, value, mask.block_mask(query.device), scale, softcap,
-                compiled=compiled, kernel_options=kernel_options if compiled else None,
+                compiled=compiled, kernel_options=kernel_options if compiled else None, softcap_tanh=softcap_tanh,
             )
         dense = mask.dense(query.device)
     else:

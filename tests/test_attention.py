@@ -4,10 +4,15 @@ import pytest
 import torch
 
 from conftest import reference_attention, relative_error
+import fastgemma.attention as attention
+from fastgemma import fast_tanh
 from fastgemma.attention import (
+    FLEX_KERNEL_OPTIONS,
     check_kernel_options,
+    check_softcap_tanh,
     flex_head_dim_ok,
     resolve_backend,
+    resolve_softcap_tanh,
     softcap_attention,
     tuned_flex_kernel_options,
 )
@@ -133,18 +138,40 @@ class _QueryOn:
         self.device, self.shape, self.dtype = torch.device(device), (1, 8, 128, head_dim), dtype
 
 
+HOPPER_256 = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8, "bwd_num_warps": 8}
+
+
 @pytest.mark.parametrize("capability,head_dim,dtype,expected", [
-    ((9, 0), 256, torch.bfloat16, {"bwd_num_warps": 8}),
-    ((9, 0), 256, torch.float16, {"bwd_num_warps": 8}),
-    ((9, 0), 128, torch.bfloat16, None),  # torch already picks 8 warps for head_dim 128
+    ((9, 0), 256, torch.bfloat16, HOPPER_256),
+    ((9, 0), 256, torch.float16, HOPPER_256),
+    ((9, 0), 128, torch.bfloat16, None),  # torch's choice measured as fast
     ((9, 0), 256, torch.float32, None),
-    ((8, 0), 256, torch.bfloat16, None),  # measured on Hopper only
+    ((8, 0), 256, torch.bfloat16, None),  # A100: torch's own table
+    ((8, 6), 256, torch.bfloat16, FLEX_KERNEL_OPTIONS[("99KB", 256)]),  # 99 KB of shared memory per block
+    ((8, 9), 128, torch.bfloat16, FLEX_KERNEL_OPTIONS[("99KB", 128)]),
+    ((12, 0), 256, torch.bfloat16, FLEX_KERNEL_OPTIONS[("99KB", 256)]),
+    ((8, 9), 64, torch.bfloat16, None),
     ((10, 0), 256, torch.bfloat16, None),
 ])
-def test_tuned_flex_kernel_options_only_where_measured(monkeypatch, capability, head_dim, dtype, expected):
+def test_tuned_flex_kernel_options_by_gpu_and_head_dim(monkeypatch, capability, head_dim, dtype, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert tuned_flex_kernel_options(_QueryOn("cuda", head_dim, dtype)) == expected
     assert tuned_flex_kernel_options(_QueryOn("cpu", head_dim, dtype)) is None
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm reports its own "capabilities": torch's choice
+    assert tuned_flex_kernel_options(_QueryOn("cuda", head_dim, dtype)) is None
+
+
+@pytest.mark.parametrize("entry", list(FLEX_KERNEL_OPTIONS))
+def test_tuned_flex_kernel_options_obey_the_kernels_rules(entry):
+    options = FLEX_KERNEL_OPTIONS[entry]
+    known = {f"{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "num_stages")}
+    known |= {"fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"}
+    assert set(options) <= known
+    blocks = {k: v for k, v in options.items() if "BLOCK" in k}
+    assert all(128 % v == 0 for v in blocks.values())  # the block mask's sparse block is 128
+    if "bwd_BLOCK_M1" in blocks:
+        assert blocks["bwd_BLOCK_N1"] % blocks["bwd_BLOCK_M1"] == 0
+        assert blocks["bwd_BLOCK_M2"] % blocks["bwd_BLOCK_N2"] == 0
 
 
 def test_kernel_options_are_checked():
@@ -168,3 +195,96 @@ def test_full_length_batches_reach_flex_in_the_padded_layout():
     full = _pad_length(transposed, 256)
     assert full.shape == padded.shape and full.stride() == padded.stride()
     assert torch.equal(full, transposed) and torch.equal(padded[:, :, :200], transposed[:, :, :200])
+
+
+# --------------------------------------------------------------------------------------
+# softcap_tanh: approximate tanh on NVIDIA flex only, exact everywhere else
+# --------------------------------------------------------------------------------------
+def test_softcap_tanh_is_checked():
+    for good in ("auto", "exact", "approx"):
+        assert check_softcap_tanh(good) == good
+    query, key, value = random_qkv(2, 2, 8, 16, seed=0)
+    for bad in ("fast", "APPROX", None, True, 1):
+        with pytest.raises(ValueError, match="softcap_tanh must be 'auto', 'exact' or 'approx'"):
+            check_softcap_tanh(bad)
+        with pytest.raises(ValueError, match="softcap_tanh must be"):
+            softcap_attention(query, key, value, AttentionMask(8, 8), scale=1.0, softcap=50.0, softcap_tanh=bad)
+
+
+def test_resolve_softcap_tanh(monkeypatch):
+    for choice in ("auto", "exact", "approx"):
+        assert resolve_softcap_tanh(choice, torch.device("cpu")) == "exact"
+    monkeypatch.setattr(fast_tanh, "register", lambda: True)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert resolve_softcap_tanh("approx", cuda) == "approx"
+    assert resolve_softcap_tanh("exact", cuda) == "exact"
+    assert resolve_softcap_tanh("auto", cuda) == attention.AUTO_SOFTCAP_TANH
+    monkeypatch.setattr(attention, "AUTO_SOFTCAP_TANH", "exact")  # the switch the GPU check may flip
+    assert resolve_softcap_tanh("auto", cuda) == "exact"
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # no PTX on AMD GPUs
+    assert resolve_softcap_tanh("approx", cuda) == "exact"
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(fast_tanh, "register", lambda: False)  # a torch without the APIs
+    assert resolve_softcap_tanh("approx", cuda) == "exact"
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled", "flex"])
+def test_cpu_softcap_is_exact_whatever_is_asked(monkeypatch, backend):
+    asked = []
+    original = attention.tanh_softcap
+    monkeypatch.setattr(attention, "tanh_softcap", lambda cap, approx=False: asked.append(approx) or original(cap, approx))
+    (query, key, value), mask, scale = build("packed-sliding", seed=5)
+    with torch.no_grad():
+        outs = {choice: softcap_attention(query, key, value, mask, scale=scale, softcap=50.0, backend=backend,
+                                          softcap_tanh=choice) for choice in ("approx", "exact", "auto")}
+    assert torch.equal(outs["approx"], outs["exact"]) and torch.equal(outs["auto"], outs["exact"])
+    assert not any(asked)
+
+
+def test_tanh_approx_op_on_cpu_is_tanh_with_the_derivative_of_its_output():
+    assert fast_tanh.register()
+    x = torch.linspace(-30, 30, 301, dtype=torch.float64, requires_grad=True)
+    t = fast_tanh.tanh_approx(x)
+    assert torch.equal(t, torch.tanh(x))
+    t.backward(torch.ones_like(t))
+    assert torch.allclose(x.grad, 1 - t.detach() ** 2)
+    assert torch.func.vmap(fast_tanh.tanh_approx)(x.detach().view(7, 43)).shape == (7, 43)
+
+
+def test_flex_backward_of_the_approximate_softcap_uses_the_values_it_produced():
+    """flex_attention derives a score function's backward from its joint graph: with the approximate
+    tanh, the gradient must be built from that op's own output t (1 - t²), never from an exact tanh."""
+    flex_hop = pytest.importorskip("torch._higher_order_ops.flex_attention")
+    assert fast_tanh.register()
+    score_mod = attention.tanh_softcap(50.0, approx=True)
+    index = [torch.zeros((), requires_grad=True)] + [torch.zeros((), dtype=torch.int32) for _ in range(4)]
+    _, joint = flex_hop.create_fw_bw_graph(score_mod, tuple(index), ())
+    calls = [node for node in joint.graph.nodes if node.op == "call_function"]
+    approx = [node for node in calls if node.target == torch.ops.fastgemma.tanh_approx.default]
+    assert len(approx) == 1 and not any("tanh" in str(node.target) for node in calls if node not in approx)
+    # 1 - t*t from t itself (detach nodes are aliases)
+    squares = [node for node in calls if node.target == torch.ops.aten.mul.Tensor and len(set(node.args)) == 1]
+    assert squares
+    source = squares[0].args[0]
+    while source.target == torch.ops.aten.detach.default:
+        source = source.args[0]
+    assert source is approx[0]
+    grads = joint(torch.tensor(30.0), *index[1:], torch.tensor(1.0))
+    assert torch.allclose(grads[0], 1 - torch.tanh(torch.tensor(0.6)) ** 2)
+
+
+def test_tanh_approx_compiles_to_exact_tanh_off_nvidia():
+    assert fast_tanh.register()
+    compiled = torch.compile(lambda x: 3.0 * fast_tanh.tanh_approx(x / 3.0))
+    x = torch.randn(1000) * 20
+    assert torch.allclose(compiled(x), 3.0 * torch.tanh(x / 3.0), atol=1e-6, rtol=0)
+
+
+def test_importing_fastgemma_registers_nothing():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fastgemma\n"
+            "assert 'torch._inductor.lowering' not in sys.modules\n"
+            "assert not hasattr(torch.ops.fastgemma, 'tanh_approx')\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
