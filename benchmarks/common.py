@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from patches.gemma2_shapes import PUBLISHED_SHAPES, SHARED_FIELDS
+from fastgemma.patches.gemma2_shapes import PUBLISHED_SHAPES, SHARED_FIELDS
 
 # --------------------------------------------------------------------------------------------------
 # Gemma 2 shapes (published configs of google/gemma-2-{2b,9b,27b}); "tiny" is the CPU smoke shape.

@@ -12,7 +12,12 @@ logger = logging.getLogger("fastgemma")
 
 
 def _patcher_for(model):
-    from patches import PATCHERS, find_patcher
+    try:
+        from .patches import PATCHERS, find_patcher
+    except ModuleNotFoundError as err:  # a source checkout on sys.path, not installed: its top-level patches/
+        if err.name != f"{__package__}.patches":
+            raise
+        from patches import PATCHERS, find_patcher
 
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"fastgemma.patch_model expects a Gemma 2 model (torch.nn.Module), got {type(model).__name__}")

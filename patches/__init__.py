@@ -1,5 +1,9 @@
 """Model-specific glue for fastgemma. Each module here patches one model family.
 
+Installed as ``fastgemma.patches``: the repository keeps this folder at its top level, and
+pyproject.toml maps it into the package ([tool.setuptools] package-dir), for wheels and editable
+installs alike. Import it as ``fastgemma.patches``; the modules here import fastgemma absolutely.
+
 A patcher module provides: NAME, matches(model), patch(model, max_seq_length, backend, fused_ops),
 unpatch(model) and is_patched(model).
 """

@@ -83,7 +83,7 @@ def test_sft_trainer_packing_reaches_patched_attention_with_boundaries(tmp_path,
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    import patches.gemma2
+    from fastgemma import patches
 
     seen = []
     real_attention = patches.gemma2.softcap_attention
@@ -137,7 +137,7 @@ def test_sft_trainer_packing_reaches_patched_attention_with_boundaries(tmp_path,
 
 def test_single_document_row_from_trl_stays_on_the_packed_path():
     """A padding-free row holding one document keeps segment ids (no switch of compiled variant) and stays exact."""
-    from patches.gemma2 import build_mask_mapping
+    from fastgemma.patches.gemma2 import build_mask_mapping
 
     config = tiny_gemma2_config()
     masks = build_mask_mapping(config, None, 1, 40, "cpu", None, torch.arange(40)[None], None,

@@ -249,7 +249,7 @@ def test_batch_longer_than_max_seq_length_is_still_exact(caplog):
 
 @pytest.mark.parametrize("options", ["auto", None, {"bwd_num_warps": 8}])
 def test_flex_kernel_options_reach_every_attention_call(monkeypatch, options):
-    import patches.gemma2 as glue
+    import fastgemma.patches.gemma2 as glue
 
     seen = []
     original = glue.softcap_attention
