@@ -1,5 +1,6 @@
 """fastgemma: exact, fast logit-softcapped attention for fine-tuning Gemma 2."""
 
+from . import versions  # noqa: F401  (first: checks the torch / transformers versions, see versions.py)
 from .api import is_patched, patch_model, unpatch_model
 from .attention import softcap_attention
 from .masks import AttentionMask, BlockMaskCache
