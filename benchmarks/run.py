@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quant", action="store_true", help="trl/context: LoRA on bf16 instead of QLoRA nf4")
     p.add_argument("--trl-max-length", type=int, default=None, help="trl suite: max_length (default 4096)")
     p.add_argument("--trl-batch", type=int, default=4, help="trl suite: per_device_train_batch_size")
+    p.add_argument("--trl-grad-accum", type=int, default=1, help="trl suite: gradient_accumulation_steps")
     p.add_argument("--context-start", type=int, default=None, help="context suite: first length tried")
     p.add_argument("--context-max", type=int, default=None, help="context suite: cap of the search")
     p.add_argument("--context-step", type=int, default=None, help="context suite: resolution (default 1024)")

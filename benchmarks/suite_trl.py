@@ -74,7 +74,41 @@ def _make_trainer_cls():
                 self._bench_tokens.append((real, loss_tokens, int(ids.shape[-1])))
             return super().training_step(*args, **kwargs)
 
-    return StepClock, CountingSFTTrainer
+    class GpuBusyProbe(TrainerCallback):
+        """Profiles one optimizer step (CUDA activity only) and keeps the fraction of its wall time in which
+        the GPU ran a kernel: near 1 the step is GPU-bound, far below it the host cannot keep the GPU fed."""
+
+        def __init__(self, device, step: int):
+            self.device, self.step = device, step
+            self.profiler, self.t0, self.busy = None, None, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.device.type != "cuda" or state.global_step != self.step:
+                return
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+            C.sync(self.device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.profiler is None:
+                return
+            C.sync(self.device)
+            wall_us = (time.perf_counter() - self.t0) * 1e6
+            self.profiler.__exit__(None, None, None)
+            intervals = sorted(
+                (e.time_range.start, e.time_range.end) for e in self.profiler.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+            )
+            busy, end = 0.0, float("-inf")
+            for start, stop in intervals:  # union of kernel intervals: overlapping streams count once
+                if stop > end:
+                    busy += stop - max(start, end)
+                    end = stop
+            self.busy = min(1.0, busy / wall_us) if wall_us > 0 else None
+            self.profiler = None
+
+    return StepClock, CountingSFTTrainer, GpuBusyProbe
 
 
 def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool, steps: int, max_length: int,
@@ -82,7 +116,8 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
-    StepClock, CountingSFTTrainer = _make_trainer_cls()
+    StepClock, CountingSFTTrainer, GpuBusyProbe = _make_trainer_cls()
+    accum = args.trl_grad_accum
     tokenizer = AutoTokenizer.from_pretrained(path)  # not part of the timed load: a 256K-word vocabulary
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     C.free_memory(device)
@@ -103,7 +138,7 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         output_dir=out_dir,
         max_steps=steps,
         per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=accum,
         learning_rate=1e-4,
         lr_scheduler_type="constant",
         max_length=max_length,
@@ -123,6 +158,7 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         data_seed=args.seed,
     )
     clock = StepClock(device)
+    probe = GpuBusyProbe(device, step=min(steps - 1, args.trl_warmup + 1))  # a steady step, not the last
     torch.manual_seed(args.seed)
     trainer = CountingSFTTrainer(
         model=model,
@@ -130,7 +166,7 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         train_dataset=ds,
         processing_class=tokenizer,
         peft_config=M.lora_config(args.lora_r),
-        callbacks=[clock],
+        callbacks=[clock, probe],
     )
     trainer._bench_tokens = []
     C.sync(device)
@@ -140,7 +176,9 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
     peak = C.peak_mib(device)
 
     ends = clock.ends
-    toks = trainer._bench_tokens
+    micro = trainer._bench_tokens
+    # one entry per optimizer step: the sums over its `accum` micro-batches
+    toks = [tuple(sum(t[i] or 0 for t in micro[k:k + accum]) for i in range(3)) for k in range(0, len(micro), accum)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     starts = [clock.t_begin] + ends[:-1]
     durs = [e - s for s, e in zip(starts, ends)]
@@ -164,6 +202,8 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         "loss_first": losses[0] if losses else None,
         "peak_mib": peak,
         "warmup_steps": warm,
+        "gpu_busy": probe.busy,
+        "profiled_step": probe.step,
     }
     del trainer, model
     return out
@@ -186,24 +226,28 @@ def run(args, device: torch.device) -> C.SuiteResult:
         f"TRL SFTTrainer, {'QLoRA: nf4 + double quant, bf16 compute' if quantize else 'LoRA without quantization (' + str(dtype).replace('torch.', '') + ')'}, "
         f"LoRA r={args.lora_r} all-linear, packing='bfd' (padding-free: each batch is one flattened row of "
         f"≤{batch}×{max_length} tokens with per-document position_ids), max_length {max_length}, "
-        f"per_device_train_batch_size {batch}, gradient checkpointing, {steps} optimizer steps, constant lr. "
+        f"per_device_train_batch_size {batch}, gradient_accumulation_steps {args.trl_grad_accum}, gradient "
+        f"checkpointing, {steps} optimizer steps, constant lr. "
         f"Synthetic pre-tokenized documents of {doc_range[0]}..{doc_range[1]} random tokens. "
         "'1st step' columns: wall clock to the end of the first optimizer step from trainer.train() and from "
-        "the start of from_pretrained. tokens/s: median over steps after the first "
+        "the start of from_pretrained. tokens/s: median over optimizer steps after the first "
         f"{args.trl_warmup} of real tokens / step time. Peak: max allocated from before the load to the end. "
+        "GPU busy: the fraction of one steady optimizer step's wall time in which a CUDA kernel ran "
+        "(torch.profiler, CUDA activity only). "
         f"fastgemma backend: {M.fastgemma_backend(args, device)}."
     )
     if device.type != "cuda":
         res.notes.append("CPU run: bitsandbytes nf4 needs CUDA, so this smoke run trains LoRA on an fp32 model.")
     for name in models:
         vocab = C.GEMMA2_SHAPES[name]["vocab_size"]
-        n_tokens = int((steps + 2) * batch * max_length * 1.2)
+        n_tokens = int((steps + 2) * batch * max_length * args.trl_grad_accum * 1.2)
         ds, total = synthetic_dataset(vocab, n_tokens, doc_range, args.seed)
         C.log(f"trl {name}: synthetic dataset {len(ds)} documents, {total:,} tokens")
         checkpoint = M.SharedCheckpoint(name, args, device, dtype, f"trl {name} checkpoint")
         for cname in contenders:
             row = dict(suite="trl", model=name, contender=cname, label=C.LABELS.get(cname, cname),
-                       quant="nf4" if quantize else "none", max_length=max_length, batch=batch)
+                       quant="nf4" if quantize else "none", max_length=max_length, batch=batch,
+                       grad_accum=args.trl_grad_accum, config=f"{batch}x{max_length}x{args.trl_grad_accum}")
             blocked = M.not_startable(cname, device, budget)
             if blocked:
                 row["status"] = blocked
@@ -237,19 +281,22 @@ def run(args, device: torch.device) -> C.SuiteResult:
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["model", "contender", "status", "1st step from train() s", "1st step from load s", "tokens/s",
-               "vs HF eager", "vs HF flex", "peak GiB", "steps", "loss@1"]
-    keyf = ("model",)
+    headers = ["model", "micro-batch × accum", "contender", "status", "1st step from train() s",
+               "1st step from load s", "tokens/s", "GPU busy", "vs HF eager", "vs HF flex", "peak GiB", "steps",
+               "loss@1"]
+    keyf = ("model", "config")
     out = []
     for r in rows:
         ok = r.get("status") == "ok"
         out.append([
             r["model"],
+            f"{r.get('batch', '?')}×{r.get('max_length', '?')} × {r.get('grad_accum', 1)}",
             r.get("label", r["contender"]),
             r["status"],
             C.fmt(r.get("first_step_from_train_s"), 1),
             C.fmt(r.get("first_step_from_load_s"), 1),
             C.fmt(r.get("tokens_per_s"), 0),
+            f"{100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") is not None else "-",
             C.fmt_ratio(C.ratio(r, rows, keyf, "tokens_per_s", "hf-eager", True)) if ok else "-",
             C.fmt_ratio(C.ratio(r, rows, keyf, "tokens_per_s", "hf-flex", True)) if ok else "-",
             C.fmt(r["peak_mib"] / 1024 if r.get("peak_mib") else None, 2),

@@ -87,7 +87,7 @@ def test_checkpointing_in_call_layout_recomputes_each_layer_once(monkeypatch):
     forward); there fastgemma must not checkpoint a second time inside its forward."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    import patches.gemma2 as glue
+    import fastgemma.patches.gemma2 as glue
 
     def call_with_checkpointing(self, *args, **kwargs):  # the older layout, in a few lines
         if self.gradient_checkpointing and self.training:
@@ -333,7 +333,7 @@ def test_packed_documents_stay_apart_with_use_cache_true():
 def test_padded_positions_follow_the_documented_rule():
     """README, "Padding": right-padded positions attend causally over their row (padding included);
     left padding and holes are masked out of every query, and a padded query's attention output is 0."""
-    from patches.gemma2 import build_mask_mapping
+    from fastgemma.patches.gemma2 import build_mask_mapping
 
     config = tiny_gemma2_config()
     right = torch.tensor([[1, 1, 1, 0, 0]])

@@ -1,0 +1,65 @@
+"""The recipe's automatic micro-batch: as many packed rows per micro-step as the GPU's memory allows.
+
+A QLoRA step on a few thousand tokens leaves the GPU idle while the host launches kernels
+(Python, autograd, PEFT, bitsandbytes): at 1 row x 2048 tokens x 8 accumulation steps a 2B
+step kept an H100 busy 22% of the time. The same tokens per optimizer step in fewer, larger
+micro-steps cost the same GPU work and far less host time. So, unless the user sets
+--batch-size or --grad-accum, the recipe keeps the tokens per optimizer step and moves as
+many of its rows as fit into each micro-step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Memory a QLoRA step needs per token beyond the weights, bf16 with gradient checkpointing:
+# each layer's saved input (hidden values per token and layer), plus the working set of the
+# one layer being recomputed (its projections and the MLP's intermediate activations, about
+# 16 hidden-sized and 6 intermediate-sized values per token). Measured peaks agree within 20%
+# (benchmarks/RESULTS.md: 2B ~250 KB/token, 9B ~570 KB/token; this gives 300 and 590).
+BYTES_PER_VALUE = 2
+HIDDEN_VALUES_PER_LAYER = 1
+WORKING_HIDDEN_VALUES = 16
+WORKING_INTERMEDIATE_VALUES = 6
+HEADROOM = 0.75  # of the free memory: allocator fragmentation, optimizer spikes, the loss's chunks
+
+
+def activation_bytes_per_token(config) -> int:
+    """Estimated activation memory per token of a checkpointed (Q)LoRA step for a Gemma-2-like config."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    values = hidden * (HIDDEN_VALUES_PER_LAYER * layers + WORKING_HIDDEN_VALUES)
+    values += config.intermediate_size * WORKING_INTERMEDIATE_VALUES
+    return BYTES_PER_VALUE * values
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Rows per micro-step and accumulation steps, and why."""
+
+    batch_size: int
+    grad_accum: int
+    reason: str
+
+
+def choose_micro_batch(rows_per_step: int, max_seq_length: int, free_bytes: int, config,
+                       headroom: float = HEADROOM) -> MicroBatch:
+    """The largest divisor of `rows_per_step` whose micro-step fits `headroom` x `free_bytes`.
+
+    The tokens per optimizer step stay rows_per_step x max_seq_length whatever is chosen, so
+    the optimisation (loss curve, learning-rate schedule) is the one the defaults describe.
+    """
+    if rows_per_step < 1 or max_seq_length < 1:
+        raise ValueError(f"rows_per_step and max_seq_length must be positive, got {rows_per_step}, {max_seq_length}")
+    per_row = activation_bytes_per_token(config) * max_seq_length
+    budget = headroom * max(free_bytes, 0)
+    for batch in sorted((d for d in range(1, rows_per_step + 1) if rows_per_step % d == 0), reverse=True):
+        if batch * per_row <= budget or batch == 1:
+            fits = batch * per_row <= budget
+            reason = (
+                f"{batch} row(s) of {max_seq_length} tokens per micro-step x {rows_per_step // batch} accumulation "
+                f"step(s) = {rows_per_step * max_seq_length} tokens per optimizer step; estimated "
+                f"{batch * per_row / 2**30:.1f} GiB of activations against {free_bytes / 2**30:.1f} GiB free"
+                + ("" if fits else " (even one row may not fit: lower --max-seq-length if it runs out of memory)")
+            )
+            return MicroBatch(batch, rows_per_step // batch, reason)
+    raise AssertionError("unreachable: batch 1 always returns")
