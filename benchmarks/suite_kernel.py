@@ -3,6 +3,8 @@
 Contenders
   fastgemma          fastgemma.attention.softcap_attention(..., backend="flex") (backend "eager" on CPU)
   fastgemma-<b>      the same with backend <b> (auto, flex, compiled, eager), opt-in via --contenders
+  fastgemma-exact    fastgemma with softcap_tanh="exact" / "approx" (the flex softcap's tanh; the default
+  fastgemma-approx   is "auto": approximate on NVIDIA GPUs), opt-in via --contenders
   hf-eager           transformers.models.gemma2.modeling_gemma2.eager_attention_forward, dense additive
                      mask from transformers.masking_utils.eager_mask
   hf-flex            transformers.integrations.flex_attention.flex_attention_forward, BlockMask from
@@ -144,12 +146,17 @@ class FastGemma(Contender):
     name = "fastgemma"
     label = "fastgemma"
 
-    def __init__(self, *a, backend: str | None = None, **kw):
+    def __init__(self, *a, backend: str | None = None, softcap_tanh: str = "auto", **kw):
         super().__init__(*a, **kw)
         if backend is None:
             backend = "flex" if self.device.type == "cuda" else "eager"
         self.backend = backend
+        self.softcap_tanh = softcap_tanh
         self.label = f"fastgemma ({backend})"
+        if backend in ("flex", "auto") and self.device.type == "cuda":
+            from fastgemma.attention import resolve_softcap_tanh
+
+            self.label = f"fastgemma ({backend}, {resolve_softcap_tanh(softcap_tanh, self.device)} tanh)"
         if self.device.type != "cuda" and backend == "flex":
             self.supports_backward = False
 
@@ -186,7 +193,9 @@ class FastGemma(Contender):
     def forward(self, q, k, v, mask):
         from fastgemma.attention import softcap_attention
 
-        return softcap_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap, backend=self.backend)
+        return softcap_attention(
+            q, k, v, mask, scale=self.scale, softcap=self.softcap, backend=self.backend, softcap_tanh=self.softcap_tanh
+        )
 
 
 def make_contender(name: str, device, heads, scale, softcap) -> Contender:
@@ -196,6 +205,10 @@ def make_contender(name: str, device, heads, scale, softcap) -> Contender:
         return HFFlex(device, heads, scale, softcap)
     if name == "fastgemma":
         return FastGemma(device, heads, scale, softcap)
+    if name in ("fastgemma-exact", "fastgemma-approx"):
+        c = FastGemma(device, heads, scale, softcap, softcap_tanh=name.split("-", 1)[1])
+        c.name = name
+        return c
     if name.startswith("fastgemma-"):
         c = FastGemma(device, heads, scale, softcap, backend=name.split("-", 1)[1])
         c.name = name
@@ -280,6 +293,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return _max_abs(a, b) / denom if denom > 0 else float("nan")
 
 
+def errors(ref, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """One run's errors against `reference_group`'s float64 result (grads read from q, k, v).
+
+    The suite's two columns: err_out = max |Δ| of the output, err_grad = max over dq, dk, dv of
+    max|Δ| / max|ref|; and each tensor's max|Δ| / max|ref| (rel_out, rel_dq, rel_dk, rel_dv).
+    Gradient entries only when the run did a backward.
+    """
+    r_out, r_dq, r_dk, r_dv, sl = ref
+    out = out.detach()[0, sl]
+    result = {"err_out": _max_abs(out, r_out), "rel_out": _rel(out, r_out)}
+    if q.grad is not None:
+        result.update(rel_dq=_rel(q.grad[0, sl], r_dq), rel_dk=_rel(k.grad[0, 0], r_dk), rel_dv=_rel(v.grad[0, 0], r_dv))
+        result["err_grad"] = max(result["rel_dq"], result["rel_dk"], result["rel_dv"])
+    return result
+
+
 # --------------------------------------------------------------------------------------------------
 # Suite
 # --------------------------------------------------------------------------------------------------
@@ -315,12 +344,8 @@ def _measure(contender: Contender, spec: MaskSpec, seed: int, heads, device, dty
             if peak is not None:
                 peaks.append(peak - base)
         if step == 0 and ref is not None:
-            r_out, r_dq, r_dk, r_dv, sl = ref
-            err_out = _max_abs(out.detach()[0, sl], r_out)
-            if backward:
-                dk = k.grad[0, 0]
-                dv = v.grad[0, 0]
-                err_grad = max(_rel(q.grad[0, sl], r_dq), _rel(dk, r_dk), _rel(dv, r_dv))
+            found = errors(ref, out, q, k, v)
+            err_out, err_grad = found["err_out"], found.get("err_grad")
         del out, q, k, v, do, mask
     return {
         "ms": C.median(times),
