@@ -91,6 +91,8 @@ def run(args) -> dict:
 
     for _ in range(args.warmup):
         step()
+    if args.host:
+        return host_profile(step, device, args)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -127,6 +129,40 @@ def run(args) -> dict:
     return {"total_ms": total, "categories": dict(totals), "top": rows[: args.top]}
 
 
+def host_profile(step, device, args) -> dict:
+    """Where the host's time goes: wall time per step, then cProfile's functions with the most own time.
+
+    A step whose wall time far exceeds its device time is bound by the host (Python, autograd, PEFT,
+    bitsandbytes dispatch, compiled-graph guards); this names the functions to make cheaper.
+    """
+    import cProfile
+    import pstats
+    import time
+
+    C.sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    C.sync(device)
+    wall_ms = (time.perf_counter() - start) / args.steps * 1e3
+    profile = cProfile.Profile()
+    profile.enable()
+    step()
+    C.sync(device)
+    profile.disable()
+    stats = pstats.Stats(profile)
+    rows = sorted(((key, value[2] * 1e3, value[0], value[3] * 1e3) for key, value in stats.stats.items()),
+                  key=lambda row: -row[1])
+    traced_ms = sum(row[1] for row in rows)
+    print(f"\n{args.contender}, {args.model} shapes, {args.tokens} tokens: {wall_ms:.0f} ms per fwd+bwd step "
+          f"(wall, untraced); under cProfile {traced_ms:.0f} ms, of which the top {args.top} functions by own time:\n")
+    print("| function | calls/step | own ms | cumulative ms |\n|---|---|---|---|")
+    for (filename, line, name), own, calls, cumulative in rows[: args.top]:
+        where = "/".join(filename.split("/")[-2:])
+        print(f"| `{where}:{line}({name})` | {calls} | {own:.1f} | {cumulative:.1f} |")
+    return {"wall_ms": wall_ms, "traced_ms": traced_ms}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="2b", choices=list(C.GEMMA2_SHAPES), help="Gemma 2 shapes")
@@ -137,6 +173,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (compiles happen here)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--top", type=int, default=25, help="rows of the op table")
+    parser.add_argument("--host", action="store_true",
+                        help="profile the host instead: wall ms per step and cProfile's top functions by own time")
     parser.add_argument("--no-quantize", action="store_true", help="bf16 base instead of nf4 on a GPU")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     parser.add_argument("--seed", type=int, default=1234)
