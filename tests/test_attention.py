@@ -274,10 +274,28 @@ def test_flex_backward_of_the_approximate_softcap_uses_the_values_it_produced():
 
 
 def test_tanh_approx_compiles_to_exact_tanh_off_nvidia():
+    from torch._inductor.utils import run_and_get_code
+
     assert fast_tanh.register()
     compiled = torch.compile(lambda x: 3.0 * fast_tanh.tanh_approx(x / 3.0))
     x = torch.randn(1000) * 20
-    assert torch.allclose(compiled(x), 3.0 * torch.tanh(x / 3.0), atol=1e-6, rtol=0)
+    out, code = run_and_get_code(compiled, x)
+    assert torch.allclose(out, 3.0 * torch.tanh(x / 3.0), atol=1e-6, rtol=0)
+    assert "fastgemma" not in "\n".join(code)  # lowered into the fused kernel, not called as an eager op
+
+
+def test_tanh_approx_lowers_to_the_ptx_instruction_on_nvidia(monkeypatch):
+    """Inductor's CPU backend has no inline assembly: it refusing the op proves the lowering emits it."""
+    assert fast_tanh.register()
+    monkeypatch.setattr(fast_tanh, "is_nvidia", lambda device: True)
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False):  # a cached graph would skip the lowering
+            compiled = torch.compile(lambda x: fast_tanh.tanh_approx(x) + 1.0)
+            with pytest.raises(Exception, match="inline_asm_elementwise"):
+                compiled(torch.randn(64))
+    finally:
+        torch._dynamo.reset()
 
 
 def test_importing_fastgemma_registers_nothing():
