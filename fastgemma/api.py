@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from .attention import check_backend, check_kernel_options, flex_supported
+from .attention import check_backend, check_kernel_options, check_softcap_tanh, flex_supported, resolve_softcap_tanh
 
 logger = logging.getLogger("fastgemma")
 
@@ -46,6 +46,7 @@ def patch_model(
     backend: str = "auto",
     fused_ops="auto",
     flex_kernel_options="auto",
+    softcap_tanh="auto",
 ) -> torch.nn.Module:
     """Swap every attention forward of a Gemma 2 model for fastgemma's softcapped attention, in place.
 
@@ -63,21 +64,27 @@ def patch_model(
             True also on CPU (slow first compile there); False keeps Hugging Face's ops.
             Inference (no grad) always runs the unfused ops, so generation never compiles.
         flex_kernel_options: Triton options for flex_attention's kernels. "auto" uses
-            fastgemma's measured choice (`fastgemma.attention.tuned_flex_kernel_options`: 8
-            backward warps for head_dim 256 on Hopper), None torch's own defaults, or a dict
+            fastgemma's measured choice per GPU class, head_dim and direction
+            (`fastgemma.attention.FLEX_KERNEL_OPTIONS`), None torch's own defaults, or a dict
             such as {"bwd_num_warps": 8} passed as is.
+        softcap_tanh: the tanh of the softcap inside flex_attention's kernels. "approx" uses the
+            GPU's one-instruction tanh (``tanh.approx.f32``, as FlashAttention does), forward and
+            backward; "exact" is torch's tanh; "auto" is `fastgemma.attention.AUTO_SOFTCAP_TANH`.
+            Only compiled flex on NVIDIA GPUs can approximate: the dense backends, CPUs and other
+            GPUs always compute the exact tanh.
 
     Returns the same model. Calling it again only updates the settings; `unpatch_model`
     restores the original forwards.
     """
     check_backend(backend)
     check_kernel_options(flex_kernel_options)
+    check_softcap_tanh(softcap_tanh)
     if not (isinstance(fused_ops, bool) or (isinstance(fused_ops, str) and fused_ops == "auto")):
         raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     patcher = _patcher_for(model)
-    summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options)
+    summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options, softcap_tanh)
     device = _device_of(model)
     if backend == "auto":
         resolved = "flex" if flex_supported(device) else "compiled"
@@ -86,10 +93,10 @@ def patch_model(
         how = backend
     logger.info(
         "fastgemma: %s %d %s attention layers (%d sliding, %d global) of %s; backend=%s; max_seq_length=%d; "
-        "fused_ops=%s; flex_kernel_options=%s",
+        "fused_ops=%s; flex_kernel_options=%s; softcap tanh on flex: %s",
         "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
         summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length, fused_ops,
-        flex_kernel_options,
+        flex_kernel_options, f"{softcap_tanh} -> {resolve_softcap_tanh(softcap_tanh, device)} on {device.type}",
     )
     return model
 

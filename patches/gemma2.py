@@ -182,6 +182,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
             backend=self._fastgemma_backend,
             dropout_p=dropout_p,
             kernel_options=self._fastgemma_kernel_options,
+            softcap_tanh=self._fastgemma_softcap_tanh,
         )
     output = output.transpose(1, 2).reshape(*input_shape, -1)
     return lora_linear(self.o_proj, output, fused), weights
@@ -352,7 +353,7 @@ def _swap_forward(module, new_forward, state: PatchState):
 
 
 def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="auto",
-          flex_kernel_options="auto") -> dict:
+          flex_kernel_options="auto", softcap_tanh="auto") -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
     check_supported(model)
     backbones, _ = find_modules(model)
@@ -391,6 +392,7 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
         for attention in attentions:
             attention._fastgemma_backend = backend
             attention._fastgemma_kernel_options = flex_kernel_options
+            attention._fastgemma_softcap_tanh = softcap_tanh
             summary["layers"] += 1
             summary["sliding" if attention.sliding_window is not None else "global"] += 1
     return summary
@@ -412,6 +414,7 @@ def unpatch(model: torch.nn.Module) -> int:
             module.__dict__.pop("_fastgemma_backend", None)
             module.__dict__.pop("_fastgemma_fused", None)
             module.__dict__.pop("_fastgemma_kernel_options", None)
+            module.__dict__.pop("_fastgemma_softcap_tanh", None)
             restored += 1
         backbone.config._attn_implementation = state.original_attn_implementation
         del backbone._fastgemma_state

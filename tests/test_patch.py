@@ -266,3 +266,27 @@ def test_flex_kernel_options_reach_every_attention_call(monkeypatch, options):
     assert len(seen) == model.config.num_hidden_layers and all(s == options for s in seen)
     fastgemma.unpatch_model(model)
     assert not any("_fastgemma_kernel_options" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("softcap_tanh", ["auto", "exact", "approx"])
+def test_softcap_tanh_reaches_every_attention_call(monkeypatch, softcap_tanh, caplog):
+    import fastgemma.patches.gemma2 as glue
+
+    seen = []
+    original = glue.softcap_attention
+    monkeypatch.setattr(glue, "softcap_attention",
+                        lambda *args, **kwargs: seen.append(kwargs["softcap_tanh"]) or original(*args, **kwargs))
+    reference = random_gemma2(tiny_gemma2_config())
+    model = copy.deepcopy(reference)
+    with caplog.at_level(logging.INFO, logger="fastgemma"):
+        fastgemma.patch_model(model, backend="eager", softcap_tanh=softcap_tanh)
+    assert f"softcap tanh on flex: {softcap_tanh} -> exact on cpu" in caplog.text  # only NVIDIA kernels approximate
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        assert relative_error(logits, reference(input_ids=ids, use_cache=False).logits) < VALUE_TOLERANCE
+    assert seen and all(s == softcap_tanh for s in seen)
+    fastgemma.unpatch_model(model)
+    assert not any("_fastgemma_softcap_tanh" in m.__dict__ for m in model.modules())
+    with pytest.raises(ValueError, match="softcap_tanh"):
+        fastgemma.patch_model(model, softcap_tanh="fast")
