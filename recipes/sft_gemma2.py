@@ -5,10 +5,13 @@
     python recipes/sft_gemma2.py --model google/gemma-2-2b --dataset my_chats.jsonl   # QLoRA on one GPU
 
 What it does, in order:
-  1. checks the inputs (dataset file and columns, model type) before loading any weights;
+  1. checks every flag and input (numbers, paths, the model's config, the dataset's rows and
+     their lengths) before loading any weights or writing anything: a bad one stops the
+     recipe with a one-line error and exit status 2;
   2. loads Gemma 2 (4-bit NF4 with double quantisation and bf16 compute on a GPU by default);
   3. patches its attention with fastgemma (exact logit-softcapped attention, flex / compiled);
-  4. trains LoRA adapters on every linear projection with TRL's SFTTrainer;
+  4. trains LoRA adapters on every linear projection with TRL's SFTTrainer. Ctrl-C finishes
+     the step in flight, saves the adapter and a checkpoint, and says how to go on (--resume);
   5. saves the adapter (PEFT format), tokenizer and trainer_state.json to --output-dir,
      prints a summary (steps, tokens/s, peak memory, first/last loss) and, for chat or
      prompt/completion data, greedy generations on held-out prompts next to the answer.
@@ -24,35 +27,28 @@ Datasets (a hub name or a local .jsonl / .json / .parquet file) need one of thes
   text                plain language modelling; loss on every token
 """
 
+# Only the standard library up here: the command line and the checks run before torch,
+# transformers, peft and TRL are imported (about 10 s), so --help and a bad flag answer at once.
 import argparse
 import contextlib
 import json
 import logging
 import math
+import os
+import re
 import resource
+import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-import torch
-from datasets import Dataset, load_dataset
-from peft import LoraConfig
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    TrainerCallback,
-)
-from trl import SFTConfig, SFTTrainer
-
 # Run from a source checkout without `pip install -e .`: fall back to the checkout's packages
-# (appended, so an installed fastgemma still wins).
+# (appended, so an installed fastgemma still wins). fastgemma itself is imported in run().
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-import fastgemma  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Knobs. Real Gemma 2 (--model given): the usual single-GPU QLoRA settings.
@@ -73,6 +69,8 @@ LR_SCHEDULER = "cosine"
 GPU_OPTIMIZER = "paged_adamw_8bit"  # bitsandbytes: 8-bit states, paged to CPU on memory spikes
 CPU_OPTIMIZER = "adamw_torch"
 LOGGING_STEPS = 10
+SAVE_STEPS = 500  # a resumable checkpoint every N optimizer steps (Ctrl-C saves one too)
+CHECKPOINTS_KEPT = 2  # older checkpoint-N directories are deleted
 SEED = 42
 BACKEND = "auto"  # fastgemma: flex_attention on Ampere+ GPUs, torch.compile'd dense attention elsewhere
 FUSED_OPS = "auto"  # fastgemma: fused norms / RoPE / GeGLU / LoRA-in-GEMM while training, on CUDA
@@ -93,19 +91,35 @@ TINY_LEARNING_RATE = 3e-3  # a random-init model and small adapters take (and ne
 TINY_MAX_STEPS = 500  # ~2 epochs of the toy set; a few minutes on 2 cores
 TINY_WARMUP = 0.05
 TINY_LOGGING_STEPS = 1
+TINY_SAVE_STEPS = 0  # no periodic checkpoints in a few-minute demo; Ctrl-C still saves one
 TINY_SHOW_GENERATIONS = 8
 
-# transformers renamed gradient_checkpointing to activation_checkpointing (same switch); use
-# whichever this version has.
-CHECKPOINTING = "gradient_checkpointing"
-if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
-    CHECKPOINTING = "activation_checkpointing"
-GENERATION_MAX_NEW_TOKENS = 32
+# ---------------------------------------------------------------------------------------
+# Checks: how much is looked at before the weights load.
+# ---------------------------------------------------------------------------------------
+LENGTH_CHECK_ROWS = 1000  # rows tokenized up front to see whether documents fit --max-seq-length
+HUB_TIMEOUT_S = 10  # one look at the Hugging Face Hub per name, no retries
 DATASET_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Suffixes that mark a --dataset as a file name (so never a hub name), supported or not.
+DATA_FILE_SUFFIXES = {*DATASET_FILE_TYPES, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst", ".bz2", ".xz"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name
+MODEL_WEIGHT_PATTERNS = ["*.safetensors", "*.bin"]
+MODEL_TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model"]
+
+GENERATION_MAX_NEW_TOKENS = 32
+RECIPE_NAME = Path(__file__).name
 
 
 class RecipeError(Exception):
     """A problem with the inputs, reported as one short line and exit status 2."""
+
+
+class RecipeInterrupted(Exception):
+    """Ctrl-C: what was saved and where, reported as one line and exit status 130."""
+
+    def __init__(self, message: str, resumable: bool = True):
+        super().__init__(message)
+        self.resumable = resumable  # a checkpoint exists that --resume can continue from
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,6 +127,7 @@ class RecipeError(Exception):
 # ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog=RECIPE_NAME,
         description=__doc__.split("\n\n")[0],
         epilog="Defaults in brackets are for a real model; the tiny demo (no --model) uses its own where noted.",
     )
@@ -127,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hub dataset name, or a local .jsonl/.json/.parquet file, with a 'messages', 'prompt'+'completion' "
         f"or 'text' column. Default: the toy task set {TINY_TRAIN_FILE.relative_to(RECIPES_DIR.parent)}",
     )
-    what.add_argument("--dataset-split", default="train", help="split to train on [train]")
+    what.add_argument("--dataset-split", default="train", help="split of a hub dataset to train on [train]")
     what.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where the adapter goes [{DEFAULT_OUTPUT_DIR}]")
 
     how = parser.add_argument_group("how to train")
@@ -195,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     how.add_argument("--seed", type=int, default=SEED, help=f"seed for adapter init and data order [{SEED}]")
 
+    saving = parser.add_argument_group("checkpoints (Ctrl-C always saves the adapter and a checkpoint)")
+    saving.add_argument(
+        "--save-steps",
+        type=int,
+        help="also save a resumable checkpoint (--output-dir/checkpoint-N) every N optimizer steps, keeping the "
+        f"last {CHECKPOINTS_KEPT}; 0 = only on Ctrl-C [{SAVE_STEPS}; tiny {TINY_SAVE_STEPS}]",
+    )
+    saving.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue an interrupted run from the latest checkpoint-N in --output-dir, or from the CHECKPOINT "
+        "directory given; pass the run's other flags unchanged",
+    )
+
     report = parser.add_argument_group("reporting")
     report.add_argument(
         "--logging-steps", type=int, help=f"log the loss every N steps [{LOGGING_STEPS}; tiny {TINY_LOGGING_STEPS}]"
@@ -234,54 +265,314 @@ def fill_in_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespa
     if args.epochs is None:
         args.epochs = EPOCHS
     default("logging_steps", LOGGING_STEPS, TINY_LOGGING_STEPS)
+    default("save_steps", SAVE_STEPS, TINY_SAVE_STEPS)
     default("show_generations", 0, TINY_SHOW_GENERATIONS)
     args.warmup = TINY_WARMUP if tiny else WARMUP
     return args
 
 
 # ---------------------------------------------------------------------------------------
-# Checks that run before any weights are loaded
+# Checks that run before anything is loaded or written. Each raises a RecipeError.
 # ---------------------------------------------------------------------------------------
-def check_model_is_gemma2(model_source: str) -> None:
-    """Read only the config (a small JSON file) and insist on model_type 'gemma2'."""
+def check_flags(args: argparse.Namespace) -> None:
+    """The numbers. No I/O and no imports, so a typo is answered at once."""
+    for flag, value in [
+        ("--max-seq-length", args.max_seq_length),
+        ("--batch-size", args.batch_size),
+        ("--grad-accum", args.grad_accum),
+        ("--lora-r", args.lora_r),
+        ("--lora-alpha", args.lora_alpha),
+        ("--logging-steps", args.logging_steps),
+    ]:
+        if value is not None and value < 1:
+            raise RecipeError(f"{flag} must be a whole number of at least 1, got {value}")
+    for flag, value in [("--lr", args.lr), ("--epochs", args.epochs)]:
+        if value is not None and not (math.isfinite(value) and value > 0):  # also refuses nan and inf
+            raise RecipeError(f"{flag} must be a number above 0, got {value}")
+    if not 0 <= args.lora_dropout < 1:
+        raise RecipeError(f"--lora-dropout must be at least 0 and below 1, got {args.lora_dropout}")
+    if args.max_steps is not None and args.max_steps < 1 and args.max_steps != -1:
+        raise RecipeError(f"--max-steps must be at least 1 (or -1: train for --epochs), got {args.max_steps}")
+    if args.save_steps is not None and args.save_steps < 0:
+        raise RecipeError(f"--save-steps must be at least 1 (or 0: save only on Ctrl-C), got {args.save_steps}")
+    if args.show_generations is not None and args.show_generations < 0:
+        raise RecipeError(f"--show-generations must be 0 or more, got {args.show_generations}")
+    if not 0 <= args.seed < 2**32:  # numpy's seed range
+        raise RecipeError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """An existing, writable directory, or one that can be created."""
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise RecipeError(f"--output-dir {output_dir} is a file, not a directory")
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise RecipeError(f"--output-dir {output_dir} is not writable")
+        return
+    ancestor = output_dir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RecipeError(f"--output-dir {output_dir} cannot be created: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RecipeError(f"--output-dir {output_dir} cannot be created: {ancestor} is not writable")
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The Trainer's checkpoint-N directory with the highest N (None if there is none)."""
+    checkpoints = [
+        path
+        for path in output_dir.glob("checkpoint-*")
+        if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    return max(checkpoints, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """Turn --resume into a checkpoint directory that exists."""
+    if args.resume is None:
+        return
+    if args.resume == "latest":
+        checkpoint = latest_checkpoint(Path(args.output_dir))
+        if checkpoint is None:
+            raise RecipeError(
+                f"--resume: no checkpoint-N directory in {args.output_dir} to continue from (one is saved on "
+                "Ctrl-C and every --save-steps); give the run's --output-dir, or a checkpoint: --resume DIR"
+            )
+    else:
+        checkpoint = Path(args.resume)
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise RecipeError(f"--resume {args.resume} is not a training checkpoint (no trainer_state.json in it)")
+    args.resume = str(checkpoint)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of the most specific message in an exception chain: wrappers such as
+    datasets' "An error occurred while generating the dataset" hide the reason in __cause__."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for candidate in reversed(chain):
+        text = str(candidate).strip()
+        if text:
+            return text.splitlines()[0]
+    return type(error).__name__
+
+
+def is_hub_name(name: str) -> bool:
+    """owner/name and nothing on disk under that name."""
+    return HUB_ID.fullmatch(name) is not None and not Path(name).exists()
+
+
+def check_hub_repo(name: str, repo_type: str, flag: str) -> None:
+    """One quick look at the hub, so that a typo or no network fails within seconds instead of
+    after the libraries' ~30 s of retries. With HF_HUB_OFFLINE set, the local cache is all there
+    is: the loaders read it (and fail at once when the name is not cached)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return
     try:
-        config = AutoConfig.from_pretrained(model_source)
-    except Exception as error:  # missing dir, no config.json, no hub access, gated repo, ...
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RecipeError(f"cannot read a model config from --model {model_source!r}: {first_line}") from None
-    if config.model_type != "gemma2":
+        HfApi().repo_info(name, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise RecipeError(gated_message(name, repo_type, flag)) from None
+    except RepositoryNotFoundError:
         raise RecipeError(
-            f"--model {model_source!r} is a {config.model_type!r} model; this recipe fine-tunes Gemma 2 only "
+            f"{flag} {name!r}: no such {repo_type} on the Hugging Face Hub, and no such local path "
+            "(a private one needs `hf auth login` or HF_TOKEN)"
+        ) from None
+    except Exception as error:  # no network, proxy, DNS, timeout, server error
+        raise RecipeError(
+            f"{flag} {name!r}: cannot reach the Hugging Face Hub ({first_line(error)}); without a network, "
+            "set HF_HUB_OFFLINE=1 to use a copy in the local cache"
+        ) from None
+
+
+def gated_message(name: str, repo_type: str, flag: str) -> str:
+    url = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{name}"
+    return f"{flag} {name!r} is gated: accept its license at {url}, then log in (`hf auth login` or HF_TOKEN)"
+
+
+def check_model_type(config: object, where: str) -> None:
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "gemma2":
+        raise RecipeError(
+            f"--model {where} is a {model_type!r} model; this recipe fine-tunes Gemma 2 only "
             "(config model_type 'gemma2', e.g. google/gemma-2-2b or google/gemma-2-9b)"
         )
 
 
-def looks_like_local_file(name: str) -> bool:
-    return Path(name).suffix in DATASET_FILE_TYPES or Path(name).exists()
+def check_model_source(name: str) -> None:
+    """A local model directory (config, weights, tokenizer), or a Gemma 2 repository on the hub.
+    Reads config.json only."""
+    if is_hub_name(name):
+        check_hub_repo(name, "model", "--model")
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError
 
-
-def load_training_dataset(name: str, split: str) -> Dataset:
-    if looks_like_local_file(name):
-        path = Path(name)
-        if not path.is_file():
-            raise RecipeError(f"dataset file not found: {name}")
-        if path.suffix not in DATASET_FILE_TYPES:
-            raise RecipeError(f"dataset file {name} must be .jsonl, .json or .parquet")
         try:
-            return load_dataset(DATASET_FILE_TYPES[path.suffix], data_files=str(path), split="train")
+            config_file = hf_hub_download(name, "config.json")
+        except GatedRepoError:
+            raise RecipeError(gated_message(name, "model", "--model")) from None
+        except EntryNotFoundError:
+            raise RecipeError(f"--model {name!r} has no config.json on the hub: not a transformers model") from None
+        except LocalEntryNotFoundError:
+            offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+            raise RecipeError(f"--model {name!r} is not in the local Hugging Face cache{offline}") from None
         except Exception as error:
-            raise RecipeError(f"cannot read dataset file {name}: {error}") from None
+            raise RecipeError(f"--model {name!r}: cannot read its config.json ({first_line(error)})") from None
+        check_model_type(json.loads(Path(config_file).read_text()), repr(name))
+        return
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise RecipeError(f"--model {name}: no such directory (a hub model is named like google/gemma-2-2b)")
+    if not path.is_dir():
+        raise RecipeError(f"--model {name} is a file; give the directory holding config.json, weights and tokenizer")
+    if not any(path.iterdir()):
+        raise RecipeError(f"--model {name} is an empty directory; expected a saved model (config.json, weights, tokenizer)")
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"--model {name} has no config.json: not a saved transformers model directory")
     try:
-        return load_dataset(name, split=split)
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RecipeError(f"--model {name}: config.json is not valid JSON ({error})") from None
+    check_model_type(config, name)
+    if not any(any(path.glob(pattern)) for pattern in MODEL_WEIGHT_PATTERNS):
+        raise RecipeError(f"--model {name} has a config but no weights (*.safetensors or *.bin)")
+    if not any((path / file).is_file() for file in MODEL_TOKENIZER_FILES):
+        raise RecipeError(f"--model {name} has no tokenizer ({' or '.join(MODEL_TOKENIZER_FILES)})")
+
+
+def dataset_is_local(name: str) -> bool:
+    return not is_hub_name(name) or Path(name).suffix.lower() in DATA_FILE_SUFFIXES
+
+
+def check_dataset_source(name: str) -> None:
+    """A non-empty local file of a supported type, or a dataset on the hub."""
+    if not dataset_is_local(name):
+        check_hub_repo(name, "dataset", "--dataset")
+        return
+    path = Path(name)
+    if not path.exists():
+        raise RecipeError(f"dataset file not found: {name}")
+    if path.is_dir():
+        raise RecipeError(f"--dataset {name} is a directory; give a .jsonl, .json or .parquet file")
+    if path.suffix not in DATASET_FILE_TYPES:
+        raise RecipeError(f"dataset file {name} must be .jsonl, .json or .parquet")
+    if path.stat().st_size == 0:
+        raise RecipeError(f"dataset file {name} is empty")
+
+
+def check_device(args: argparse.Namespace, on_gpu: bool) -> None:
+    """Flags that depend on the machine (after fill_in_defaults)."""
+    import importlib.util
+
+    if args.backend == "flex" and not on_gpu:
+        raise RecipeError(
+            "--backend flex needs a CUDA GPU (flex_attention's kernels are built with Triton); "
+            "on a CPU use --backend compiled or eager"
+        )
+    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
+    from transformers.training_args import OptimizerNames
+
+    if args.optim not in {name.value for name in OptimizerNames}:
+        raise RecipeError(
+            f"--optim {args.optim!r} is not a transformers optimizer (e.g. adamw_torch, adamw_torch_fused, "
+            "paged_adamw_8bit, adafactor)"
+        )
+
+
+def check_and_complete(args: argparse.Namespace) -> bool:
+    """Every check that needs no weights and no dataset rows, then the defaults filled in.
+    Returns whether training runs on a CUDA GPU."""
+    check_flags(args)
+    check_output_dir(Path(args.output_dir))
+    check_resume(args)
+    if args.model is not None:
+        check_model_source(args.model)
+    if args.dataset is not None:
+        check_dataset_source(args.dataset)
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    fill_in_defaults(args, on_gpu)
+    check_device(args, on_gpu)
+    return on_gpu
+
+
+# ---------------------------------------------------------------------------------------
+# Data (checked row by row before the weights load)
+# ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """Silence a library's logger for a moment: its failures arrive as exceptions, which the
+    recipe reports once, on one line (datasets also logs them, and with a root handler, twice)."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def find_bad_json(path: Path) -> str | None:
+    """Where a JSON / JSON-lines file stops being readable, e.g. 'line 7 is not valid JSON (...)'."""
+    try:
+        if path.suffix == ".json":  # one JSON document (array of rows), or JSON lines
+            text = path.read_text(encoding="utf-8")
+            try:
+                json.loads(text)
+                return None  # valid JSON: the problem is its layout, not its syntax
+            except json.JSONDecodeError as error:
+                first = next((line for line in text.splitlines() if line.strip()), "")
+                try:
+                    json.loads(first)  # the first line stands alone: JSON lines, scanned below
+                except json.JSONDecodeError:
+                    return f"line {error.lineno} is not valid JSON ({error.msg} at column {error.colno})"
+        rows = 0
+        with open(path, encoding="utf-8") as lines:  # JSON lines: one object per line
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip("\r\n"))  # (keeps error.colno on this line)
+                except json.JSONDecodeError as error:
+                    return f"line {number} is not valid JSON ({error.msg} at column {error.colno})"
+                if not isinstance(row, dict):
+                    return f"line {number} is a JSON {type(row).__name__}, not an object like {{\"text\": ...}}"
+                rows += 1
+        return None if rows else "it has no rows (only blank lines)"
+    except UnicodeDecodeError as error:
+        return f"it is not UTF-8 text ({error.reason} at byte {error.start})"
+
+
+def load_training_dataset(name: str, split: str):
+    from datasets import load_dataset
+
+    if not dataset_is_local(name):
+        try:
+            with quiet_logger("datasets"):
+                return load_dataset(name, split=split)
+        except Exception as error:
+            raise RecipeError(f"cannot load dataset {name!r} (split {split!r}) from the hub: {first_line(error)}") from None
+    path = Path(name)
+    try:
+        with quiet_logger("datasets"):
+            return load_dataset(DATASET_FILE_TYPES[path.suffix], data_files=str(path), split="train")
     except Exception as error:
-        raise RecipeError(f"cannot load dataset {name!r} (split {split!r}) from the hub: {error}") from None
+        reason = (find_bad_json(path) if path.suffix in (".json", ".jsonl") else None) or first_line(error)
+        raise RecipeError(f"cannot read dataset file {name}: {reason}") from None
 
 
-def dataset_format(dataset: Dataset, name: str) -> str:
+def dataset_format(dataset, name: str) -> str:
     """'chat', 'prompt-completion' or 'text', from the columns, or a RecipeError naming them."""
     columns = dataset.column_names
     if len(dataset) == 0:
-        raise RecipeError(f"dataset {name} is empty")
+        raise RecipeError(f"dataset {name} has no rows")
     if "messages" in columns:
         return "chat"
     if "prompt" in columns and "completion" in columns:
@@ -294,7 +585,7 @@ def dataset_format(dataset: Dataset, name: str) -> str:
     )
 
 
-def split_off_heldout(dataset: Dataset, count: int) -> tuple[Dataset, Dataset]:
+def split_off_heldout(dataset, count: int):
     """The last `count` rows become held-out prompts for the closing generations."""
     count = min(count, len(dataset) - 1)
     if count <= 0:
@@ -302,11 +593,52 @@ def split_off_heldout(dataset: Dataset, count: int) -> tuple[Dataset, Dataset]:
     return dataset.select(range(len(dataset) - count)), dataset.select(range(len(dataset) - count, len(dataset)))
 
 
+def document_text(row: dict, data_format: str, tokenizer) -> str:
+    """The whole training document as text, the way TRL renders it before tokenizing."""
+    if data_format == "chat":
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    if data_format == "prompt-completion":
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list):  # conversational prompt/completion
+            return tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        return prompt + completion
+    return row["text"]
+
+
+def check_document_lengths(dataset, data_format: str, tokenizer, max_length: int, name: str) -> None:
+    """Tokenize the first rows: refuse a --max-seq-length that no document fits in (TRL would drop
+    or truncate them all), say how many are truncated otherwise. Also catches rows the chat
+    template cannot render, before any weights load."""
+    rows = dataset.select(range(min(LENGTH_CHECK_ROWS, len(dataset))))
+    texts = []
+    for index, row in enumerate(rows):
+        try:
+            texts.append(document_text(row, data_format, tokenizer))
+        except Exception as error:
+            raise RecipeError(f"dataset {name}, row {index} (counting from 0): cannot render it for training ({first_line(error)})") from None
+    lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # + EOS
+    which = f"the {len(lengths):,} documents" if len(rows) == len(dataset) else f"the first {len(lengths):,} documents"
+    too_long = sum(length > max_length for length in lengths)
+    if too_long == len(lengths):
+        raise RecipeError(
+            f"no document fits in --max-seq-length {max_length}: the shortest of {which} is {min(lengths):,} "
+            f"tokens (the longest {max(lengths):,}); raise --max-seq-length"
+        )
+    if too_long:
+        print(
+            f"lengths      {too_long:,} of {which} are longer than --max-seq-length {max_length} and get "
+            f"truncated (longest {max(lengths):,} tokens)"
+        )
+
+
 # ---------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------
 def build_tiny_gemma2(seed: int = TINY_INIT_SEED):
     """The demo's base model: the shipped tiny Gemma 2 config with seeded random weights (float32)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(TINY_MODEL_DIR)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
@@ -315,13 +647,17 @@ def build_tiny_gemma2(seed: int = TINY_INIT_SEED):
 def save_tiny_base_model(directory: Path) -> Path:
     """Write the tiny random model and its tokenizer to disk, so it loads like any checkpoint
     (same code path as a real model, 4-bit included) and the saved adapter has a base to point to."""
+    from transformers import AutoTokenizer
+
     directory.mkdir(parents=True, exist_ok=True)
     build_tiny_gemma2().save_pretrained(directory)
     AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(directory)
     return directory
 
 
-def compute_dtype(on_gpu: bool) -> torch.dtype:
+def compute_dtype(on_gpu: bool):
+    import torch
+
     # bf16 is Gemma 2's native precision (fp16 overflows in its activations); CPUs train in fp32.
     if on_gpu and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -329,6 +665,9 @@ def compute_dtype(on_gpu: bool) -> torch.dtype:
 
 
 def load_base_model(model_source: str, load_in_4bit: bool, on_gpu: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     dtype = compute_dtype(on_gpu)
     quantization_config = None
     if load_in_4bit:
@@ -366,7 +705,9 @@ def prepare_4bit_model_for_training(model) -> None:
     model.enable_input_require_grads()
 
 
-def lora_config(args: argparse.Namespace) -> LoraConfig:
+def lora_config(args: argparse.Namespace):
+    from peft import LoraConfig
+
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -377,31 +718,108 @@ def lora_config(args: argparse.Namespace) -> LoraConfig:
     )
 
 
+def describe_model(model: str | None, base_dir: str, precision: str) -> str:
+    if model is None:
+        model = f"tiny random-init Gemma 2 ({TINY_MODEL_DIR.name}, seed {TINY_INIT_SEED}), base saved in {base_dir}"
+    return f"{model}, {precision}"
+
+
+# ---------------------------------------------------------------------------------------
+# Trainer callbacks. Built by a function because transformers is imported only after the checks.
+# ---------------------------------------------------------------------------------------
+def recipe_callbacks() -> dict:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class StepClock(TrainerCallback):
+        """Wall-clock time at the end of every optimizer step, for throughput after the first
+        step of this run (which includes torch.compile's warm-up)."""
+
+        def __init__(self):
+            self.start_step = 0
+            self.step_end_times: dict[int, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step  # > 0 when resuming
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_end_times[state.global_step] = time.perf_counter()
+
+    class LogLastStep(TrainerCallback):
+        """Log the final step too, so the summary's last loss is the end of training even when
+        --max-steps is not a multiple of --logging-steps."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    class StopOnInterrupt(TrainerCallback):
+        """Ctrl-C sets a flag instead of raising KeyboardInterrupt in the middle of a step (and
+        of an optimizer update): the step in flight finishes, then the trainer logs, saves a
+        checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt as usual."""
+
+        def __init__(self):
+            self.interrupted = False
+
+        def handle(self, signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C quits at once
+            print(
+                "\nCtrl-C: finishing this step, then saving a checkpoint and the adapter "
+                "(Ctrl-C again quits without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        @contextlib.contextmanager
+        def installed(self):
+            # Signal handlers can only be set from the main thread; elsewhere Ctrl-C is not ours.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = signal.signal(signal.SIGINT, self.handle)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGINT, previous)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.interrupted:
+                control.should_log = True
+                control.should_save = True
+                control.should_training_stop = True
+
+    class LossOnProgressBar(ProgressCallback):
+        """Trainer's progress bar, with the latest loss on it instead of a printed dict per log."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+    return {
+        "clock": StepClock(),
+        "last_step": LogLastStep(),
+        "interrupt": StopOnInterrupt(),
+        "progress": LossOnProgressBar(),
+    }
+
+
 # ---------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------
-class StepClock(TrainerCallback):
-    """Wall-clock time at the end of every optimizer step, for throughput after the first
-    step (which includes torch.compile's warm-up)."""
-
-    def __init__(self):
-        self.step_end_times: dict[int, float] = {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step_end_times[state.global_step] = time.perf_counter()
+def display_path(path: str | Path) -> str:
+    """Relative to the current directory when inside it: shorter, and the same on every machine."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
-class LogLastStep(TrainerCallback):
-    """Log the final step too, so the summary's last loss is the end of training even when
-    --max-steps is not a multiple of --logging-steps."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_log = True
-
-
-def peak_memory_line(on_gpu: bool) -> str:
+def peak_memory_text(on_gpu: bool) -> str:
     if on_gpu:
+        import torch
+
         allocated = torch.cuda.max_memory_allocated() / 2**20
         reserved = torch.cuda.max_memory_reserved() / 2**20
         return f"{allocated:,.0f} MiB CUDA peak allocated ({reserved:,.0f} MiB peak reserved)"
@@ -409,48 +827,59 @@ def peak_memory_line(on_gpu: bool) -> str:
     return f"{max_rss_kib / 1024:,.0f} MiB process max RSS (CPU run)"
 
 
-def throughput_lines(log_history: list[dict], clock: StepClock, train_runtime: float) -> tuple[int, str]:
-    token_logs = [(entry["step"], entry["num_tokens"]) for entry in log_history if "num_tokens" in entry]
-    if not token_logs:
-        return 0, "n/a"
-    last_step, total_tokens = token_logs[-1]
-    line = f"{total_tokens / train_runtime:,.0f} tokens/s over the whole run"
-    first_step, first_tokens = token_logs[0]
-    if first_step in clock.step_end_times and last_step in clock.step_end_times and last_step > first_step:
-        seconds = clock.step_end_times[last_step] - clock.step_end_times[first_step]
-        line += f", {(total_tokens - first_tokens) / seconds:,.0f} tokens/s after step {first_step} (warm)"
-    return int(total_tokens), line
+def training_numbers(log_history: list[dict], step_end_times: dict[int, float], start_step: int, runtime: float) -> dict:
+    """Tokens, throughput and losses of this run (after start_step, when resuming) from the log."""
+    # TRL counts num_tokens from 0 in each run; the log history of a resumed run also holds the earlier steps.
+    token_logs = [(e["step"], e["num_tokens"]) for e in log_history if "num_tokens" in e and e["step"] > start_step]
+    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    numbers = {"tokens": 0, "tokens_per_s": math.nan, "warm_from_step": None, "warm_tokens_per_s": math.nan}
+    if token_logs:
+        last_step, total_tokens = token_logs[-1]
+        numbers["tokens"] = int(total_tokens)
+        numbers["tokens_per_s"] = total_tokens / runtime
+        first_step, first_tokens = token_logs[0]
+        if first_step in step_end_times and last_step in step_end_times and last_step > first_step:
+            seconds = step_end_times[last_step] - step_end_times[first_step]
+            numbers["warm_from_step"] = first_step
+            numbers["warm_tokens_per_s"] = (total_tokens - first_tokens) / seconds
+    numbers["first_loss"] = list(losses[0]) if losses else None  # [step, loss]
+    numbers["last_loss"] = list(losses[-1]) if losses else None
+    return numbers
 
 
-def print_summary(trainer, clock, train_output, args, on_gpu, model_description) -> dict:
-    history = trainer.state.log_history
-    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    total_tokens, throughput = throughput_lines(history, clock, train_output.metrics["train_runtime"])
-    summary = {
-        "steps": trainer.state.global_step,
-        "tokens": total_tokens,
-        "train_runtime_s": train_output.metrics["train_runtime"],
-        "first_loss": losses[0][1] if losses else math.nan,
-        "last_loss": losses[-1][1] if losses else math.nan,
-        "output_dir": str(Path(args.output_dir).resolve()),
-    }
-    change = (summary["last_loss"] / summary["first_loss"] - 1) * 100 if losses else math.nan
-    print("\n" + "=" * 30 + " fastgemma SFT summary " + "=" * 30)
-    print(f"model        {model_description}")
-    print(f"attention    fastgemma, backend={args.backend}, fused ops {args.fused_ops}")
-    runtime = summary["train_runtime_s"]
-    print(f"steps        {summary['steps']} optimizer steps in {runtime:.1f} s, {total_tokens:,} tokens")
-    print(f"throughput   {throughput}")
-    print(f"peak memory  {peak_memory_line(on_gpu)}")
-    if losses:
-        print(
-            f"loss         first {losses[0][1]:.4f} (step {losses[0][0]}) -> last {losses[-1][1]:.4f} "
-            f"(step {losses[-1][0]}), {change:+.0f}%"
+def summary_lines(summary: dict) -> list[str]:
+    """The closing summary, as printed (recipes/README.md shows one; a test keeps the two alike)."""
+    steps, runtime, tokens = summary["steps"], summary["train_runtime_s"], summary["tokens"]
+    if summary["resumed_from_step"]:
+        done = f"resumed from step {summary['resumed_from_step']}, {steps - summary['resumed_from_step']} in this run"
+        steps_line = f"{steps} optimizer steps ({done}: {runtime:.1f} s, {tokens:,} tokens)"
+    else:
+        steps_line = f"{steps} optimizer steps in {runtime:.1f} s, {tokens:,} tokens"
+    throughput = "n/a"
+    if tokens:
+        throughput = f"{summary['tokens_per_s']:,.0f} tokens/s over the whole run"
+    if summary["warm_from_step"] is not None:
+        throughput += f", {summary['warm_tokens_per_s']:,.0f} tokens/s after step {summary['warm_from_step']} (warm)"
+    lines = [
+        "=" * 30 + " fastgemma SFT summary " + "=" * 30,
+        f"model        {summary['model']}",
+        f"attention    fastgemma, backend={summary['backend']}, fused ops {summary['fused_ops']}",
+        f"steps        {steps_line}",
+        f"throughput   {throughput}",
+        f"peak memory  {summary['peak_memory']}",
+    ]
+    if summary["first_loss"] and summary["last_loss"]:
+        (first_step, first), (last_step, last) = summary["first_loss"], summary["last_loss"]
+        lines.append(
+            f"loss         first {first:.4f} (step {first_step}) -> last {last:.4f} (step {last_step}), "
+            f"{(last / first - 1) * 100:+.0f}%"
         )
-    print(f"adapter      {summary['output_dir']}")
-    print("             (adapter_model.safetensors, adapter_config.json, tokenizer, trainer_state.json)")
-    print("=" * 83)
-    return summary
+    lines += [
+        f"adapter      {display_path(summary['output_dir'])}",
+        "             (adapter_model.safetensors, adapter_config.json, tokenizer, trainer_state.json)",
+        "=" * 83,
+    ]
+    return lines
 
 
 @dataclass
@@ -477,9 +906,10 @@ def held_out_example(row: dict, tokenizer) -> HeldOutExample | None:
     return HeldOutExample(prompt, prompt, completion)
 
 
-@torch.no_grad()
-def show_generations(model, tokenizer, heldout: Dataset) -> list[dict]:
+def show_generations(model, tokenizer, heldout) -> list[dict]:
     """Greedy generations from the trained adapter, next to the expected answers."""
+    import torch
+
     examples = [example for row in heldout if (example := held_out_example(row, tokenizer)) is not None]
     if not examples:
         return []
@@ -495,13 +925,14 @@ def show_generations(model, tokenizer, heldout: Dataset) -> list[dict]:
         # Chat templates already start with <bos>; plain prompts get it from the tokenizer.
         starts_with_bos = example.model_prompt.startswith(tokenizer.bos_token)
         inputs = tokenizer(example.model_prompt, return_tensors="pt", add_special_tokens=not starts_with_bos).to(device)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=GENERATION_MAX_NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=GENERATION_MAX_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         generated = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         expected = example.expected.strip()
         correct = generated == expected
@@ -516,18 +947,34 @@ def show_generations(model, tokenizer, heldout: Dataset) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 # The recipe
 # ---------------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> dict:
-    on_gpu = torch.cuda.is_available()
-    args = fill_in_defaults(args, on_gpu)
+def run(args: argparse.Namespace, on_gpu: bool) -> dict:
+    """Train, after check_and_complete(args). Returns the summary; raises RecipeError (bad data)
+    or RecipeInterrupted (Ctrl-C, after saving)."""
+    # The heavy imports, now that the flags are known to be good.
+    import datasets
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    import fastgemma
+
+    datasets.disable_progress_bars()  # keep the console for the training progress bar
     output_dir = Path(args.output_dir)
     tiny = args.model is None
 
-    # 1. Inputs, checked before any weights are loaded.
-    if not tiny:
-        check_model_is_gemma2(args.model)
+    # 1. Data and tokenizer: every row readable, documents that fit. Still nothing written.
     dataset_name = args.dataset or str(TINY_TRAIN_FILE)
     dataset = load_training_dataset(dataset_name, args.dataset_split)
     data_format = dataset_format(dataset, dataset_name)
+    shown_name = display_path(dataset_name) if dataset_is_local(dataset_name) else dataset_name
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR if tiny else args.model)
+    if data_format == "chat" and tokenizer.chat_template is None:
+        # Base checkpoints may ship without a template: use Gemma's turn format (with the
+        # {% generation %} markers that assistant-only loss needs).
+        tokenizer.chat_template = (TINY_MODEL_DIR / "chat_template.jinja").read_text()
+    check_document_lengths(dataset, data_format, tokenizer, args.max_seq_length, shown_name)
     if args.dataset is None:
         heldout = load_dataset("json", data_files=str(TINY_HELDOUT_FILE), split="train")
         heldout = heldout.select(range(min(args.show_generations, len(heldout))))
@@ -535,24 +982,21 @@ def run(args: argparse.Namespace) -> dict:
         dataset, heldout = split_off_heldout(dataset, args.show_generations)
     else:
         heldout = dataset.select([])  # plain text has no expected answer to compare with
-    print(f"dataset      {dataset_name}: {len(dataset):,} {data_format} examples ({len(heldout)} held out)")
+    print(f"dataset      {shown_name}: {len(dataset):,} {data_format} examples ({len(heldout)} held out)")
 
     # 2. Base model. The tiny demo's random weights go through the same loading path.
+    precision = "4-bit NF4" if args.load_in_4bit else str(compute_dtype(on_gpu))
     if tiny:
-        model_source = str(save_tiny_base_model(output_dir.resolve() / "tiny_base_model"))
-        model_description = (
-            f"tiny random-init Gemma 2 ({TINY_MODEL_DIR.name}, seed {TINY_INIT_SEED}), base saved in {model_source}"
-        )
+        with transformers_progress_bars_off():  # instant for a 3M-parameter model
+            model_source = str(save_tiny_base_model(output_dir.resolve() / "tiny_base_model"))
+            model = load_base_model(model_source, args.load_in_4bit, on_gpu)
     else:
         model_source = args.model
-        model_description = args.model
-    model_description += ", 4-bit NF4" if args.load_in_4bit else f", {compute_dtype(on_gpu)}"
-    tokenizer = AutoTokenizer.from_pretrained(model_source)
-    if data_format == "chat" and tokenizer.chat_template is None:
-        # Base checkpoints may ship without a template: use Gemma's turn format (with the
-        # {% generation %} markers that assistant-only loss needs).
-        tokenizer.chat_template = (TINY_MODEL_DIR / "chat_template.jinja").read_text()
-    model = load_base_model(model_source, args.load_in_4bit, on_gpu)
+        model = load_base_model(model_source, args.load_in_4bit, on_gpu)
+    model_description = describe_model(args.model, display_path(model_source), precision)
+    print(f"model        {model_description}")
+    if args.load_in_4bit and not on_gpu:
+        print("             (4-bit on a CPU runs bitsandbytes' slow reference kernels: it checks the path, not speed)")
 
     # 3. fastgemma: swap in exact softcapped attention (per module instance, so PEFT
     #    wrapping by the trainer afterwards keeps it). Padding-free packing flattens the
@@ -561,7 +1005,11 @@ def run(args: argparse.Namespace) -> dict:
     fused_ops = {"auto": "auto", "on": True, "off": False}[args.fused_ops]
     fastgemma.patch_model(model, max_seq_length=longest_row, backend=args.backend, fused_ops=fused_ops)
 
-    # 4. LoRA + TRL.
+    # 4. LoRA + TRL. transformers renamed gradient_checkpointing to activation_checkpointing
+    #    (same switch); use whichever this version has.
+    checkpointing = "gradient_checkpointing"
+    if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
+        checkpointing = "activation_checkpointing"
     config = SFTConfig(
         output_dir=str(output_dir),
         max_length=args.max_seq_length,
@@ -578,50 +1026,139 @@ def run(args: argparse.Namespace) -> dict:
         optim=args.optim,
         weight_decay=0.0,
         # Gradient (activation) checkpointing: recompute each layer's activations in backward.
-        **{CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
+        **{checkpointing: True, f"{checkpointing}_kwargs": {"use_reentrant": False}},
         bf16=compute_dtype(on_gpu) == torch.bfloat16,
         logging_steps=args.logging_steps,
         logging_first_step=True,  # the first loss, for the summary
-        save_strategy="no",  # the adapter is saved once, at the end
+        save_strategy="steps" if args.save_steps else "no",  # Ctrl-C saves a checkpoint either way
+        save_steps=args.save_steps or SAVE_STEPS,  # (unused when save_strategy is "no")
+        save_total_limit=CHECKPOINTS_KEPT,
         report_to="none",
         seed=args.seed,
         data_seed=args.seed,
         dataloader_pin_memory=on_gpu,
     )
-    clock = StepClock()
+    callbacks = recipe_callbacks()
     trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(args),
-        callbacks=[clock, LogLastStep()],
+        callbacks=[callbacks["clock"], callbacks["last_step"], callbacks["interrupt"]],
     )
-    trainer.model.print_trainable_parameters()
+    trainer.remove_callback(ProgressCallback)  # it prints every logged dict under the bar
+    trainer.remove_callback(PrinterCallback)  # (its stand-in when tqdm is off) prints them too
+    trainer.add_callback(callbacks["progress"])
+    if len(trainer.train_dataset) == 0:  # what check_document_lengths could not see past its first rows
+        raise RecipeError(f"no training example is left after truncating to --max-seq-length {args.max_seq_length}")
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    print(
+        f"lora         r={args.lora_r}, alpha={args.lora_alpha} on {', '.join(LORA_TARGET_MODULES)}: "
+        f"{trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,})"
+    )
+    if args.resume:
+        print(f"resuming     from {display_path(args.resume)}")
+    every = f"every {args.save_steps} step{'s' * (args.save_steps > 1)} and " if args.save_steps else ""
+    print(f"checkpoints  {every}on Ctrl-C, in {display_path(output_dir)}/checkpoint-N (--resume continues)")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    train_output = trainer.train()
+    try:
+        with callbacks["interrupt"].installed():
+            train_output = trainer.train(resume_from_checkpoint=args.resume)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        checkpoint = latest_checkpoint(output_dir)
+        kept = f"the last checkpoint is {display_path(checkpoint)}" if checkpoint else "no checkpoint was saved"
+        raise RecipeInterrupted(
+            f"interrupted again: quit at step {trainer.state.global_step} without saving; {kept}", bool(checkpoint)
+        ) from None
 
     # 5. Save, report, and try the adapter on held-out prompts.
     trainer.save_model(str(output_dir))  # adapter_model.safetensors + adapter_config.json + tokenizer
     trainer.save_state()  # trainer_state.json (log history, steps)
-    summary = print_summary(trainer, clock, train_output, args, on_gpu, model_description)
+    if callbacks["interrupt"].interrupted:
+        checkpoint = latest_checkpoint(output_dir)
+        raise RecipeInterrupted(
+            f"interrupted at step {trainer.state.global_step}/{trainer.state.max_steps}: adapter saved in "
+            f"{display_path(output_dir)}, checkpoint {display_path(checkpoint)}"
+        )
+    clock = callbacks["clock"]
+    summary = {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": clock.start_step,
+        "train_runtime_s": train_output.metrics["train_runtime"],
+        **training_numbers(
+            trainer.state.log_history, clock.step_end_times, clock.start_step, train_output.metrics["train_runtime"]
+        ),
+        "model": model_description,
+        "backend": args.backend,
+        "fused_ops": args.fused_ops,
+        "peak_memory": peak_memory_text(on_gpu),
+        "output_dir": str(output_dir.resolve()),
+    }
+    print("\n" + "\n".join(summary_lines(summary)))
     summary["fastgemma_patched"] = fastgemma.is_patched(trainer.model)  # still patched after PEFT wrapping
-    summary["generations"] = show_generations(trainer.model, tokenizer, heldout)
+    try:
+        summary["generations"] = show_generations(trainer.model, tokenizer, heldout)
+    except KeyboardInterrupt:
+        message = f"interrupted during the generations; training had finished and the adapter is saved in {display_path(output_dir)}"
+        raise RecipeInterrupted(message, resumable=False) from None
     with open(output_dir / "recipe_summary.json", "w") as f:
         json.dump({**summary, "args": vars(args)}, f, indent=2, default=str)
     return summary
 
 
 @contextlib.contextmanager
+def transformers_progress_bars_off():
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
+
+
+class DropMessages(logging.Filter):
+    """Drop a library's log records that start with one of the given texts."""
+
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# Third-party log lines that mislead here, by logger. Everything else stays visible.
+KNOWN_NOISE = {
+    # Logged whenever bitsandbytes is imported on a CPU with AVX512-BF16 (peft imports it), even
+    # when nothing is 4-bit. It names an optional faster kernel, not a failure: 4-bit still works.
+    "bitsandbytes.backends.cpu.ops": DropMessages("Failed to load CPU gemm_4bit_forward"),
+    # Checkpoints saved within the same second (--save-steps 1, or Ctrl-C right after a save)
+    # have equal mtimes; the Trainer then orders them by step, which is what we want anyway.
+    "transformers.trainer_utils": DropMessages("mtime may not be reliable on this filesystem"),
+}
+
+
+@contextlib.contextmanager
 def console_settings():
-    """Readable output for the duration of the run (undone afterwards, for in-process callers)."""
+    """A readable console for the duration of the run (undone afterwards, for in-process callers):
+    fastgemma's one line on what it patched, known third-party noise filtered."""
     fastgemma_logger = logging.getLogger("fastgemma")
-    previous_level = fastgemma_logger.level
-    progress_bars_were_on = datasets.is_progress_bar_enabled()
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    fastgemma_logger.setLevel(logging.INFO)  # one line saying what was patched
-    datasets.disable_progress_bars()  # keep the console for the training progress bar and the losses
+    saved = fastgemma_logger.level, fastgemma_logger.propagate
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    # A handler on fastgemma's logger only: a root handler (basicConfig) would print the
+    # libraries' own log lines a second time.
+    fastgemma_logger.addHandler(handler)
+    fastgemma_logger.setLevel(logging.INFO)
+    fastgemma_logger.propagate = False
+    for name, noise in KNOWN_NOISE.items():
+        logging.getLogger(name).addFilter(noise)
+    datasets_bars_were_on = "datasets" not in sys.modules or sys.modules["datasets"].is_progress_bar_enabled()
     try:
         with warnings.catch_warnings():
             # Upstream renames the user cannot act on (gradient -> activation checkpointing inside TRL/peft).
@@ -629,19 +1166,48 @@ def console_settings():
             warnings.filterwarnings("ignore", message=renamed, category=FutureWarning)
             yield
     finally:
-        fastgemma_logger.setLevel(previous_level)
-        if progress_bars_were_on:
-            datasets.enable_progress_bars()
+        fastgemma_logger.removeHandler(handler)
+        fastgemma_logger.setLevel(saved[0])
+        fastgemma_logger.propagate = saved[1]
+        for name, noise in KNOWN_NOISE.items():
+            logging.getLogger(name).removeFilter(noise)
+        if datasets_bars_were_on and "datasets" in sys.modules:
+            sys.modules["datasets"].enable_progress_bars()
+
+
+def resume_command(argv: list[str]) -> str:
+    """This run's command line with --resume (replacing any earlier --resume)."""
+    kept, skip_value = [], False
+    for index, arg in enumerate(argv):
+        if skip_value:
+            skip_value = False
+            continue
+        if arg.startswith("--resume="):
+            continue
+        if arg == "--resume":
+            skip_value = index + 1 < len(argv) and not argv[index + 1].startswith("-")
+            continue
+        kept.append(arg)
+    return shlex.join(["python", display_path(__file__), *kept, "--resume"])
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     with console_settings():
         try:
-            run(args)
+            on_gpu = check_and_complete(args)
+            run(args, on_gpu)
         except RecipeError as error:
-            print(f"sft_gemma2.py: error: {error}", file=sys.stderr)
+            print(f"{RECIPE_NAME}: error: {error}", file=sys.stderr)
             return 2
+        except RecipeInterrupted as stop:
+            how_to_go_on = f"; continue with: {resume_command(argv)}" if stop.resumable else ""
+            print(f"{RECIPE_NAME}: {stop}{how_to_go_on}", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:
+            print(f"\n{RECIPE_NAME}: interrupted before training started; nothing was saved", file=sys.stderr)
+            return 130
     return 0
 
 

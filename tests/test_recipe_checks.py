@@ -1,0 +1,253 @@
+"""recipes/sft_gemma2.py refuses bad flags and inputs with one line and exit status 2, before
+it loads a model or writes anything (so these tests take seconds, not minutes)."""
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_PATH = REPO / "recipes" / "sft_gemma2.py"
+HEAVY_MODULES = ("torch", "transformers", "datasets", "peft", "trl", "bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("sft_gemma2_checks", RECIPE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def refuse(recipe, monkeypatch, tmp_path, capsys):
+    """Run the recipe in-process with a bad input; any model build or load fails the test.
+    Returns the one error line."""
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the recipe loaded a model before reporting the bad input")
+
+    for name in ["build_tiny_gemma2", "save_tiny_base_model", "load_base_model"]:
+        monkeypatch.setattr(recipe, name, must_not_load)
+
+    def run(*argv: str, output_dir: Path | None = None) -> str:
+        output_dir = output_dir or tmp_path / "out"
+        capsys.readouterr()
+        status = recipe.main([*argv, "--output-dir", str(output_dir)])
+        captured = capsys.readouterr()
+        assert status == 2, captured.err
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1, captured.err  # one line, nothing logged besides (or twice)
+        assert lines[0].startswith("sft_gemma2.py: error: ")
+        assert not (output_dir / "tiny_base_model").exists()  # nothing written either
+        return lines[0]
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-seq-length", "0"], "--max-seq-length must be a whole number of at least 1, got 0"),
+        (["--max-seq-length", "-5"], "--max-seq-length must be a whole number of at least 1, got -5"),
+        (["--batch-size", "0"], "--batch-size must be"),
+        (["--grad-accum", "0"], "--grad-accum must be"),
+        (["--lora-r", "0"], "--lora-r must be"),
+        (["--lora-alpha", "-2"], "--lora-alpha must be"),
+        (["--lora-dropout", "1"], "--lora-dropout must be"),
+        (["--lr", "0"], "--lr must be a number above 0"),
+        (["--lr", "-0.001"], "--lr must be a number above 0"),
+        (["--lr", "nan"], "--lr must be a number above 0, got nan"),
+        (["--epochs", "0"], "--epochs must be a number above 0"),
+        (["--epochs", "-1"], "--epochs must be a number above 0"),
+        (["--max-steps", "0"], "--max-steps must be at least 1 (or -1"),
+        (["--save-steps", "-1"], "--save-steps must be"),
+        (["--logging-steps", "0"], "--logging-steps must be"),
+        (["--show-generations", "-1"], "--show-generations must be"),
+        (["--seed", "-1"], "--seed must be"),
+        (["--optim", "adamw_typo"], "--optim 'adamw_typo' is not a transformers optimizer"),
+    ],
+)
+def test_bad_numbers(refuse, argv, message):
+    assert message in refuse(*argv)
+
+
+def test_output_dir_is_a_file(refuse, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    assert "--output-dir" in (error := refuse(output_dir=tmp_path / "a_file")) and "is a file" in error
+    assert "cannot be created" in refuse(output_dir=tmp_path / "a_file" / "sub")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_flex_backend_on_cpu(refuse):
+    assert "--backend flex needs a CUDA GPU" in refuse("--backend", "flex")
+
+
+def test_resume_without_a_checkpoint(refuse, tmp_path):
+    assert "--resume: no checkpoint-N directory" in refuse("--resume")
+    (tmp_path / "not_a_checkpoint").mkdir()
+    assert "is not a training checkpoint" in refuse("--resume", str(tmp_path / "not_a_checkpoint"))
+
+
+# ---------------------------------------------------------------------------------------
+# --model
+# ---------------------------------------------------------------------------------------
+def test_missing_model_directory(refuse, tmp_path):
+    error = refuse("--model", str(tmp_path / "nowhere"))
+    assert "no such directory" in error and "hub" in error and "repo id" not in error
+    assert "no such directory" in refuse("--model", "./not/here")
+
+
+def test_empty_file_and_half_model_directories(refuse, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is an empty directory" in refuse("--model", str(empty))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    assert "is a file" in refuse("--model", str(tmp_path / "weights.bin"))
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "README.md").write_text("no config here")
+    assert "has no config.json" in refuse("--model", str(model))
+    (model / "config.json").write_text('{"model_type": "gemma2",')
+    assert "config.json is not valid JSON" in refuse("--model", str(model))
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    assert "no weights" in refuse("--model", str(model))
+    (model / "model.safetensors").write_bytes(b"")
+    assert "no tokenizer" in refuse("--model", str(model))
+
+
+def test_hub_model_unreachable_fails_fast(refuse, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    start = time.perf_counter()
+    error = refuse("--model", "google/gemma-2-2b")
+    assert "cannot reach the Hugging Face Hub" in error and "HF_HUB_OFFLINE=1" in error
+    assert time.perf_counter() - start < 15  # one try, not the libraries' ~30 s of retries
+
+
+# ---------------------------------------------------------------------------------------
+# --dataset
+# ---------------------------------------------------------------------------------------
+def test_dataset_files(refuse, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert refuse("--dataset", str(empty)).endswith(f"dataset file {empty} is empty")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    assert "no rows" in refuse("--dataset", str(blank))
+    assert "is a directory" in refuse("--dataset", str(tmp_path))
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    assert "must be .jsonl, .json or .parquet" in refuse("--dataset", str(tmp_path / "data.csv"))
+
+
+def test_malformed_json_line_names_file_and_line(refuse, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
+    error = refuse("--dataset", str(bad))
+    assert str(bad) in error and "line 2 is not valid JSON" in error and "column 15" in error
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text('{"text": "one"}\n["two"]\n')
+    assert "line 2 is a JSON list, not an object" in refuse("--dataset", str(not_object))
+    array = tmp_path / "array.json"
+    array.write_text('[\n  {"text": "one"},\n  {"text": "two"\n]\n')
+    assert "line 4 is not valid JSON" in refuse("--dataset", str(array))
+
+
+def test_no_document_fits(refuse):
+    error = refuse("--max-seq-length", "8")
+    assert "no document fits in --max-seq-length 8" in error and "shortest" in error
+
+
+def test_row_of_the_wrong_shape(refuse, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    dataset = tmp_path / "mixed.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in [chat, chat, {"messages": "hi, yo"}, chat]))
+    error = refuse("--dataset", str(dataset))
+    assert f"dataset {dataset}, row 2 (counting from 0): cannot render it for training" in error
+
+
+def test_hub_dataset_unreachable_fails_fast(refuse, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    error = refuse("--dataset", "someone/some_chats")
+    assert "--dataset 'someone/some_chats': cannot reach the Hugging Face Hub" in error
+    assert time.perf_counter() - start < 15
+
+
+@pytest.mark.slow
+def test_hub_dataset_offline_fails_fast_as_a_script(tmp_path):
+    """With HF_HUB_OFFLINE=1 (a machine without network), a name that is not cached: one line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run(
+        [sys.executable, str(RECIPE_PATH), "--dataset", "someone/some_chats", "--output-dir", str(tmp_path / "out")],
+        check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sft_gemma2.py: error: cannot load dataset 'someone/some_chats'")
+    assert "Retrying" not in result.stderr and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# As a script: fast answers, quiet console
+# ---------------------------------------------------------------------------------------
+def run_script_and_list_imports(argv: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the recipe as __main__ and report which heavy libraries it imported."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(RECIPE_PATH)!r}, *{argv!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(RECIPE_PATH)!r}, run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    status = stop.code\n"
+        f"print('IMPORTED', [name for name in {HEAVY_MODULES!r} if name in sys.modules])\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=cwd, timeout=120)
+    imported = eval(result.stdout.strip().splitlines()[-1].removeprefix("IMPORTED "))
+    return result, imported
+
+
+def test_help_is_fast_and_quiet(tmp_path):
+    result, imported = run_script_and_list_imports(["--help"], tmp_path)
+    assert result.returncode == 0 and "--save-steps" in result.stdout and "--resume" in result.stdout
+    assert imported == [] and result.stderr == ""  # no torch import, no bitsandbytes "pip install kernels" line
+
+
+def test_bad_flag_as_a_script(tmp_path):
+    result, imported = run_script_and_list_imports(["--batch-size", "0"], tmp_path)
+    assert result.returncode == 2 and imported == []
+    assert result.stderr == "sft_gemma2.py: error: --batch-size must be a whole number of at least 1, got 0\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+def test_known_noise_is_dropped_and_the_rest_kept(recipe, caplog):
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with recipe.console_settings(), caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. pip install kernels", "x")
+        logger.warning("a real bitsandbytes problem")
+    assert [record.getMessage() for record in caplog.records] == ["a real bitsandbytes problem"]
+    assert not logger.filters  # undone after the run
+
+
+def test_resume_command_keeps_the_flags(recipe):
+    command = recipe.resume_command(["--max-steps", "50", "--resume", "out/checkpoint-20", "--lr", "1e-3"])
+    assert command.endswith("sft_gemma2.py --max-steps 50 --lr 1e-3 --resume")
+    assert recipe.resume_command(["--resume"]).endswith("sft_gemma2.py --resume")
