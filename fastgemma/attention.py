@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -200,7 +201,10 @@ def flex_softcap_attention(
     if not compiled:
         if not torch.is_grad_enabled():  # torch refuses CPU flex for inputs that require grad, even under no_grad
             query, key, value = query.detach(), key.detach(), value.detach()
-        out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        with warnings.catch_warnings():  # uncompiled on purpose (CPU, forward only): torch's "call it compiled" advice
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                 enable_gqa=enable_gqa)
     else:
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
             out = _compiled_flex()(
