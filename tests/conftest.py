@@ -49,3 +49,14 @@ def reference_attention(query, key, value, allowed, scale, softcap):
 def relative_error(actual, expected):
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def padding_mask(length, pads, side):
+    """A (len(pads), length) attention mask with pads[i] padding tokens on the `side` ("right"/"left") of row i."""
+    mask = torch.ones(len(pads), length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        if pad and side == "right":
+            mask[row, -pad:] = 0
+        elif pad:
+            mask[row, :pad] = 0
+    return mask

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastgemma
-from conftest import random_gemma2, relative_error, tiny_gemma2_config
+from conftest import padding_mask, random_gemma2, relative_error, tiny_gemma2_config
 
 GRAD_TOLERANCE = 1e-3
 
@@ -263,13 +263,7 @@ def test_classification_heads_match_hf_eager(kind, side):
     reference = _classifier(kind)
     patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
     ids = torch.randint(1, 97, (3, 45))
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate([0, 7, 30]):
-        if pad:
-            if side == "right":
-                mask[row, -pad:] = 0
-            else:
-                mask[row, :pad] = 0
+    mask = padding_mask(45, [0, 7, 30], side)
     ids = ids.masked_fill(mask == 0, 0)  # the pad token, which sequence classification uses to find the last token
     if kind == "sequence":
         labels = torch.tensor([0, 2, 1])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastgemma
-from conftest import random_gemma2, relative_error, tiny_gemma2_config
+from conftest import padding_mask, random_gemma2, relative_error, tiny_gemma2_config
 
 VALUE_TOLERANCE = 1e-4
 GRAD_TOLERANCE = 1e-3
@@ -62,13 +62,7 @@ def test_padding_matches_hf_eager_on_real_tokens(side):
     reference = random_gemma2(tiny_gemma2_config())
     patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="eager")
     ids = torch.randint(0, 97, (3, 90))
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate([0, 17, 60]):
-        if pad:
-            if side == "right":
-                mask[row, -pad:] = 0
-            else:
-                mask[row, :pad] = 0
+    mask = padding_mask(90, [0, 17, 60], side)
     # no loss on padding, nor on a prediction made at a padded position (HF's and ours differ there)
     predicted_from_pad = torch.nn.functional.pad(mask[:, :-1] == 0, (1, 0))
     labels = ids.masked_fill((mask == 0) | predicted_from_pad, -100)
