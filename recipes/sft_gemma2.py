@@ -1067,6 +1067,8 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         with callbacks["interrupt"].installed():
             train_output = trainer.train(resume_from_checkpoint=args.resume)
     except KeyboardInterrupt:  # the second Ctrl-C
+        if callbacks["progress"].training_bar is not None:
+            callbacks["progress"].training_bar.close()  # now, not when garbage-collected after our last line
         checkpoint = latest_checkpoint(output_dir)
         kept = f"the last checkpoint is {display_path(checkpoint)}" if checkpoint else "no checkpoint was saved"
         raise RecipeInterrupted(

@@ -1,0 +1,89 @@
+"""recipes/README.md shows a sample run of the default recipe. The run is deterministic, so a user
+compares: keep the sample's summary laid out exactly as the recipe prints it now (fields, wording,
+units), and its step and generation counts equal to the demo's knobs. No training here: the
+summary comes from the recipe's own formatter, fed made-up numbers."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_PATH = REPO / "recipes" / "sft_gemma2.py"
+README = REPO / "recipes" / "README.md"
+NUMBER = re.compile(r"[+-]?\d+(?:[.,]\d+)*")
+GENERATION = re.compile(r"  \[(ok|--)\] '.*' +expected '.*' +got '.*'")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("sft_gemma2_readme", RECIPE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[str]:
+    """The fenced block of recipes/README.md that holds the summary."""
+    blocks = re.findall(r"^```\n(.*?)^```", README.read_text(), flags=re.DOTALL | re.MULTILINE)
+    (block,) = [block for block in blocks if "fastgemma SFT summary" in block]
+    return block.splitlines()
+
+
+def summary_part(lines: list[str]) -> list[str]:
+    start = next(i for i, line in enumerate(lines) if "fastgemma SFT summary" in line)
+    end = next(i for i in range(start + 1, len(lines)) if set(lines[i]) == {"="})
+    return lines[start : end + 1]
+
+
+def field(line: str) -> str:
+    return line[:13].strip()  # the 13-character label column: "model", "peak memory", ...
+
+
+def masked(line: str) -> str:
+    return NUMBER.sub("#", line.rstrip())
+
+
+def printed_summary(recipe, monkeypatch) -> list[str]:
+    """What the default run prints, from the recipe's functions, with made-up numbers."""
+    monkeypatch.chdir(REPO)  # the README's run was started from the repository root
+    output_dir = REPO / recipe.DEFAULT_OUTPUT_DIR
+    log_history = [
+        {"step": step, "loss": 5.0 - step / 200, "num_tokens": 580 * step, "learning_rate": 1e-3}
+        for step in range(1, recipe.TINY_MAX_STEPS + 1)
+    ]
+    step_end_times = {step: 30.0 + 0.3 * step for step in range(1, recipe.TINY_MAX_STEPS + 1)}
+    summary = {
+        "steps": recipe.TINY_MAX_STEPS,
+        "resumed_from_step": 0,
+        "train_runtime_s": 180.0,
+        **recipe.training_numbers(log_history, step_end_times, 0, 180.0),
+        "model": recipe.describe_model(None, recipe.display_path(output_dir / "tiny_base_model"), "torch.float32"),
+        "backend": recipe.BACKEND,
+        "fused_ops": recipe.FUSED_OPS,
+        "peak_memory": recipe.peak_memory_text(on_gpu=False),
+        "output_dir": str(output_dir),
+    }
+    return recipe.summary_lines(summary)
+
+
+def test_sample_summary_has_the_printed_fields(recipe, sample, monkeypatch):
+    documented, printed = summary_part(sample), printed_summary(recipe, monkeypatch)
+    assert [field(line) for line in documented] == [field(line) for line in printed]
+
+
+def test_sample_summary_reads_like_the_printed_one(recipe, sample, monkeypatch):
+    """Line by line, numbers aside: same wording, units, paths."""
+    documented, printed = summary_part(sample), printed_summary(recipe, monkeypatch)
+    assert [masked(line) for line in documented] == [masked(line) for line in printed]
+
+
+def test_sample_counts_match_the_demo_knobs(recipe, sample):
+    steps_line = next(line for line in summary_part(sample) if field(line) == "steps")
+    assert steps_line.split()[1] == str(recipe.TINY_MAX_STEPS)
+    generations = [line for line in sample if GENERATION.fullmatch(line)]
+    assert len(generations) == recipe.TINY_SHOW_GENERATIONS
+    right = sum(line.startswith("  [ok]") for line in generations)
+    assert f"  {right}/{len(generations)} exactly right" in sample
