@@ -415,11 +415,11 @@ def check_model_source(name: str) -> None:
             config_file = hf_hub_download(name, "config.json")
         except GatedRepoError:
             raise RecipeError(gated_message(name, "model", "--model")) from None
-        except EntryNotFoundError:
-            raise RecipeError(f"--model {name!r} has no config.json on the hub: not a transformers model") from None
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: first)
             offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
             raise RecipeError(f"--model {name!r} is not in the local Hugging Face cache{offline}") from None
+        except EntryNotFoundError:
+            raise RecipeError(f"--model {name!r} has no config.json on the hub: not a transformers model") from None
         except Exception as error:
             raise RecipeError(f"--model {name!r}: cannot read its config.json ({first_line(error)})") from None
         check_model_type(json.loads(Path(config_file).read_text()), repr(name))
@@ -431,7 +431,7 @@ def check_model_source(name: str) -> None:
     if not path.is_dir():
         raise RecipeError(f"--model {name} is a file; give the directory holding config.json, weights and tokenizer")
     if not any(path.iterdir()):
-        raise RecipeError(f"--model {name} is an empty directory; expected a saved model (config.json, weights, tokenizer)")
+        raise RecipeError(f"--model {name} is an empty directory; expected config.json, weights and a tokenizer")
     if not (path / "config.json").is_file():
         raise RecipeError(f"--model {name} has no config.json: not a saved transformers model directory")
     try:
@@ -554,11 +554,16 @@ def load_training_dataset(name: str, split: str):
     from datasets import load_dataset
 
     if not dataset_is_local(name):
+        from huggingface_hub import constants
+
         try:
             with quiet_logger("datasets"):
                 return load_dataset(name, split=split)
         except Exception as error:
-            raise RecipeError(f"cannot load dataset {name!r} (split {split!r}) from the hub: {first_line(error)}") from None
+            offline = "; HF_HUB_OFFLINE is set, so only the local cache is read" if constants.HF_HUB_OFFLINE else ""
+            raise RecipeError(
+                f"cannot load dataset {name!r} (split {split!r}) from the hub: {first_line(error)}{offline}"
+            ) from None
     path = Path(name)
     try:
         with quiet_logger("datasets"):
@@ -615,7 +620,9 @@ def check_document_lengths(dataset, data_format: str, tokenizer, max_length: int
         try:
             texts.append(document_text(row, data_format, tokenizer))
         except Exception as error:
-            raise RecipeError(f"dataset {name}, row {index} (counting from 0): cannot render it for training ({first_line(error)})") from None
+            raise RecipeError(
+                f"dataset {name}, row {index} (counting from 0): cannot render it for training ({first_line(error)})"
+            ) from None
     lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # + EOS
     which = f"the {len(lengths):,} documents" if len(rows) == len(dataset) else f"the first {len(lengths):,} documents"
     too_long = sum(length > max_length for length in lengths)
@@ -756,7 +763,9 @@ def recipe_callbacks() -> dict:
     class StopOnInterrupt(TrainerCallback):
         """Ctrl-C sets a flag instead of raising KeyboardInterrupt in the middle of a step (and
         of an optimizer update): the step in flight finishes, then the trainer logs, saves a
-        checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt as usual."""
+        checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt as usual. (Under torchrun
+        each rank gets the signal; ranks that could see it at different steps would need to
+        agree on the flag, e.g. with an all-reduce, before stopping.)"""
 
         def __init__(self):
             self.interrupted = False
@@ -827,7 +836,7 @@ def peak_memory_text(on_gpu: bool) -> str:
     return f"{max_rss_kib / 1024:,.0f} MiB process max RSS (CPU run)"
 
 
-def training_numbers(log_history: list[dict], step_end_times: dict[int, float], start_step: int, runtime: float) -> dict:
+def training_numbers(log_history: list[dict], step_end_times: dict, start_step: int, runtime: float) -> dict:
     """Tokens, throughput and losses of this run (after start_step, when resuming) from the log."""
     # TRL counts num_tokens from 0 in each run; the log history of a resumed run also holds the earlier steps.
     token_logs = [(e["step"], e["num_tokens"]) for e in log_history if "num_tokens" in e and e["step"] > start_step]
@@ -1061,6 +1070,9 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         print(f"resuming     from {display_path(args.resume)}")
     every = f"every {args.save_steps} step{'s' * (args.save_steps > 1)} and " if args.save_steps else ""
     print(f"checkpoints  {every}on Ctrl-C, in {display_path(output_dir)}/checkpoint-N (--resume continues)")
+    earlier = latest_checkpoint(output_dir)
+    if earlier and not args.resume:
+        print(f"             (this run starts afresh: --resume would continue the earlier {display_path(earlier)})")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -1103,7 +1115,7 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
     try:
         summary["generations"] = show_generations(trainer.model, tokenizer, heldout)
     except KeyboardInterrupt:
-        message = f"interrupted during the generations; training had finished and the adapter is saved in {display_path(output_dir)}"
+        message = f"interrupted in the generations, after training; the adapter is in {display_path(output_dir)}"
         raise RecipeInterrupted(message, resumable=False) from None
     with open(output_dir / "recipe_summary.json", "w") as f:
         json.dump({**summary, "args": vars(args)}, f, indent=2, default=str)

@@ -120,7 +120,8 @@ def test_4bit_loading_path(recipe, tmp_path):
     pytest.importorskip("bitsandbytes")
     output_dir = tmp_path / "out"
     # No generations: greedy decoding through bitsandbytes' CPU reference kernels takes a minute.
-    argv = [*FAST_STEPS, "--load-in-4bit", "--output-dir", str(output_dir), "--backend", "eager", "--show-generations", "0"]
+    argv = [*FAST_STEPS, "--load-in-4bit", "--backend", "eager", "--show-generations", "0"]
+    argv += ["--output-dir", str(output_dir)]
     assert recipe.main(argv) == 0
     summary = json.loads((output_dir / "recipe_summary.json").read_text())
     assert summary["steps"] == 3 and summary["fastgemma_patched"] is True

@@ -137,6 +137,19 @@ def test_hub_model_unreachable_fails_fast(refuse, monkeypatch):
     assert time.perf_counter() - start < 15  # one try, not the libraries' ~30 s of retries
 
 
+def test_hub_model_offline_and_not_cached_as_a_script(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run(
+        [sys.executable, str(RECIPE_PATH), "--model", "google/gemma-2-2b", "--output-dir", str(tmp_path / "out")],
+        check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "sft_gemma2.py: error: --model 'google/gemma-2-2b' is not in the local Hugging Face cache "
+        "(HF_HUB_OFFLINE is set)\n"
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # --dataset
 # ---------------------------------------------------------------------------------------
@@ -218,7 +231,8 @@ def run_script_and_list_imports(argv: list[str], cwd: Path) -> tuple[subprocess.
         f"print('IMPORTED', [name for name in {HEAVY_MODULES!r} if name in sys.modules])\n"
         "sys.exit(status)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=cwd, timeout=120)
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=cwd, timeout=120)
     imported = eval(result.stdout.strip().splitlines()[-1].removeprefix("IMPORTED "))
     return result, imported
 
