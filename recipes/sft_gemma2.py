@@ -255,6 +255,11 @@ def fill_in_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespa
     if args.optim is None:
         args.optim = GPU_OPTIMIZER if on_gpu else CPU_OPTIMIZER
     default("max_seq_length", MAX_SEQ_LENGTH, TINY_MAX_SEQ_LENGTH)
+    # Packed training on a GPU with neither --batch-size nor --grad-accum given: keep the defaults'
+    # tokens per optimizer step, and let run() put as many of its rows in each micro-step as memory
+    # allows (recipes/batch_sizing.py: small micro-steps leave the GPU waiting on the host).
+    args.auto_micro_batch = on_gpu and bool(args.packing) and not tiny and args.batch_size is None \
+        and args.grad_accum is None
     if args.packing:
         default("batch_size", BATCH_SIZE_PACKED, TINY_BATCH_SIZE_PACKED)
     else:
@@ -877,6 +882,9 @@ def summary_lines(summary: dict) -> list[str]:
         f"throughput   {throughput}",
         f"peak memory  {summary['peak_memory']}",
     ]
+    if summary.get("micro_batch_auto"):  # chosen from the GPU's free memory (recipes/batch_sizing.py)
+        lines.append(f"micro-batch  {summary['batch_size']} row(s) x {summary['grad_accum']} accumulation step(s), "
+                     "sized to the GPU's memory")
     if summary["first_loss"] and summary["last_loss"]:
         (first_step, first), (last_step, last) = summary["first_loss"], summary["last_loss"]
         lines.append(
@@ -1007,6 +1015,16 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
     if args.load_in_4bit and not on_gpu:
         print("             (4-bit on a CPU runs bitsandbytes' slow reference kernels: it checks the path, not speed)")
 
+    micro_batch = None
+    if args.auto_micro_batch:
+        from recipes.batch_sizing import choose_micro_batch
+
+        device = next(model.parameters()).device
+        choice = choose_micro_batch(args.batch_size * args.grad_accum, args.max_seq_length,
+                                    torch.cuda.mem_get_info(device)[0], model.config)
+        args.batch_size, args.grad_accum, micro_batch = choice.batch_size, choice.grad_accum, choice.reason
+        print(f"micro-batch  {choice.reason} (set --batch-size / --grad-accum to choose)")
+
     # 3. fastgemma: swap in exact softcapped attention (per module instance, so PEFT
     #    wrapping by the trainer afterwards keeps it). Padding-free packing flattens the
     #    whole micro-batch into one row, so the longest row is batch_size x max length.
@@ -1109,6 +1127,9 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         "fused_ops": args.fused_ops,
         "peak_memory": peak_memory_text(on_gpu),
         "output_dir": str(output_dir.resolve()),
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "micro_batch_auto": micro_batch,
     }
     print("\n" + "\n".join(summary_lines(summary)))
     summary["fastgemma_patched"] = fastgemma.is_patched(trainer.model)  # still patched after PEFT wrapping

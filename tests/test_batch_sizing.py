@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from batch_sizing import activation_bytes_per_token, choose_micro_batch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.batch_sizing import activation_bytes_per_token, choose_micro_batch  # noqa: E402
 
 GIB = 2**30
 
@@ -44,3 +44,40 @@ def test_choice_keeps_tokens_per_step_and_fits(size, free_gib, expected_batch):
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="positive"):
         choose_micro_batch(0, 2048, GIB, published("2b"))
+
+
+def _recipe():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "sft_gemma2.py"
+    spec = importlib.util.spec_from_file_location("sft_gemma2_batch_sizing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, on_gpu, auto", [
+    (["--model", "google/gemma-2-2b"], True, True),
+    (["--model", "google/gemma-2-2b", "--batch-size", "2"], True, False),  # the user's choice stands
+    (["--model", "google/gemma-2-2b", "--grad-accum", "4"], True, False),
+    (["--model", "google/gemma-2-2b", "--no-packing"], True, False),
+    (["--model", "google/gemma-2-2b"], False, False),  # CPU
+    ([], True, False),  # the tiny demo keeps its own knobs
+])
+def test_recipe_sizes_the_micro_batch_only_when_nobody_chose_it(argv, on_gpu, auto):
+    recipe = _recipe()
+    args = recipe.fill_in_defaults(recipe.build_parser().parse_args(argv), on_gpu=on_gpu)
+    assert args.auto_micro_batch is auto
+    if auto:  # the defaults still define the tokens per optimizer step that run() redistributes
+        assert args.batch_size * args.grad_accum == recipe.BATCH_SIZE_PACKED * recipe.GRAD_ACCUM
+
+
+def test_summary_names_an_automatic_micro_batch():
+    recipe = _recipe()
+    summary = {"steps": 10, "resumed_from_step": 0, "train_runtime_s": 10.0, "tokens": 1000, "tokens_per_s": 100.0,
+               "warm_from_step": None, "model": "m", "backend": "auto", "fused_ops": "auto", "peak_memory": "1 GiB",
+               "first_loss": None, "last_loss": None, "output_dir": "out", "batch_size": 8, "grad_accum": 1,
+               "micro_batch_auto": "8 rows ..."}
+    assert any(line.startswith("micro-batch  8 row(s) x 1 accumulation") for line in recipe.summary_lines(summary))
+    summary["micro_batch_auto"] = None
+    assert not any(line.startswith("micro-batch") for line in recipe.summary_lines(summary))
