@@ -10,7 +10,9 @@ many of its rows as fit into each micro-step.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 # Memory a QLoRA step needs per token beyond the weights, bf16 with gradient checkpointing:
 # each layer's saved input (hidden values per token and layer), plus the working set of the
@@ -63,3 +65,17 @@ def choose_micro_batch(rows_per_step: int, max_seq_length: int, free_bytes: int,
             )
             return MicroBatch(batch, rows_per_step // batch, reason)
     raise AssertionError("unreachable: batch 1 always returns")
+
+
+def resumed_micro_batch(checkpoint, rows_per_step: int) -> MicroBatch | None:
+    """The micro-batch a checkpointed run used (its trainer_state.json), or None if it does not say."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        batch = int(state["train_batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if batch < 1 or rows_per_step % batch:
+        return None
+    reason = (f"{batch} row(s) per micro-step x {rows_per_step // batch} accumulation step(s), as in the checkpoint "
+              "being resumed")
+    return MicroBatch(batch, rows_per_step // batch, reason)

@@ -1017,11 +1017,15 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
 
     micro_batch = None
     if args.auto_micro_batch:
-        from recipes.batch_sizing import choose_micro_batch
+        from recipes.batch_sizing import choose_micro_batch, resumed_micro_batch
 
-        device = next(model.parameters()).device
-        choice = choose_micro_batch(args.batch_size * args.grad_accum, args.max_seq_length,
-                                    torch.cuda.mem_get_info(device)[0], model.config)
+        rows_per_step = args.batch_size * args.grad_accum
+        # A resumed run keeps its checkpoint's micro-batch: the Trainer skips seen data by counting batches.
+        choice = resumed_micro_batch(args.resume, rows_per_step) if args.resume else None
+        if choice is None:
+            device = next(model.parameters()).device
+            choice = choose_micro_batch(rows_per_step, args.max_seq_length, torch.cuda.mem_get_info(device)[0],
+                                        model.config)
         args.batch_size, args.grad_accum, micro_batch = choice.batch_size, choice.grad_accum, choice.reason
         print(f"micro-batch  {choice.reason} (set --batch-size / --grad-accum to choose)")
 

@@ -81,3 +81,15 @@ def test_summary_names_an_automatic_micro_batch():
     assert any(line.startswith("micro-batch  8 row(s) x 1 accumulation") for line in recipe.summary_lines(summary))
     summary["micro_batch_auto"] = None
     assert not any(line.startswith("micro-batch") for line in recipe.summary_lines(summary))
+
+
+def test_a_resumed_run_keeps_its_checkpoints_micro_batch(tmp_path):
+    import json
+
+    from recipes.batch_sizing import resumed_micro_batch
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"train_batch_size": 4, "global_step": 7}))
+    choice = resumed_micro_batch(tmp_path, 8)
+    assert (choice.batch_size, choice.grad_accum) == (4, 2) and "checkpoint" in choice.reason
+    assert resumed_micro_batch(tmp_path, 6) is None  # 4 rows do not divide 6: choose afresh
+    assert resumed_micro_batch(tmp_path / "missing", 8) is None
