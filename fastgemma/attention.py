@@ -68,10 +68,18 @@ def tanh_softcap(cap: float, approx: bool = False):
     `approx` swaps in the GPU's one-instruction tanh (fastgemma.fast_tanh: compiled NVIDIA kernels
     only; call ``fast_tanh.register()`` first).
     """
-    tanh = fast_tanh.tanh_approx if approx else torch.tanh
+    # Two functions, not one closing over the chosen tanh: torch.compile keys its cache of flex kernels
+    # on the score function's code, and a closure cell holding the tanh was not told apart on an H100
+    # (after an approximate call, softcap_tanh="exact" reused the approximate kernel).
+    if approx:
+
+        def softcap_approx(score, b, h, q_idx, kv_idx):
+            return cap * fast_tanh.tanh_approx(score / cap)
+
+        return softcap_approx
 
     def softcap(score, b, h, q_idx, kv_idx):
-        return cap * tanh(score / cap)
+        return cap * torch.tanh(score / cap)
 
     return softcap
 

@@ -202,7 +202,9 @@ def test_exact_softcap_tanh_is_the_previous_path(head_dim, heads, kv_heads):
         return softcap_attention(q, k, v, mask, scale=scale, softcap=50.0, backend="flex", softcap_tanh="exact")
 
     for ours, theirs in zip(run_fwd_bwd(exact, tensors, grad_out), run_fwd_bwd(previous, tensors, grad_out)):
-        assert relative_error(ours, theirs) < 4e-3  # a few bf16 ulps in a few elements, at most
+        # On an H100 (torch 2.11) this failed after the approx tests had run in the same process (0.0068 relative,
+        # 74% of the elements differing) and passed alone; distinct score functions since, not yet rerun there.
+        assert relative_error(ours, theirs) < 4e-3, (relative_error(ours, theirs), (ours != theirs).float().mean().item())
 
 
 def test_packed_model_bf16_matches_documents_alone_and_hf_eager():
