@@ -49,6 +49,7 @@ from pathlib import Path
 # Run from a source checkout without `pip install -e .`: fall back to the checkout's packages
 # (appended, so an installed fastgemma still wins). fastgemma itself is imported in run().
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+from recipes import distributed  # noqa: E402  (torchrun / accelerate launch: recipes/distributed.py; stdlib only)
 
 # ---------------------------------------------------------------------------------------
 # Knobs. Real Gemma 2 (--model given): the usual single-GPU QLoRA settings.
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "For your own dataset the last N rows are held out of training for this [0; tiny "
         f"{TINY_SHOW_GENERATIONS}, from {TINY_HELDOUT_FILE.name}]",
     )
+    distributed.add_arguments(parser)  # [distributed] --fsdp
     return parser
 
 
@@ -503,6 +505,9 @@ def check_and_complete(args: argparse.Namespace) -> bool:
     import torch
 
     on_gpu = torch.cuda.is_available()
+    # [distributed] settings a launch cannot run (--fsdp without several GPU processes); FSDP's optimizer default
+    if (problem := distributed.check_arguments(args, distributed.detect_launch(), on_gpu)) is not None:
+        raise RecipeError(problem)
     fill_in_defaults(args, on_gpu)
     check_device(args, on_gpu)
     return on_gpu
@@ -676,7 +681,7 @@ def compute_dtype(on_gpu: bool):
     return torch.float32
 
 
-def load_base_model(model_source: str, load_in_4bit: bool, on_gpu: bool):
+def load_base_model(model_source: str, load_in_4bit: bool, on_gpu: bool, fsdp: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -688,12 +693,15 @@ def load_base_model(model_source: str, load_in_4bit: bool, on_gpu: bool):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=distributed.quantization_storage(fsdp, dtype),  # [distributed] FSDP shards floats
         )
     model = AutoModelForCausalLM.from_pretrained(
         model_source,
         dtype=dtype,
         quantization_config=quantization_config,
-        device_map={"": torch.cuda.current_device()} if on_gpu else None,
+        # [distributed] The current device is this rank's GPU (distributed.start). Under FSDP a
+        # bf16 base loads to CPU and FSDP moves each rank's shard to its GPU; a 4-bit one is quantised on the GPU.
+        device_map={"": torch.cuda.current_device()} if on_gpu and not fsdp else None,
         # Gemma 2 needs softcapping, which sdpa lacks; eager is HF's exact path, and what
         # fastgemma leaves in place for anything it does not take over.
         attn_implementation="eager",
@@ -739,7 +747,7 @@ def describe_model(model: str | None, base_dir: str, precision: str) -> str:
 # ---------------------------------------------------------------------------------------
 # Trainer callbacks. Built by a function because transformers is imported only after the checks.
 # ---------------------------------------------------------------------------------------
-def recipe_callbacks() -> dict:
+def recipe_callbacks(launch: distributed.Launch | None = None) -> dict:
     from transformers import TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 
@@ -777,6 +785,13 @@ def recipe_callbacks() -> dict:
 
         def handle(self, signum, frame):
             self.interrupted = True
+            if launch is not None and launch.distributed:
+                # [distributed] torchrun passes Ctrl-C on to every worker and then sends its own SIGINT (and
+                # SIGKILL 30 s later), so a second SIGINT here is not a second Ctrl-C: keep saving.
+                if launch.is_main:
+                    print("\nCtrl-C: every rank finishes this step, then rank 0 saves a checkpoint and the adapter",
+                          file=sys.stderr, flush=True)
+                return
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C quits at once
             print(
                 "\nCtrl-C: finishing this step, then saving a checkpoint and the adapter "
@@ -798,6 +813,8 @@ def recipe_callbacks() -> dict:
                 signal.signal(signal.SIGINT, previous)
 
         def on_step_end(self, args, state, control, **kwargs):
+            # [distributed] Ctrl-C reaches the ranks at different points of a step: all stop after the same one.
+            self.interrupted = distributed.any_rank(launch or distributed.Launch(), self.interrupted)
             if self.interrupted:
                 control.should_log = True
                 control.should_save = True
@@ -841,23 +858,42 @@ def peak_memory_text(on_gpu: bool) -> str:
     return f"{max_rss_kib / 1024:,.0f} MiB process max RSS (CPU run)"
 
 
-def training_numbers(log_history: list[dict], step_end_times: dict, start_step: int, runtime: float) -> dict:
-    """Tokens, throughput and losses of this run (after start_step, when resuming) from the log."""
+def training_numbers(log_history: list[dict], step_end_times: dict, start_step: int, runtime: float,
+                     launch: distributed.Launch | None = None) -> dict:
+    """Tokens, throughput and losses of this run (after start_step, when resuming) from the log.
+    [distributed] Under a launcher: for all ranks together (every rank must call this), per GPU beside it."""
+    launch = launch or distributed.Launch()
     # TRL counts num_tokens from 0 in each run; the log history of a resumed run also holds the earlier steps.
+    # Its counts already cover every rank; the time is the slowest rank's.
     token_logs = [(e["step"], e["num_tokens"]) for e in log_history if "num_tokens" in e and e["step"] > start_step]
     losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    numbers = {"tokens": 0, "tokens_per_s": math.nan, "warm_from_step": None, "warm_tokens_per_s": math.nan}
+    numbers = {"tokens": 0, "tokens_per_s": math.nan, "warm_from_step": None, "warm_tokens_per_s": math.nan,
+               "late_from_step": None, "late_tokens_per_s": math.nan}
+    runtime = distributed.slowest(launch, runtime)
+
+    def seconds_between(first, last):
+        mine = None
+        if first in step_end_times and last in step_end_times and last > first:
+            mine = step_end_times[last] - step_end_times[first]
+        return distributed.slowest(launch, mine)  # every rank calls this the same number of times
+
     if token_logs:
         last_step, total_tokens = token_logs[-1]
         numbers["tokens"] = int(total_tokens)
         numbers["tokens_per_s"] = total_tokens / runtime
         first_step, first_tokens = token_logs[0]
-        if first_step in step_end_times and last_step in step_end_times and last_step > first_step:
-            seconds = step_end_times[last_step] - step_end_times[first_step]
+        if (seconds := seconds_between(first_step, last_step)) is not None:
             numbers["warm_from_step"] = first_step
             numbers["warm_tokens_per_s"] = (total_tokens - first_tokens) / seconds
+        # The second half of the steps: steady state, past any compile of a later step.
+        middle_step, middle_tokens = next(t for t in token_logs if t[0] >= (first_step + last_step) // 2)
+        if (seconds := seconds_between(middle_step, last_step)) is not None:
+            numbers["late_from_step"] = middle_step
+            numbers["late_tokens_per_s"] = (total_tokens - middle_tokens) / seconds
     numbers["first_loss"] = list(losses[0]) if losses else None  # [step, loss]
     numbers["last_loss"] = list(losses[-1]) if losses else None
+    numbers["world_size"] = launch.world_size
+    numbers.update(distributed.per_gpu(launch, numbers, ("tokens_per_s", "warm_tokens_per_s", "late_tokens_per_s")))
     return numbers
 
 
@@ -869,15 +905,27 @@ def summary_lines(summary: dict) -> list[str]:
         steps_line = f"{steps} optimizer steps ({done}: {runtime:.1f} s, {tokens:,} tokens)"
     else:
         steps_line = f"{steps} optimizer steps in {runtime:.1f} s, {tokens:,} tokens"
+    world = summary.get("world_size", 1)
+
+    def rate(key):  # [distributed] the whole job's rate, the per-GPU one beside it
+        text = f"{summary[key]:,.0f} tokens/s"
+        return text + (f" ({summary[key + '_per_gpu']:,.0f} per {summary['per']})" if world > 1 else "")
+
     throughput = "n/a"
     if tokens:
-        throughput = f"{summary['tokens_per_s']:,.0f} tokens/s over the whole run"
+        throughput = f"{rate('tokens_per_s')} over the whole run"
     if summary["warm_from_step"] is not None:
-        throughput += f", {summary['warm_tokens_per_s']:,.0f} tokens/s after step {summary['warm_from_step']} (warm)"
+        throughput += f", {rate('warm_tokens_per_s')} after step {summary['warm_from_step']} (warm)"
+    if world > 1:
+        throughput += f"; all {world} processes together"
     lines = [
         "=" * 30 + " fastgemma SFT summary " + "=" * 30,
         f"model        {summary['model']}",
         f"attention    fastgemma, backend={summary['backend']}, fused ops {summary['fused_ops']}",
+    ]
+    if world > 1:
+        lines.append(f"processes    {summary['processes']}")
+    lines += [
         f"steps        {steps_line}",
         f"throughput   {throughput}",
         f"peak memory  {summary['peak_memory']}",
@@ -885,6 +933,8 @@ def summary_lines(summary: dict) -> list[str]:
     if summary.get("micro_batch_auto"):  # chosen from the GPU's free memory (recipes/batch_sizing.py)
         lines.append(f"micro-batch  {summary['batch_size']} row(s) x {summary['grad_accum']} accumulation step(s), "
                      "sized to the GPU's memory")
+    if summary.get("peak_memory_per_rank"):
+        lines.append(f"             {summary['peak_memory_per_rank']}")
     if summary["first_loss"] and summary["last_loss"]:
         (first_step, first), (last_step, last) = summary["first_loss"], summary["last_loss"]
         lines.append(
@@ -980,6 +1030,10 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
     datasets.disable_progress_bars()  # keep the console for the training progress bar
     output_dir = Path(args.output_dir)
     tiny = args.model is None
+    # [distributed] Under torchrun / accelerate launch: this process's place, its own GPU before any CUDA work,
+    # and the process group.
+    launch = distributed.detect_launch()
+    distributed.start(launch, on_gpu)
 
     # 1. Data and tokenizer: every row readable, documents that fit. Still nothing written.
     dataset_name = args.dataset or str(TINY_TRAIN_FILE)
@@ -1004,12 +1058,14 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
     # 2. Base model. The tiny demo's random weights go through the same loading path.
     precision = "4-bit NF4" if args.load_in_4bit else str(compute_dtype(on_gpu))
     if tiny:
+        # [distributed] other ranks build the same seeded weights in a private temporary directory
+        base_dir = distributed.tiny_base_model_dir(launch, output_dir.resolve() / "tiny_base_model")
         with transformers_progress_bars_off():  # instant for a 3M-parameter model
-            model_source = str(save_tiny_base_model(output_dir.resolve() / "tiny_base_model"))
-            model = load_base_model(model_source, args.load_in_4bit, on_gpu)
+            model_source = str(save_tiny_base_model(base_dir))
+            model = load_base_model(model_source, args.load_in_4bit, on_gpu, fsdp=args.fsdp)
     else:
         model_source = args.model
-        model = load_base_model(model_source, args.load_in_4bit, on_gpu)
+        model = load_base_model(model_source, args.load_in_4bit, on_gpu, fsdp=args.fsdp)
     model_description = describe_model(args.model, display_path(model_source), precision)
     print(f"model        {model_description}")
     if args.load_in_4bit and not on_gpu:
@@ -1024,8 +1080,9 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         choice = resumed_micro_batch(args.resume, rows_per_step) if args.resume else None
         if choice is None:
             device = next(model.parameters()).device
-            choice = choose_micro_batch(rows_per_step, args.max_seq_length, torch.cuda.mem_get_info(device)[0],
-                                        model.config)
+            # [distributed] every rank sizes from the least free memory of all, so all choose the same micro-batch
+            free = distributed.least(launch, torch.cuda.mem_get_info(device)[0])
+            choice = choose_micro_batch(rows_per_step, args.max_seq_length, free, model.config)
         args.batch_size, args.grad_accum, micro_batch = choice.batch_size, choice.grad_accum, choice.reason
         print(f"micro-batch  {choice.reason} (set --batch-size / --grad-accum to choose)")
 
@@ -1057,6 +1114,7 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         optim=args.optim,
         weight_decay=0.0,
         # Gradient (activation) checkpointing: recompute each layer's activations in backward.
+        # [distributed] Non-reentrant: what DDP and FSDP need (each LoRA gradient is ready once).
         **{checkpointing: True, f"{checkpointing}_kwargs": {"use_reentrant": False}},
         bf16=compute_dtype(on_gpu) == torch.bfloat16,
         logging_steps=args.logging_steps,
@@ -1068,8 +1126,9 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         seed=args.seed,
         data_seed=args.seed,
         dataloader_pin_memory=on_gpu,
+        **distributed.trainer_settings(launch, on_gpu, args.fsdp),  # [distributed] gloo on CPU, timeout, FSDP
     )
-    callbacks = recipe_callbacks()
+    callbacks = recipe_callbacks(launch)
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -1109,9 +1168,11 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
             f"interrupted again: quit at step {trainer.state.global_step} without saving; {kept}", bool(checkpoint)
         ) from None
 
-    # 5. Save, report, and try the adapter on held-out prompts.
+    # 5. Save, report, and try the adapter on held-out prompts. [distributed] Every rank calls save_model and
+    #    save_state (FSDP gathers the adapter for them); the Trainer writes from the main process only.
     trainer.save_model(str(output_dir))  # adapter_model.safetensors + adapter_config.json + tokenizer
     trainer.save_state()  # trainer_state.json (log history, steps)
+    distributed.write_rank_checksum(launch, trainer)  # [distributed] test hook, off unless its variable is set
     if callbacks["interrupt"].interrupted:
         checkpoint = latest_checkpoint(output_dir)
         raise RecipeInterrupted(
@@ -1124,7 +1185,8 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         "resumed_from_step": clock.start_step,
         "train_runtime_s": train_output.metrics["train_runtime"],
         **training_numbers(
-            trainer.state.log_history, clock.step_end_times, clock.start_step, train_output.metrics["train_runtime"]
+            trainer.state.log_history, clock.step_end_times, clock.start_step, train_output.metrics["train_runtime"],
+            launch,
         ),
         "model": model_description,
         "backend": args.backend,
@@ -1135,15 +1197,26 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         "grad_accum": args.grad_accum,
         "micro_batch_auto": micro_batch,
     }
+    # [distributed] every rank's peak, and what ran where
+    summary["peak_memory_mib"] = distributed.peak_memory(launch, on_gpu)
+    summary["peak_memory_per_rank"] = distributed.memory_line(launch, summary["peak_memory_mib"])
+    summary["per"] = "GPU" if on_gpu else "process"
+    summary["processes"] = (
+        f"{launch.describe()}, {'FSDP' if args.fsdp else 'DDP'}; per-{summary['per']} batch {args.batch_size}"
+    )
     print("\n" + "\n".join(summary_lines(summary)))
     summary["fastgemma_patched"] = fastgemma.is_patched(trainer.model)  # still patched after PEFT wrapping
-    try:
-        summary["generations"] = show_generations(trainer.model, tokenizer, heldout)
-    except KeyboardInterrupt:
-        message = f"interrupted in the generations, after training; the adapter is in {display_path(output_dir)}"
-        raise RecipeInterrupted(message, resumable=False) from None
-    with open(output_dir / "recipe_summary.json", "w") as f:
-        json.dump({**summary, "args": vars(args)}, f, indent=2, default=str)
+    # [distributed] The main process generates and writes alone (an FSDP model would need every rank to
+    # generate in lockstep, so it skips generating); the others wait for it in distributed.finish.
+    if launch.is_main:
+        try:
+            summary["generations"] = [] if args.fsdp else show_generations(trainer.model, tokenizer, heldout)
+        except KeyboardInterrupt:
+            message = f"interrupted in the generations, after training; the adapter is in {display_path(output_dir)}"
+            raise RecipeInterrupted(message, resumable=False) from None
+        with open(output_dir / "recipe_summary.json", "w") as f:
+            json.dump({**summary, "args": vars(args)}, f, indent=2, default=str)
+    distributed.finish(launch)
     return summary
 
 
@@ -1233,7 +1306,7 @@ def resume_command(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    with console_settings():
+    with console_settings(), distributed.console_for_this_rank():  # [distributed] only rank 0 prints
         try:
             on_gpu = check_and_complete(args)
             run(args, on_gpu)
