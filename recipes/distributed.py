@@ -7,7 +7,7 @@ step. This module holds what the recipe has to get right for that:
 - which process this is (`Launch`, from the environment torchrun and accelerate launch set);
 - one GPU per process: `torch.cuda.set_device(local_rank)` before anything touches CUDA, so the
   4-bit base (`device_map={"": current device}`), fastgemma's compiled kernels and block masks
-  and the fused ops all live on this rank's GPU; the process group, early (`start`);
+  and the fused ops all live on this rank's GPU; the process group, before training (`join`);
 - the Trainer settings for DDP / FSDP (`trainer_settings`): a CPU launch must say `use_cpu=True`
   or every process silently trains alone; the collective timeout; no unused-parameter search;
 - output from the main process only (`console_for_this_rank`, `tiny_base_model_dir`); the
@@ -132,33 +132,41 @@ def check_arguments(args: argparse.Namespace, launch: Launch, on_gpu: bool) -> s
     return None
 
 
-def start(launch: Launch, on_gpu: bool) -> None:
-    """One GPU per process, and the process group, before anything touches CUDA.
+def use_this_ranks_device(launch: Launch, on_gpu: bool) -> None:
+    """One GPU per process: LOCAL_RANK's GPU becomes the current device before anything touches CUDA, so
+    that the 4-bit base (`device_map={"": current device}`), fastgemma's kernels and masks and the fused
+    ops live there."""
+    if not (on_gpu and launch.distributed):
+        return
+    import torch
 
-    LOCAL_RANK's GPU becomes the current device, so that the 4-bit base (`device_map={"": current
-    device}`), fastgemma's kernels and masks and the fused ops live there. The process group (NCCL on
-    GPUs, gloo on CPUs, COLLECTIVE_TIMEOUT_S) is set up now rather than by the Trainer, so that the ranks
-    can agree on things before training (the automatic micro-batch, see `least`); accelerate then uses it.
-    """
+    count = torch.cuda.device_count()
+    if launch.local_rank >= count:
+        raise RuntimeError(
+            f"process with LOCAL_RANK={launch.local_rank} has no GPU of its own: this machine shows {count}; "
+            "launch at most one process per GPU (--nproc_per_node)"
+        )
+    torch.cuda.set_device(launch.local_rank)
+
+
+def join(launch: Launch, on_gpu: bool) -> None:
+    """Set up the process group (NCCL on GPUs, gloo on CPUs, COLLECTIVE_TIMEOUT_S) now rather than in the
+    Trainer, so that the ranks can agree on things before training (the automatic micro-batch, see `least`);
+    accelerate then uses this group.
+
+    Call it after the model is loaded: with a process group up, transformers' save_pretrained writes from
+    rank 0 only, and every rank writes the tiny demo's base model for itself."""
     if not launch.distributed:
         return
     from datetime import timedelta
 
     import torch
 
-    device_id = None
-    if on_gpu:
-        count = torch.cuda.device_count()
-        if launch.local_rank >= count:
-            raise RuntimeError(
-                f"process with LOCAL_RANK={launch.local_rank} has no GPU of its own: this machine shows {count}; "
-                "launch at most one process per GPU (--nproc_per_node)"
-            )
-        torch.cuda.set_device(launch.local_rank)
-        device_id = torch.device("cuda", launch.local_rank)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
-            backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S), device_id=device_id
+            backend="nccl" if on_gpu else "gloo",
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            device_id=torch.device("cuda", launch.local_rank) if on_gpu else None,
         )
 
 

@@ -699,7 +699,7 @@ def load_base_model(model_source: str, load_in_4bit: bool, on_gpu: bool, fsdp: b
         model_source,
         dtype=dtype,
         quantization_config=quantization_config,
-        # [distributed] The current device is this rank's GPU (distributed.start). Under FSDP a
+        # [distributed] The current device is this rank's GPU (distributed.use_this_ranks_device). Under FSDP a
         # bf16 base loads to CPU and FSDP moves each rank's shard to its GPU; a 4-bit one is quantised on the GPU.
         device_map={"": torch.cuda.current_device()} if on_gpu and not fsdp else None,
         # Gemma 2 needs softcapping, which sdpa lacks; eager is HF's exact path, and what
@@ -747,8 +747,10 @@ def describe_model(model: str | None, base_dir: str, precision: str) -> str:
 # ---------------------------------------------------------------------------------------
 # Trainer callbacks. Built by a function because transformers is imported only after the checks.
 # ---------------------------------------------------------------------------------------
-def recipe_callbacks(launch: distributed.Launch | None = None) -> dict:
+def recipe_callbacks() -> dict:
     from transformers import TrainerCallback
+
+    launch = distributed.detect_launch()  # [distributed] for Ctrl-C under a launcher
     from transformers.trainer_callback import ProgressCallback
 
     class StepClock(TrainerCallback):
@@ -785,7 +787,7 @@ def recipe_callbacks(launch: distributed.Launch | None = None) -> dict:
 
         def handle(self, signum, frame):
             self.interrupted = True
-            if launch is not None and launch.distributed:
+            if launch.distributed:
                 # [distributed] torchrun passes Ctrl-C on to every worker and then sends its own SIGINT (and
                 # SIGKILL 30 s later), so a second SIGINT here is not a second Ctrl-C: keep saving.
                 if launch.is_main:
@@ -814,7 +816,7 @@ def recipe_callbacks(launch: distributed.Launch | None = None) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             # [distributed] Ctrl-C reaches the ranks at different points of a step: all stop after the same one.
-            self.interrupted = distributed.any_rank(launch or distributed.Launch(), self.interrupted)
+            self.interrupted = distributed.any_rank(launch, self.interrupted)
             if self.interrupted:
                 control.should_log = True
                 control.should_save = True
@@ -1030,10 +1032,9 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
     datasets.disable_progress_bars()  # keep the console for the training progress bar
     output_dir = Path(args.output_dir)
     tiny = args.model is None
-    # [distributed] Under torchrun / accelerate launch: this process's place, its own GPU before any CUDA work,
-    # and the process group.
+    # [distributed] Under torchrun / accelerate launch: this process's place, and its own GPU before any CUDA work.
     launch = distributed.detect_launch()
-    distributed.start(launch, on_gpu)
+    distributed.use_this_ranks_device(launch, on_gpu)
 
     # 1. Data and tokenizer: every row readable, documents that fit. Still nothing written.
     dataset_name = args.dataset or str(TINY_TRAIN_FILE)
@@ -1071,6 +1072,7 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
     if args.load_in_4bit and not on_gpu:
         print("             (4-bit on a CPU runs bitsandbytes' slow reference kernels: it checks the path, not speed)")
 
+    distributed.join(launch, on_gpu)  # [distributed] the process group, now that every rank has its model
     micro_batch = None
     if args.auto_micro_batch:
         from recipes.batch_sizing import choose_micro_batch, resumed_micro_batch
@@ -1128,7 +1130,7 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         dataloader_pin_memory=on_gpu,
         **distributed.trainer_settings(launch, on_gpu, args.fsdp),  # [distributed] gloo on CPU, timeout, FSDP
     )
-    callbacks = recipe_callbacks(launch)
+    callbacks = recipe_callbacks()
     trainer = SFTTrainer(
         model=model,
         args=config,
