@@ -4,7 +4,7 @@ Commands of at most 10 minutes each on a 2-GPU machine (NCCL_NVLS_ENABLE=0 is se
 
     python3 -m benchmarks.suite_scale ddp  --out $OUT/scale                       # ~3-4 min
     python3 -m benchmarks.suite_scale fsdp --out $OUT/scale --fsdp-runs measure   # ~5-6 min (writes 27B in NF4: 16 GB)
-    python3 -m benchmarks.suite_scale fsdp --out $OUT/scale --fsdp-runs confirm   # ~4-5 min
+    python3 -m benchmarks.suite_scale fsdp --out $OUT/scale --fsdp-runs confirm   # ~4-5 min (same machine: --work)
 
 ddp:  random Gemma 2 2B weights (recipes/make_random_gemma2.py) loaded through the recipe's nf4 path, trained
       on synthetic text documents of 200-2000 tokens packed into 2048-token rows, with the same per-GPU
@@ -317,8 +317,9 @@ def part_fsdp(args, out: Path, clock: Clock) -> dict:
               "--batch-size", "1", "--grad-accum", "1", "--optim", "adamw_torch", "--show-generations", "0"]
     result["common_args"] = common
     runs = result["runs"] = []
-    previous = out / "fsdp.json"
-    if args.fsdp_runs == "confirm" and previous.exists():  # the measuring runs came from an earlier command
+    # The measuring runs may come from an earlier command: its --out, or (a fresh $OUT each command) --work.
+    previous = next((path for path in (out / "fsdp.json", Path(args.work) / "fsdp.json") if path.exists()), None)
+    if args.fsdp_runs == "confirm" and previous is not None:
         earlier = json.loads(previous.read_text())
         runs.extend(run for run in earlier.get("runs", []) if "uncapped" in run["name"])
         result["window"] = earlier.get("window")
@@ -461,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         result["versions"] = versions()
         result["argv"] = sys.argv
         (out / f"{part}.json").write_text(json.dumps(result, indent=2, default=str))
+        (Path(args.work) / f"{part}.json").write_text(json.dumps(result, indent=2, default=str))  # for a later command
         header = (f"## {part} — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
                   f"versions: {json.dumps(result['versions'])}\n\ncommand: `{' '.join(sys.argv)}`\n\n")
         (out / f"{part}.md").write_text(header + result["markdown"] + "\n")
