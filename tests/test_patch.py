@@ -284,3 +284,15 @@ def test_softcap_tanh_reaches_every_attention_call(monkeypatch, softcap_tanh, ca
     assert not any("_fastgemma_softcap_tanh" in m.__dict__ for m in model.modules())
     with pytest.raises(ValueError, match="softcap_tanh"):
         fastgemma.patch_model(model, softcap_tanh="fast")
+
+
+def test_dense_backends_take_longer_batches_silently_and_exactly(caplog):
+    """README, max_seq_length: only the flex path has a fixed length (and warns when a batch outgrows it)."""
+    reference = random_gemma2(tiny_gemma2_config())
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=64, backend="eager")
+    ids = torch.randint(0, 97, (1, 150))
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fastgemma"):
+        actual = patched(input_ids=ids, use_cache=False).logits
+    assert not caplog.records
+    with torch.no_grad():
+        assert relative_error(actual, reference(input_ids=ids, use_cache=False).logits) < VALUE_TOLERANCE
