@@ -1,6 +1,11 @@
-"""Shared helpers for the tests: tiny random Gemma 2 models and a float64 attention reference."""
+"""Shared helpers for the tests: tiny random Gemma 2 models, a float64 attention reference, the recipe module."""
+
+import importlib.util
+from pathlib import Path
 
 import torch
+
+RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "sft_gemma2.py"
 
 
 def tiny_gemma2_config(head_dim=16, query_pre_attn_scalar=None, heads=4, kv_heads=2, layers=4, window=24, vocab=97):
@@ -60,3 +65,11 @@ def padding_mask(length, pads, side):
         elif pad:
             mask[row, :pad] = 0
     return mask
+
+
+def load_recipe(name="sft_gemma2"):
+    """recipes/sft_gemma2.py as a module (it is a script, not part of the package), under `name`."""
+    spec = importlib.util.spec_from_file_location(name, RECIPE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

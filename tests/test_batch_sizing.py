@@ -47,13 +47,9 @@ def test_bad_sizes_are_refused():
 
 
 def _recipe():
-    import importlib.util
+    from conftest import load_recipe
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "sft_gemma2.py"
-    spec = importlib.util.spec_from_file_location("sft_gemma2_batch_sizing", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("sft_gemma2_batch_sizing")
 
 
 @pytest.mark.parametrize("argv, on_gpu, auto", [

@@ -3,13 +3,14 @@
 The recipe runs in-process through its `main(argv)`, on the embedded tiny Gemma 2 (no hub).
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_recipe
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +18,7 @@ RECIPE_PATH = REPO / "recipes" / "sft_gemma2.py"
 
 
 def load_recipe_module():
-    spec = importlib.util.spec_from_file_location("sft_gemma2", RECIPE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("sft_gemma2")
 
 
 @pytest.fixture(scope="module")

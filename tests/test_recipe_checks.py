@@ -1,7 +1,6 @@
 """recipes/sft_gemma2.py refuses bad flags and inputs with one line and exit status 2, before
 it loads a model or writes anything (so these tests take seconds, not minutes)."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_PATH = REPO / "recipes" / "sft_gemma2.py"
 HEAVY_MODULES = ("torch", "transformers", "datasets", "peft", "trl", "bitsandbytes")
@@ -19,10 +20,7 @@ HEAVY_MODULES = ("torch", "transformers", "datasets", "peft", "trl", "bitsandbyt
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("sft_gemma2_checks", RECIPE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("sft_gemma2_checks")
 
 
 @pytest.fixture

@@ -3,11 +3,12 @@ compares: keep the sample's summary laid out exactly as the recipe prints it now
 units), and its step and generation counts equal to the demo's knobs. No training here: the
 summary comes from the recipe's own formatter, fed made-up numbers."""
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+
+from conftest import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_PATH = REPO / "recipes" / "sft_gemma2.py"
@@ -18,10 +19,7 @@ GENERATION = re.compile(r"  \[(ok|--)\] '.*' +expected '.*' +got '.*'")
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("sft_gemma2_readme", RECIPE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("sft_gemma2_readme")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """recipes/sft_gemma2.py: Ctrl-C saves the adapter and a checkpoint, --resume finishes the run,
 and the resumed run ends where an uninterrupted one does. Short tiny runs, eager attention."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import load_recipe
 import torch
 from safetensors.torch import load_file
 
@@ -24,10 +25,7 @@ SHORT_RUN = [
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("sft_gemma2_resume", RECIPE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("sft_gemma2_resume")
 
 
 def press_ctrl_c_after(recipe, monkeypatch, step: int, times: int = 1):
