@@ -104,6 +104,10 @@ class PatchState:
     patched: dict = field(default_factory=dict)  # module -> its own `forward` attribute before, or None
 
 
+# The per-module settings `patch` sets (and `unpatch` removes) beside the patched forwards.
+SETTING_ATTRIBUTES = ("_fastgemma_backend", "_fastgemma_fused", "_fastgemma_kernel_options", "_fastgemma_softcap_tanh")
+
+
 class PatchedForward:
     """``function(module, *args, **kwargs)``, installed as one module's own ``forward``.
 
@@ -411,10 +415,8 @@ def unpatch(model: torch.nn.Module) -> int:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
-            module.__dict__.pop("_fastgemma_backend", None)
-            module.__dict__.pop("_fastgemma_fused", None)
-            module.__dict__.pop("_fastgemma_kernel_options", None)
-            module.__dict__.pop("_fastgemma_softcap_tanh", None)
+            for name in SETTING_ATTRIBUTES:
+                module.__dict__.pop(name, None)
             restored += 1
         backbone.config._attn_implementation = state.original_attn_implementation
         del backbone._fastgemma_state

@@ -241,18 +241,24 @@ def test_batch_longer_than_max_seq_length_is_still_exact(caplog):
     assert relative_error(actual, expected) < VALUE_TOLERANCE
 
 
-@pytest.mark.parametrize("options", ["auto", None, {"bwd_num_warps": 8}])
-def test_flex_kernel_options_reach_every_attention_call(monkeypatch, options):
+def record_attention_argument(monkeypatch, name):
+    """The values of softcap_attention's keyword `name` in every call the glue makes, as they happen."""
     import fastgemma.patches.gemma2 as glue
 
     seen = []
     original = glue.softcap_attention
 
     def recording(*args, **kwargs):
-        seen.append(kwargs["kernel_options"])
+        seen.append(kwargs[name])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(glue, "softcap_attention", recording)
+    return seen
+
+
+@pytest.mark.parametrize("options", ["auto", None, {"bwd_num_warps": 8}])
+def test_flex_kernel_options_reach_every_attention_call(monkeypatch, options):
+    seen = record_attention_argument(monkeypatch, "kernel_options")
     model = random_gemma2(tiny_gemma2_config())
     fastgemma.patch_model(model, backend="eager", flex_kernel_options=options)
     with torch.no_grad():
@@ -264,12 +270,7 @@ def test_flex_kernel_options_reach_every_attention_call(monkeypatch, options):
 
 @pytest.mark.parametrize("softcap_tanh", ["auto", "exact", "approx"])
 def test_softcap_tanh_reaches_every_attention_call(monkeypatch, softcap_tanh, caplog):
-    import fastgemma.patches.gemma2 as glue
-
-    seen = []
-    original = glue.softcap_attention
-    monkeypatch.setattr(glue, "softcap_attention",
-                        lambda *args, **kwargs: seen.append(kwargs["softcap_tanh"]) or original(*args, **kwargs))
+    seen = record_attention_argument(monkeypatch, "softcap_tanh")
     reference = random_gemma2(tiny_gemma2_config())
     model = copy.deepcopy(reference)
     with caplog.at_level(logging.INFO, logger="fastgemma"):
