@@ -18,7 +18,9 @@ Model-agnostic: the caller supplies scale, softcap and the mask.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import types
 import warnings
 from typing import Optional, Union
 
@@ -68,9 +70,8 @@ def tanh_softcap(cap: float, approx: bool = False):
     `approx` swaps in the GPU's one-instruction tanh (fastgemma.fast_tanh: compiled NVIDIA kernels
     only; call ``fast_tanh.register()`` first).
     """
-    # Two functions, not one closing over the chosen tanh: torch.compile keys its cache of flex kernels
-    # on the score function's code, and a closure cell holding the tanh was not told apart on an H100
-    # (after an approximate call, softcap_tanh="exact" reused the approximate kernel).
+    # Two functions, not one closing over the chosen tanh, so each reads as the maths it computes.
+    # (Their kernels are kept apart by _compiled_flex's keys, not by these functions: torch 2.11 did not.)
     if approx:
 
         def softcap_approx(score, b, h, q_idx, kv_idx):
@@ -169,14 +170,31 @@ FLEX_RECOMPILE_LIMIT = 32
 _RECOMPILE_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_flex():
+_ENTRY_NUMBERS = itertools.count()
+
+
+def _flex_entry(*args, **kwargs):
     from torch.nn.attention.flex_attention import flex_attention
 
+    return flex_attention(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex(score_key=None):
+    """torch.compile'd flex_attention, one compiled entry point per kind of score function.
+
+    `score_key` names the score function's maths (fastgemma's: softcap and tanh). torch.compile
+    keeps its compiled graphs per code object, and torch 2.11 reused a kernel compiled for one
+    score function for another: on an H100, softcap_tanh="exact" computed with the approximate
+    tanh once an approximate kernel existed in the process (no new compile happened), until
+    torch._dynamo.reset(). So each key gets its own code object, hence its own cache.
+    """
+    code = _flex_entry.__code__.replace(co_name=f"flex_attention_{next(_ENTRY_NUMBERS)}")
+    entry = types.FunctionType(code, _flex_entry.__globals__, "flex_attention")
     # Static shapes: every batch arrives padded to the block mask's fixed length, so one
     # kernel serves all lengths. (With dynamic shapes, torch 2.11 fell back to unfused
     # flex_attention, or failed in the backward, once the mask function captured tensors.)
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(entry, dynamic=False)
 
 
 def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
@@ -215,7 +233,7 @@ def flex_softcap_attention(
                                  enable_gqa=enable_gqa)
     else:
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
-            out = _compiled_flex()(
+            out = _compiled_flex(None if softcap is None else ("softcap", float(softcap), approx))(
                 query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
                 kernel_options=kernel_options,
             )

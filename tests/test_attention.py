@@ -306,3 +306,16 @@ def test_importing_fastgemma_registers_nothing():
             "assert 'torch._inductor.lowering' not in sys.modules\n"
             "assert not hasattr(torch.ops.fastgemma, 'tanh_approx')\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_kind_of_score_function_has_its_own_compiled_flex_entry():
+    """torch 2.11 reused a flex kernel compiled for the approximate tanh when exact was asked for next
+    (tests/test_gpu.py::test_exact_softcap_tanh_is_the_previous_path): torch.compile caches per code
+    object, so each score-function key must get its own code object, and the same key the same entry."""
+    from fastgemma import attention
+
+    keys = [("softcap", 50.0, True), ("softcap", 50.0, False), ("softcap", 30.0, False), None]
+    entries = [attention._compiled_flex(key) for key in keys]
+    codes = {entry._torchdynamo_orig_callable.__code__ for entry in entries}
+    assert len(codes) == len(keys)
+    assert attention._compiled_flex(("softcap", 50.0, False)) is entries[1]
