@@ -177,12 +177,17 @@ def run_recipe(name: str, out: Path, work: Path, processes: int, recipe_args: li
         history = json.loads(state_path.read_text())["log_history"]
         record["losses"] = {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
     text = log_path.read_text(errors="replace")
-    record["reached_training"] = "trainable params" in text
+    record["reached_training"] = reached_training(text)
     # Also when the recipe turned the error into an exit status of its own.
     record["oom"] = record["oom"] or "CUDA out of memory" in text or "OutOfMemoryError" in text
     if record["status"] not in (0,) and not record["oom"]:
         record["error_tail"] = text[-1500:]
     return record
+
+
+def reached_training(log_text: str) -> bool:
+    """Whether the recipe got past loading: it prints its LoRA line ("... N trainable parameters ...") just before."""
+    return "trainable parameters" in log_text
 
 
 def outcome(record: dict) -> str:

@@ -262,3 +262,17 @@ def test_tune_flex_reads_option_sets_and_refuses_typos(capsys):
     with pytest.raises(SystemExit):
         tune_flex.main(["--options", "bwd_num_warps"])
     assert "not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_scale_suite_tells_an_oom_in_training_from_one_while_loading():
+    """The FSDP table said "OOM while loading" for runs that had trained a step: it looked for a line the recipe
+    no longer prints. The recipe's LoRA line, as an H200 run logged it, marks the end of loading."""
+    from benchmarks import suite_scale
+
+    loaded = ("lora         r=16, alpha=32 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: "
+              "114,180,096 trainable parameters (0.42% of 27,341,308,416)\n")
+    assert suite_scale.reached_training("Loading weights: 100%\n" + loaded + "CUDA out of memory")
+    assert not suite_scale.reached_training("Loading weights:  40%\nCUDA out of memory")
+    record = {"status": 3, "oom": True, "reached_training": suite_scale.reached_training(loaded)}
+    assert suite_scale.outcome(record) == "OOM in training"
+    assert suite_scale.outcome({**record, "reached_training": False}) == "OOM while loading"
