@@ -3,14 +3,15 @@
 Commands of at most 10 minutes each on a 2-GPU machine (NCCL_NVLS_ENABLE=0 is set for the runs):
 
     python3 -m benchmarks.suite_scale ddp  --out $OUT/scale                       # ~3-4 min
+    python3 -m benchmarks.suite_scale ddp  --out $OUT/scale --gpus 4 --steps 16   # 4-GPU machine: 1 vs 4 GPUs
     python3 -m benchmarks.suite_scale fsdp --out $OUT/scale --fsdp-runs measure   # ~5-6 min (writes 27B in NF4: 16 GB)
     python3 -m benchmarks.suite_scale fsdp --out $OUT/scale --fsdp-runs confirm   # ~4-5 min (same machine: --work)
 
 ddp:  random Gemma 2 2B weights (recipes/make_random_gemma2.py) loaded through the recipe's nf4 path, trained
       on synthetic text documents of 200-2000 tokens packed into 2048-token rows, with the same per-GPU
-      micro-batch (4 rows) on 1 GPU (python) and on 2 GPUs (torchrun). The 1-GPU run accumulates 2 micro-
-      batches per step, so both runs take the same global batch (8 rows) per optimizer step and their loss
-      curves should match within bf16 noise. Reports global and per-GPU tokens/s (second half of the steps,
+      micro-batch (4 rows) on 1 GPU (python) and on --gpus N GPUs (torchrun; 2 by default). The 1-GPU run
+      accumulates N micro-batches per step, so both runs take the same global batch (4N rows) per optimizer
+      step and their loss curves should match within bf16 noise. Reports global and per-GPU tokens/s (second half of the steps,
       and after step 1), the scaling ratio, peak memory per GPU and both loss curves.
 fsdp: random weights with the real Gemma 2 27B shapes (all 46 layers by default; --layers N keeps the real
       layer shapes but fewer of them, and the report says so), QLoRA, one --fsdp-seq-token row per step.
@@ -239,7 +240,9 @@ def part_ddp(args, out: Path, clock: Clock) -> dict:
               "--batch-size", str(args.micro_batch), "--show-generations", "0"]
     result["common_args"] = common
     runs = []
-    for name, processes, accumulation, gpus in [("ddp-1gpu", 1, 2, "0"), ("ddp-2gpu", 2, 1, "0,1")]:
+    n = args.gpus
+    plan = [("ddp-1gpu", 1, n, "0"), (f"ddp-{n}gpu", n, 1, ",".join(str(i) for i in range(n)))]
+    for name, processes, accumulation, gpus in plan:
         if clock.left() < 60:
             runs.append({"name": name, "processes": processes, "skipped": "time budget", "status": None, "oom": False})
             continue
@@ -272,7 +275,7 @@ def part_ddp(args, out: Path, clock: Clock) -> dict:
          "peak alloc GiB per GPU", "peak reserved GiB per GPU", "wall s"],
         rows,
     )
-    scaling = (f"scaling 2 GPUs / 1 GPU: {fmt(rate['late_tokens_per_s'], 2)}x (second half of the steps), "
+    scaling = (f"scaling {n} GPUs / 1 GPU: {fmt(rate['late_tokens_per_s'], 2)}x (second half of the steps), "
                f"{fmt(rate['warm_tokens_per_s'], 2)}x (after step 1), {fmt(rate['tokens_per_s'], 2)}x (whole run "
                "with start-up compile)")
     losses_one, losses_two = one.get("losses", {}), two.get("losses", {})
@@ -285,14 +288,14 @@ def part_ddp(args, out: Path, clock: Clock) -> dict:
         loss_rows.append([step, fmt(a, 4), fmt(b, 4), fmt(None if a is None or b is None else b - a, 4)])
     result["loss_gap_max"] = max(gaps) if gaps else None
     result["loss_gap_mean"] = sum(gaps) / len(gaps) if gaps else None
-    loss_table = markdown_table(["step", "loss 1 GPU", "loss 2 GPUs", "difference"], loss_rows)
+    loss_table = markdown_table(["step", "loss 1 GPU", f"loss {n} GPUs", "difference"], loss_rows)
     result["markdown"] = "\n\n".join([
         table, scaling,
         (f"Loss curves, same global batch per step (max |difference| {fmt(result['loss_gap_max'], 4)}, "
          f"mean {fmt(result['loss_gap_mean'], 4)}):"),
         loss_table,
     ])
-    loss_line = (f"loss: max |1 GPU - 2 GPUs| {fmt(result['loss_gap_max'], 4)}, "
+    loss_line = (f"loss: max |1 GPU - {n} GPUs| {fmt(result['loss_gap_max'], 4)}, "
                  f"mean {fmt(result['loss_gap_mean'], 4)} over {len(gaps)} steps")
     result["printed"] = "\n\n".join([table, scaling, loss_line])
     return result
@@ -440,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="ddp: optimizer steps per run [30]")
     parser.add_argument("--micro-batch", type=int, default=4, help="ddp: packed rows per GPU per micro-step [4]")
     parser.add_argument("--seq", type=int, default=2048, help="ddp: packed row length [2048]")
+    parser.add_argument("--gpus", type=int, default=2,
+                        help="ddp: GPUs of the data-parallel run, against one GPU accumulating as many micro-steps [2]")
     parser.add_argument("--docs", type=int, default=1200, help="synthetic documents (200-2000 tokens) [1200]")
     parser.add_argument("--layers", type=int, default=46, help="fsdp: decoder layers of 27B shape [46 = all]")
     parser.add_argument("--fsdp-seq", type=int, default=16384,
