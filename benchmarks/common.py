@@ -83,6 +83,7 @@ LABELS = {
     "liger": "Liger (on eager)",
     "fastgemma": "fastgemma",
     "fastgemma-attn": "fastgemma, attention only",
+    "fastgemma-layers": "fastgemma, compiled layers",
 }
 BASELINES = ("hf-eager", "hf-flex")
 

@@ -10,9 +10,14 @@ import torch
 from . import common as C
 
 IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager",
-        "fastgemma-attn": "eager"}
-# fastgemma-attn: attention only (fused_ops=False), to measure what the fused elementwise ops add.
-FASTGEMMA_FUSED_OPS = {"fastgemma": "auto", "fastgemma-attn": False}
+        "fastgemma-attn": "eager", "fastgemma-layers": "eager"}
+# patch_model's settings per fastgemma contender. fastgemma-attn: attention only, to measure what the fused
+# elementwise ops add; fastgemma-layers: one compiled region per decoder layer (compile_layers=True).
+FASTGEMMA_PATCH = {
+    "fastgemma": {"fused_ops": "auto"},
+    "fastgemma-attn": {"fused_ops": False},
+    "fastgemma-layers": {"fused_ops": "auto", "compile_layers": True},
+}
 
 
 def availability(contender: str, device: torch.device, training: bool = True) -> str | None:
@@ -33,7 +38,7 @@ def availability(contender: str, device: torch.device, training: bool = True) ->
             return f"n/a (liger-kernel not installed / not importable: {type(exc).__name__})"
         if device.type != "cuda":
             return "n/a (Liger's Triton kernels need CUDA)"
-    if contender in FASTGEMMA_FUSED_OPS:
+    if contender in FASTGEMMA_PATCH:
         try:
             import fastgemma  # noqa: F401
         except Exception as exc:  # noqa: BLE001
@@ -72,11 +77,11 @@ def apply_pre_peft(contender: str, model, max_len: int, args, device: torch.devi
         from liger_kernel.transformers import apply_liger_kernel_to_gemma2
 
         apply_liger_kernel_to_gemma2(model=model)  # Liger's defaults: rope, rms_norm, geglu, fused linear CE
-    elif contender in FASTGEMMA_FUSED_OPS:
+    elif contender in FASTGEMMA_PATCH:
         import fastgemma
 
         fastgemma.patch_model(model, max_seq_length=int(max_len), backend=fastgemma_backend(args, device),
-                              fused_ops=FASTGEMMA_FUSED_OPS[contender])
+                              **FASTGEMMA_PATCH[contender])
     return model
 
 
@@ -98,7 +103,7 @@ def wrap_lora(model, r: int):
 
 
 def unpatch(contender: str, model) -> None:
-    if contender in FASTGEMMA_FUSED_OPS:
+    if contender in FASTGEMMA_PATCH:
         try:
             import fastgemma
 

@@ -130,7 +130,7 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
 
         # TRL replaces the forward with its fused LM head, so Liger's fused linear CE stays off.
         apply_liger_kernel_to_gemma2(model=model, fused_linear_cross_entropy=False)
-    elif cname in M.FASTGEMMA_FUSED_OPS:
+    elif cname in M.FASTGEMMA_PATCH:
         M.apply_pre_peft(cname, model, batch * max_length, args, device)
     C.sync(device)
     t_loaded = time.perf_counter()

@@ -47,6 +47,7 @@ def patch_model(
     fused_ops="auto",
     flex_kernel_options="auto",
     softcap_tanh="auto",
+    compile_layers: bool = False,
 ) -> torch.nn.Module:
     """Swap every attention forward of a Gemma 2 model for fastgemma's softcapped attention, in place.
 
@@ -72,6 +73,12 @@ def patch_model(
             backward; "exact" is torch's tanh; "auto" is `fastgemma.attention.AUTO_SOFTCAP_TANH`.
             Only compiled flex on NVIDIA GPUs can approximate: the dense backends, CPUs and other
             GPUs always compute the exact tanh.
+        compile_layers: while training with fused ops, run each decoder layer (norms, the 4-bit and
+            LoRA projections, RoPE, attention, GeGLU, and its gradient checkpointing) as one
+            torch.compile'd region that all layers of a kind share, instead of op by op: meant for
+            small micro-batches, where launching the ops from Python bounds the step. Needs
+            non-reentrant gradient checkpointing (or none); otherwise layers run as usual.
+            Off by default: not yet measured on a GPU (issue #11).
 
     Returns the same model. Calling it again only updates the settings; `unpatch_model`
     restores the original forwards.
@@ -81,10 +88,13 @@ def patch_model(
     check_softcap_tanh(softcap_tanh)
     if not (isinstance(fused_ops, bool) or (isinstance(fused_ops, str) and fused_ops == "auto")):
         raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
+    if not isinstance(compile_layers, bool):
+        raise ValueError(f"compile_layers must be True or False, got {compile_layers!r}")
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     patcher = _patcher_for(model)
-    summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options, softcap_tanh)
+    summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options, softcap_tanh,
+                            compile_layers)
     device = _device_of(model)
     if backend == "auto":
         resolved = "flex" if flex_supported(device) else "compiled"
@@ -93,10 +103,11 @@ def patch_model(
         how = backend
     logger.info(
         "fastgemma: %s %d %s attention layers (%d sliding, %d global) of %s; backend=%s; max_seq_length=%d; "
-        "fused_ops=%s; flex_kernel_options=%s; softcap tanh on flex: %s",
+        "fused_ops=%s; flex_kernel_options=%s; softcap tanh on flex: %s%s",
         "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
         summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length, fused_ops,
         flex_kernel_options, f"{softcap_tanh} -> {resolve_softcap_tanh(softcap_tanh, device)} on {device.type}",
+        "; compile_layers=True (one compiled region per decoder layer while training)" if compile_layers else "",
     )
     return model
 

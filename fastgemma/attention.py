@@ -231,6 +231,9 @@ def flex_softcap_attention(
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
                                  enable_gqa=enable_gqa)
+    elif torch.compiler.is_compiling():  # inside a larger compiled region, which compiles flex_attention too
+        out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                             enable_gqa=enable_gqa, kernel_options=kernel_options)
     else:
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
             out = _compiled_flex(None if softcap is None else ("softcap", float(softcap), approx))(
@@ -364,7 +367,9 @@ def softcap_attention(
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key heads ({key.shape[1]})")
     chosen = resolve_backend(backend, query, key, mask, dropout_p)
     if isinstance(mask, AttentionMask):
-        if query.shape[-2] != mask.q_len or key.shape[-2] != mask.kv_len:
+        # (Inside a compiled region the caller checks this before entering: comparing a token count with
+        # the mask's Python int would make torch.compile specialise the region to one length.)
+        if not torch.compiler.is_compiling() and (query.shape[-2] != mask.q_len or key.shape[-2] != mask.kv_len):
             raise ValueError(
                 f"attention mask built for {mask.q_len} queries / {mask.kv_len} keys, "
                 f"got {query.shape[-2]} / {key.shape[-2]}"
@@ -382,5 +387,7 @@ def softcap_attention(
         dense = mask
         if dense is None and query.shape[-2] == key.shape[-2]:
             dense = AttentionMask(query.shape[-2], key.shape[-2]).dense(query.device)
-    fn = _compiled_dense() if chosen == "compiled" else dense_softcap_attention
+    # Inside a larger compiled region (patch_model's compile_layers), that region compiles this call too.
+    compiled_here = chosen == "compiled" and not torch.compiler.is_compiling()
+    fn = _compiled_dense() if compiled_here else dense_softcap_attention
     return fn(query, key, value, dense, scale, softcap, dropout_p)

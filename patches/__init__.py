@@ -4,8 +4,8 @@ Installed as ``fastgemma.patches``: the repository keeps this folder at its top 
 pyproject.toml maps it into the package ([tool.setuptools] package-dir), for wheels and editable
 installs alike. Import it as ``fastgemma.patches``; the modules here import fastgemma absolutely.
 
-A patcher module provides: NAME, matches(model), patch(model, max_seq_length, backend, fused_ops),
-unpatch(model) and is_patched(model).
+A patcher module provides: NAME, matches(model), patch(model, max_seq_length, backend, fused_ops,
+flex_kernel_options, softcap_tanh, compile_layers), unpatch(model) and is_patched(model).
 """
 
 from . import gemma2

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.models.gemma2 import modeling_gemma2
 
-from fastgemma.attention import dense_softcap_attention, softcap_attention
+from fastgemma.attention import dense_softcap_attention, flex_head_dim_ok, flex_supported, softcap_attention
 from fastgemma.masks import (
     AttentionMask,
     BlockMaskCache,
@@ -105,7 +105,8 @@ class PatchState:
 
 
 # The per-module settings `patch` sets (and `unpatch` removes) beside the patched forwards.
-SETTING_ATTRIBUTES = ("_fastgemma_backend", "_fastgemma_fused", "_fastgemma_kernel_options", "_fastgemma_softcap_tanh")
+SETTING_ATTRIBUTES = ("_fastgemma_backend", "_fastgemma_fused", "_fastgemma_kernel_options", "_fastgemma_softcap_tanh",
+                      "_fastgemma_compile_layers")
 
 
 class PatchedForward:
@@ -212,7 +213,20 @@ def hf_checkpoints_in_forward() -> bool:
 
 
 def decoder_layer_forward(self, hidden_states, *args, **kwargs):
-    """Gemma2DecoderLayer.forward with fused norms, under HF's gradient checkpointing when it is on.
+    """Gemma2DecoderLayer.forward with fused norms, under HF's gradient checkpointing when it is on;
+    one compiled region per layer while training when patch_model's `compile_layers` is set."""
+    if getattr(self, "_fastgemma_compile_layers", False) and _region_applies(self, hidden_states):
+        _prepare_masks(self, hidden_states, kwargs.get("attention_mask"))
+        for tensor in (hidden_states, *(kwargs.get("position_embeddings") or ())):
+            for dim in range(tensor.dim() - 1):  # batch and tokens vary; features do not
+                if tensor.shape[dim] > 1:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return _compiled_layer()(self, hidden_states, *args, **kwargs)
+    return checkpointed_layer(self, hidden_states, *args, **kwargs)
+
+
+def checkpointed_layer(self, hidden_states, *args, **kwargs):
+    """The layer under HF's gradient checkpointing when it is on.
 
     Mirrors HF's checkpointing wrapper: only while training, with the cache switched off
     (the backward replay must not update it twice), and `hidden_states` passed positionally
@@ -235,7 +249,8 @@ def decoder_layer_body(self, hidden_states, position_embeddings=None, attention_
     fused = _fused(self, hidden_states)
     eps = self.input_layernorm.eps
     normed = rms_norm(hidden_states, self.input_layernorm.weight, eps, UNIT_OFFSET, fused=fused)
-    attended, _ = self.self_attn(
+    attended, _ = call_module(
+        self.self_attn,
         hidden_states=normed,
         position_embeddings=position_embeddings,
         attention_mask=attention_mask,
@@ -247,7 +262,74 @@ def decoder_layer_body(self, hidden_states, position_embeddings=None, attention_
         attended, hidden_states, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
         eps, UNIT_OFFSET, fused=fused,
     )
-    return norm_add(self.mlp(normed), stream, self.post_feedforward_layernorm.weight, eps, UNIT_OFFSET, fused=fused)
+    return norm_add(call_module(self.mlp, normed), stream, self.post_feedforward_layernorm.weight, eps, UNIT_OFFSET,
+                    fused=fused)
+
+
+# --------------------------------------------------------------------------------------
+# One compiled region per decoder layer (patch_model's compile_layers)
+# --------------------------------------------------------------------------------------
+def _has_hooks(module) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks
+    )
+
+
+def call_module(module, *args, **kwargs):
+    """``module(*args, **kwargs)``, going straight to fastgemma's function when no hook watches the call.
+
+    Inside a compiled layer, a call through ``nn.Module.__call__`` reaches each module's own
+    PatchedForward object, and torch.compile guards on that object: every layer would compile anew.
+    """
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, PatchedForward) and not _has_hooks(module):
+        return forward.function(module, *args, **kwargs)
+    return module(*args, **kwargs)
+
+
+def _region_applies(layer, hidden_states) -> bool:
+    """Training with fused ops, and gradient checkpointing (if on) of the non-reentrant kind, which
+    torch.compile traces; reentrant checkpointing and inference run the layer as usual."""
+    if not _fused(layer, hidden_states):
+        return False
+    if layer.gradient_checkpointing and layer.training:
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(checkpoint, "keywords", {}).get("use_reentrant", True) is not False:
+            return False
+    return True
+
+
+def _prepare_masks(layer, hidden_states, mask) -> None:
+    """Build the mask the attention will read before entering the compiled region (building it caches
+    it on the AttentionMask, a side effect torch.compile would split the region at)."""
+    if not isinstance(mask, AttentionMask):
+        return
+    length = hidden_states.shape[-2]
+    if mask.q_len != length or mask.kv_len != length:
+        raise ValueError(f"attention mask built for {mask.q_len} queries / {mask.kv_len} keys, got {length} tokens")
+    attention, device = layer.self_attn, hidden_states.device
+    backend = attention._fastgemma_backend
+    dropout = attention.attention_dropout if attention.training else 0.0
+    flex = backend == "flex" or (backend == "auto" and dropout == 0.0 and flex_supported(device)
+                                 and flex_head_dim_ok(attention.head_dim))
+    if flex:
+        mask.block_mask(device)  # at the fixed padded length: no token dimension to mark
+    else:
+        dense = mask.dense(device)
+        for dim in (2, 3):  # (batch, 1, queries, keys): the token dimensions vary like the hidden states'
+            if dense.shape[dim] > 1:
+                torch._dynamo.maybe_mark_dynamic(dense, dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_layer():
+    # One compiled function for every layer: torch.compile treats each layer's parameters as inputs, so
+    # layers of one kind (sliding or global: their masks differ) share a graph; token counts are dynamic.
+    return torch.compile(checkpointed_layer)
 
 
 def mlp_forward(self, x):
@@ -357,7 +439,7 @@ def _swap_forward(module, new_forward, state: PatchState):
 
 
 def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="auto",
-          flex_kernel_options="auto", softcap_tanh="auto") -> dict:
+          flex_kernel_options="auto", softcap_tanh="auto", compile_layers=False) -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
     check_supported(model)
     backbones, _ = find_modules(model)
@@ -393,6 +475,8 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
             backbone._fastgemma_state = state
         for module in state.patched:
             module._fastgemma_fused = fused_ops
+            if isinstance(module, modeling_gemma2.Gemma2DecoderLayer):
+                module._fastgemma_compile_layers = compile_layers
         for attention in attentions:
             attention._fastgemma_backend = backend
             attention._fastgemma_kernel_options = flex_kernel_options

@@ -252,6 +252,27 @@ def test_model_suite_can_measure_fastgemma_without_fused_ops(tmp_path):
     assert abs(rows["fastgemma"]["loss_first"] - rows["fastgemma-attn"]["loss_first"]) < 1e-4
 
 
+def test_model_suite_runs_the_compiled_layers_contender(tmp_path):
+    """fastgemma-layers (compile_layers=True) runs in the suites next to fastgemma, with the same loss."""
+    payload, text, raw = _run_suite("model", tmp_path, "--contenders", "fastgemma,fastgemma-layers", "--seqs", "64")
+    rows = {r["contender"]: r for r in raw["suites"]["model"]["rows"]}
+    assert rows["fastgemma"]["status"] == rows["fastgemma-layers"]["status"] == "ok"
+    assert "fastgemma, compiled layers" in text
+    assert abs(rows["fastgemma"]["loss_first"] - rows["fastgemma-layers"]["loss_first"]) < 1e-4
+
+
+def test_host_proxy_measures_each_contender_and_refuses_unknown_ones(capsys):
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import host_proxy
+
+    results = host_proxy.main(["--contenders", "fastgemma,fastgemma-layers", "--layers", "2", "--hidden", "32",
+                               "--tokens", "24", "--warmup", "1", "--steps", "1"])
+    assert set(results) == {"fastgemma", "fastgemma-layers"} and all(ms > 0 for ms in results.values())
+    assert "| fastgemma-layers |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        host_proxy.main(["--contenders", "fastgemma,nonsense"])
+
+
 def test_tune_flex_reads_option_sets_and_refuses_typos(capsys):
     from benchmarks import tune_flex
 

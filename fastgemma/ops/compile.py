@@ -22,6 +22,8 @@ def fuse(fn, dynamic_dims: dict[int, tuple[int, ...] | str]):
     @functools.wraps(fn)
     def wrapper(*args):
         nonlocal compiled
+        if torch.compiler.is_compiling():  # inside a larger compiled region (ours or the user's): it fuses `fn`
+            return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=None)
         for index, dims in dynamic_dims.items():

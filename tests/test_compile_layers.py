@@ -1,0 +1,130 @@
+"""patch_model(compile_layers=True) on CPU: each decoder layer as one compiled region while training.
+
+The same maths as the op-by-op path (against HF eager + PEFT, and over a 4-bit base), one graph per
+kind of layer for every token count, no split of the region, and the usual path wherever the region
+cannot apply (reentrant checkpointing, inference).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fastgemma
+from conftest import random_gemma2, relative_error, tiny_gemma2_config
+from fastgemma.patches import gemma2 as glue
+
+
+def lora_models(reference, checkpointing, reentrant=False, **patch):
+    """(HF eager + PEFT, fastgemma-patched copy + PEFT), with the same LoRA weights."""
+    from peft import LoraConfig, get_peft_model
+
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, fused_ops=True, **patch)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    models = []
+    for model in (reference, patched):
+        torch.manual_seed(0)
+        model = get_peft_model(model, lora)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        models.append(model)
+    return models
+
+
+def packed_step(model, lengths, seed):
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = torch.randint(0, 97, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_compiled_layers_train_like_hf_eager_with_one_graph_per_layer_kind(checkpointing):
+    torch._dynamo.reset()
+    counters.clear()
+    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), checkpointing, compile_layers=True)
+    for step, lengths in enumerate([[40, 9, 30], [25, 50], [7, 33, 12, 20]]):  # documents longer than the window
+        ref_logits, ref_loss, ref_grads = packed_step(reference, lengths, step)
+        logits, loss, grads = packed_step(patched, lengths, step)
+        assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
+        assert grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2  # layers x projections x (A, B)
+        for name in grads:
+            assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
+    assert glue._compiled_layer.cache_info().currsize == 1
+    # For all three lengths: one graph for the layers (a second when the first layer's input needs no
+    # gradient: no checkpointing), plus the final norm's fused op. On CPU the attention reads a dense mask,
+    # an input of the graph, so sliding and global layers share it. No break split the region.
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_layers_match_the_op_by_op_step_over_a_4bit_base():
+    """QLoRA as the recipe runs it (nf4 with double quantisation, LoRA on all linears, non-reentrant
+    checkpointing), on bitsandbytes' CPU backend: the compiled layers give the op-by-op step's loss and grads."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, Gemma2ForCausalLM
+
+    from test_patch import _saved_tiny_model
+
+    results = []
+    for compile_layers in (False, True):
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+        try:
+            model = Gemma2ForCausalLM.from_pretrained(_saved_tiny_model(), quantization_config=quantization,
+                                                      dtype=torch.float32)
+        except Exception as error:  # bitsandbytes builds without a CPU 4-bit backend
+            pytest.skip(f"4-bit loading not available on this machine: {error}")
+        fastgemma.patch_model(model, max_seq_length=128, fused_ops=True, compile_layers=compile_layers)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.train()
+        results.append([packed_step(model, lengths, seed) for seed, lengths in enumerate([[30, 20], [11, 40, 9]])])
+    for (logits, loss, grads), (ref_logits, ref_loss, ref_grads) in zip(results[1], results[0]):
+        assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
+        assert grads.keys() == ref_grads.keys() and grads
+        for name in grads:
+            assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
+
+
+def test_reentrant_checkpointing_and_inference_run_the_layers_as_usual(monkeypatch):
+    """torch.compile cannot trace reentrant checkpointing, and inference gains nothing from a region
+    that would compile once more: both take the usual path, with the usual results."""
+    calls = []
+    monkeypatch.setattr(glue, "_compiled_layer", lambda: calls.append(1) or glue.checkpointed_layer)
+    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, reentrant=True,
+                                     compile_layers=True, backend="eager")
+    _, loss, _ = packed_step(patched, [30, 20], 0)
+    _, ref_loss, _ = packed_step(reference, [30, 20], 0)
+    assert relative_error(loss, ref_loss) < 1e-4
+    with torch.no_grad():
+        patched(input_ids=torch.randint(0, 97, (1, 20)), use_cache=False)
+    assert calls == []
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed_step(patched, [30, 20], 0)
+    assert calls  # the non-reentrant kind does take the region
+
+
+def test_compile_layers_must_be_a_bool():
+    with pytest.raises(ValueError, match="compile_layers must be True or False"):
+        fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), compile_layers="yes")
+
+
+def test_a_hooked_submodule_is_called_through_its_hooks():
+    """call_module bypasses nn.Module.__call__ only where no hook would notice."""
+    model = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), backend="eager")
+    seen = []
+    model.model.layers[1].mlp.register_forward_hook(lambda module, args, output: seen.append(module))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 97, (1, 12)), use_cache=False)
+    assert seen == [model.model.layers[1].mlp]
