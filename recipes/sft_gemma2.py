@@ -75,6 +75,7 @@ CHECKPOINTS_KEPT = 2  # older checkpoint-N directories are deleted
 SEED = 42
 BACKEND = "auto"  # fastgemma: flex_attention on Ampere+ GPUs, torch.compile'd dense attention elsewhere
 FUSED_OPS = "auto"  # fastgemma: fused norms / RoPE / GeGLU / LoRA-in-GEMM while training, on CUDA
+COMPILE_LAYERS = False  # fastgemma: each decoder layer one compiled region (experimental; not yet measured on a GPU)
 
 # ---------------------------------------------------------------------------------------
 # Knobs for the embedded tiny demo (no --model): sized to finish in minutes on 2 CPU cores.
@@ -208,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fastgemma's fused elementwise ops while training (norms with residual adds, RoPE, GeGLU, LoRA added "
         "inside its GEMM): auto fuses on CUDA; on also fuses on CPU (a slow first compile there); off keeps "
         f"Hugging Face's ops [{FUSED_OPS}]",
+    )
+    how.add_argument(
+        "--compile-layers",
+        action="store_true",
+        default=COMPILE_LAYERS,
+        help="experimental: run each decoder layer as one torch.compile'd region while training (for small "
+        "micro-batches, where launching ops from Python bounds the step); needs fused ops; not yet measured "
+        "on a GPU",
     )
     how.add_argument("--seed", type=int, default=SEED, help=f"seed for adapter init and data order [{SEED}]")
 
@@ -480,6 +489,12 @@ def check_device(args: argparse.Namespace, on_gpu: bool) -> None:
         raise RecipeError(
             "--backend flex needs a CUDA GPU (flex_attention's kernels are built with Triton); "
             "on a CPU use --backend compiled or eager"
+        )
+    if args.compile_layers and (args.fused_ops == "off" or (args.fused_ops == "auto" and not on_gpu)):
+        raise RecipeError(
+            "--compile-layers compiles the fused ops' layers, and fused ops are off here "
+            + ("(--fused-ops off)" if args.fused_ops == "off" else "(--fused-ops auto fuses on a GPU only)")
+            + ": add --fused-ops on, or drop --compile-layers"
         )
     if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
@@ -923,7 +938,8 @@ def summary_lines(summary: dict) -> list[str]:
     lines = [
         "=" * 30 + " fastgemma SFT summary " + "=" * 30,
         f"model        {summary['model']}",
-        f"attention    fastgemma, backend={summary['backend']}, fused ops {summary['fused_ops']}",
+        f"attention    fastgemma, backend={summary['backend']}, fused ops {summary['fused_ops']}"
+        + (", compiled layers" if summary.get("compile_layers") else ""),
     ]
     if world > 1:
         lines.append(f"processes    {summary['processes']}")
@@ -1093,7 +1109,8 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
     #    whole micro-batch into one row, so the longest row is batch_size x max length.
     longest_row = args.max_seq_length * (args.batch_size if args.packing else 1)
     fused_ops = {"auto": "auto", "on": True, "off": False}[args.fused_ops]
-    fastgemma.patch_model(model, max_seq_length=longest_row, backend=args.backend, fused_ops=fused_ops)
+    fastgemma.patch_model(model, max_seq_length=longest_row, backend=args.backend, fused_ops=fused_ops,
+                          compile_layers=args.compile_layers)
 
     # 4. LoRA + TRL. transformers renamed gradient_checkpointing to activation_checkpointing
     #    (same switch); use whichever this version has.
@@ -1193,6 +1210,7 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         "model": model_description,
         "backend": args.backend,
         "fused_ops": args.fused_ops,
+        "compile_layers": args.compile_layers,
         "peak_memory": peak_memory_text(on_gpu),
         "output_dir": str(output_dir.resolve()),
         "batch_size": args.batch_size,

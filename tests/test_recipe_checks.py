@@ -90,6 +90,12 @@ def test_flex_backend_on_cpu(refuse):
     assert "--backend flex needs a CUDA GPU" in refuse("--backend", "flex")
 
 
+def test_compiled_layers_without_fused_ops(refuse):
+    assert "--compile-layers compiles the fused ops' layers" in refuse("--compile-layers", "--fused-ops", "off")
+    if not __import__("torch").cuda.is_available():
+        assert "--fused-ops auto fuses on a GPU only" in refuse("--compile-layers")
+
+
 def test_resume_without_a_checkpoint(refuse, tmp_path):
     assert "--resume: no checkpoint-N directory" in refuse("--resume")
     (tmp_path / "not_a_checkpoint").mkdir()
