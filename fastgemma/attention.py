@@ -45,6 +45,17 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+_CUDA_CAPABILITIES: dict = {}  # str(device) -> (major, minor): asked once, then read as a constant inside compiles
+
+
+def cuda_capability(device) -> tuple:
+    """torch.cuda.get_device_capability(device), asked of the driver once per device."""
+    key = str(torch.device(device))
+    if key not in _CUDA_CAPABILITIES:
+        _CUDA_CAPABILITIES[key] = tuple(torch.cuda.get_device_capability(device))
+    return _CUDA_CAPABILITIES[key]
+
+
 def flex_supported(device: torch.device) -> bool:
     """flex_attention's fused kernels need a CUDA GPU of compute capability 8.0 or newer."""
     if device.type != "cuda":
@@ -53,7 +64,7 @@ def flex_supported(device: torch.device) -> bool:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    return cuda_capability(device)[0] >= 8
 
 
 def flex_head_dim_ok(head_dim: int) -> bool:
@@ -273,7 +284,7 @@ def gpu_class(device) -> Optional[str]:
     """The FLEX_KERNEL_OPTIONS class of an NVIDIA GPU: "sm90", "99KB", or None (torch's choice)."""
     if not fast_tanh.is_nvidia(device):
         return None
-    capability = torch.cuda.get_device_capability(device)
+    capability = cuda_capability(device)
     if capability == (9, 0):
         return "sm90"
     if capability in ((8, 6), (8, 9)) or capability[0] == 12:

@@ -48,22 +48,29 @@ def is_nvidia(device) -> bool:
     return torch.device(device).type == "cuda" and torch.version.hip is None
 
 
-@functools.lru_cache(maxsize=None)
+_registered = None  # None until register() runs; then whether it could
+
+
 def register() -> bool:
     """Define the op (fake, autograd and vmap rules) and its Inductor lowering, once per process.
 
-    Returns False, and logs why once, where this torch cannot do it.
+    Returns False, and logs why once, where this torch cannot do it. (A module flag, not functools'
+    cache: torch.compile may trace this call inside a compiled layer, and it reads a flag as a constant
+    but would run a cached function's body again.)
     """
-    try:
-        _define_op()
-        _register_lowering()
-    except Exception as exc:  # noqa: BLE001 - private APIs differ between torch versions
-        logger.warning(
-            "fastgemma: no approximate tanh with torch %s (%s: %s); the softcap uses exact tanh",
-            torch.__version__, type(exc).__name__, exc,
-        )
-        return False
-    return True
+    global _registered
+    if _registered is None:
+        try:
+            _define_op()
+            _register_lowering()
+            _registered = True
+        except Exception as exc:  # noqa: BLE001 - private APIs differ between torch versions
+            logger.warning(
+                "fastgemma: no approximate tanh with torch %s (%s: %s); the softcap uses exact tanh",
+                torch.__version__, type(exc).__name__, exc,
+            )
+            _registered = False
+    return _registered
 
 
 def _define_op() -> None:

@@ -154,7 +154,10 @@ HOPPER_256 = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_n
     ((10, 0), 256, torch.bfloat16, None),
 ])
 def test_tuned_flex_kernel_options_by_gpu_and_head_dim(monkeypatch, capability, head_dim, dtype, expected):
+    from fastgemma import attention
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(attention, "_CUDA_CAPABILITIES", {})  # the driver is asked once per device, then cached
     assert tuned_flex_kernel_options(_QueryOn("cuda", head_dim, dtype)) == expected
     assert tuned_flex_kernel_options(_QueryOn("cpu", head_dim, dtype)) is None
     monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm reports its own "capabilities": torch's choice

@@ -128,3 +128,27 @@ def test_a_hooked_submodule_is_called_through_its_hooks():
     with torch.no_grad():
         model(input_ids=torch.randint(0, 97, (1, 12)), use_cache=False)
     assert seen == [model.model.layers[1].mlp]
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["causal-sliding", "packed-sliding"])
+def test_flex_attention_inside_a_larger_compiled_region_needs_no_break(segments):
+    """On a GPU the compiled layers call flex_attention inside their region: fastgemma's flex wrapper
+    (padding to the block mask's length, score function, kernel options) must trace whole
+    (fullgraph=True). Checked with the CPU's compiled flex forward, against the dense path."""
+    from fastgemma.attention import flex_softcap_attention, softcap_attention
+    from fastgemma.masks import AttentionMask
+
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 200, 32, generator=generator) * 3 for n in (4, 2, 2))
+    segment_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([70, 90, 40]))[None] if segments else None
+    mask = AttentionMask(200, 200, window=64, segment_ids=segment_ids)
+    block_mask = mask.block_mask(q.device)
+
+    def region(q, k, v):
+        return flex_softcap_attention(q * 1.0, k, v, block_mask, 32**-0.5, 50.0, compiled=True) + 0.0
+
+    with torch.no_grad():
+        actual = torch.compile(region, fullgraph=True)(q, k, v)
+        expected = softcap_attention(q, k, v, mask, scale=32**-0.5, softcap=50.0, backend="eager")
+    assert relative_error(actual, expected) < 1e-5
