@@ -97,6 +97,7 @@ def test_compiled_layers_match_the_op_by_op_step_over_a_4bit_base():
             assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # torch's, for the no-grad call in train mode
 def test_reentrant_checkpointing_and_inference_run_the_layers_as_usual(monkeypatch):
     """torch.compile cannot trace reentrant checkpointing, and inference gains nothing from a region
     that would compile once more: both take the usual path, with the usual results."""
