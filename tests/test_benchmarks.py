@@ -243,22 +243,16 @@ def test_profile_step_breaks_a_packed_step_down_by_category():
     assert profile_step.category("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled elementwise"
 
 
-def test_model_suite_can_measure_fastgemma_without_fused_ops(tmp_path):
-    """The fastgemma-attn contender (fused_ops=False) runs next to fastgemma, for measuring the fused ops."""
-    payload, text, raw = _run_suite("model", tmp_path, "--contenders", "fastgemma,fastgemma-attn", "--seqs", "64")
+@pytest.mark.parametrize("variant,label", [("fastgemma-attn", "fastgemma, attention only"),
+                                           ("fastgemma-layers", "fastgemma, compiled layers")])
+def test_model_suite_runs_fastgemma_variants_next_to_fastgemma(tmp_path, variant, label):
+    """fastgemma-attn (fused_ops=False, to measure the fused ops) and fastgemma-layers (compile_layers=True)
+    run next to fastgemma, with the same loss."""
+    payload, text, raw = _run_suite("model", tmp_path, "--contenders", f"fastgemma,{variant}", "--seqs", "64")
     rows = {r["contender"]: r for r in raw["suites"]["model"]["rows"]}
-    assert rows["fastgemma"]["status"] == rows["fastgemma-attn"]["status"] == "ok"
-    assert "fastgemma, attention only" in text
-    assert abs(rows["fastgemma"]["loss_first"] - rows["fastgemma-attn"]["loss_first"]) < 1e-4
-
-
-def test_model_suite_runs_the_compiled_layers_contender(tmp_path):
-    """fastgemma-layers (compile_layers=True) runs in the suites next to fastgemma, with the same loss."""
-    payload, text, raw = _run_suite("model", tmp_path, "--contenders", "fastgemma,fastgemma-layers", "--seqs", "64")
-    rows = {r["contender"]: r for r in raw["suites"]["model"]["rows"]}
-    assert rows["fastgemma"]["status"] == rows["fastgemma-layers"]["status"] == "ok"
-    assert "fastgemma, compiled layers" in text
-    assert abs(rows["fastgemma"]["loss_first"] - rows["fastgemma-layers"]["loss_first"]) < 1e-4
+    assert rows["fastgemma"]["status"] == rows[variant]["status"] == "ok"
+    assert label in text
+    assert abs(rows["fastgemma"]["loss_first"] - rows[variant]["loss_first"]) < 1e-4
 
 
 def test_host_proxy_measures_each_contender_and_refuses_unknown_ones(capsys):
