@@ -7,7 +7,8 @@ independent; each patched module gets its own ``forward`` attribute, a ``Patched
   LoRA and 4-bit linears work), RoPE and KV-cache update, then calls
   ``fastgemma.attention.softcap_attention`` instead of HF's eager attention;
 - each ``Gemma2DecoderLayer.forward`` fuses Gemma's sandwich norms with the residual adds
-  and keeps HF's gradient checkpointing (wherever this transformers version runs it);
+  and keeps HF's gradient checkpointing (wherever this transformers version runs it); with
+  ``compile_layers`` the whole layer, checkpointing included, is one compiled region while training;
 - ``Gemma2Model.forward`` first describes the batch's masks as ``AttentionMask`` objects
   (causal / sliding, with packed documents or padding as segment ids) and hands them to
   HF's forward as a prepared mask mapping, so HF never materialises its dense
