@@ -321,7 +321,7 @@ def _prepare_masks(layer, hidden_states, mask) -> None:
         mask.block_mask(device)  # at the fixed padded length: no token dimension to mark
     else:
         dense = mask.dense(device)
-        for dim in (2, 3):  # (batch, 1, queries, keys): the token dimensions vary like the hidden states'
+        for dim in (0, 2, 3):  # (batch or 1, 1, queries, keys): batch and tokens vary like the hidden states'
             if dense.shape[dim] > 1:
                 torch._dynamo.maybe_mark_dynamic(dense, dim)
 
