@@ -1,4 +1,8 @@
-"""Diagnose: does softcap_tanh="exact" compute differently after approx calls in one process?"""
+"""Diagnose: does softcap_tanh="exact" compute differently after approx calls in one process?
+
+Ran on an H100 against 3d2c431, before the fix (python3 benchmarks/.../softcap_order.py approx-first|fresh-first;
+FG_SEPARATE=1 tried the fix by hand). Kept as the record of the diagnosis in benchmarks/RESULTS.md.
+"""
 import json, os, sys
 import torch
 sys.path.insert(0, "tests")
