@@ -141,12 +141,17 @@ def test_hub_model_unreachable_fails_fast(refuse, monkeypatch):
     assert time.perf_counter() - start < 15  # one try, not the libraries' ~30 s of retries
 
 
-def test_hub_model_offline_and_not_cached_as_a_script(tmp_path):
+def run_recipe_offline(tmp_path, *argv):
+    """The recipe as a script with HF_HUB_OFFLINE=1 and an empty Hugging Face cache under `tmp_path`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run(
-        [sys.executable, str(RECIPE_PATH), "--model", "google/gemma-2-2b", "--output-dir", str(tmp_path / "out")],
+    return subprocess.run(
+        [sys.executable, str(RECIPE_PATH), *argv, "--output-dir", str(tmp_path / "out")],
         check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )
+
+
+def test_hub_model_offline_and_not_cached_as_a_script(tmp_path):
+    result = run_recipe_offline(tmp_path, "--model", "google/gemma-2-2b")
     assert result.returncode == 2
     assert result.stderr == (
         "sft_gemma2.py: error: --model 'google/gemma-2-2b' is not in the local Hugging Face cache "
@@ -209,11 +214,7 @@ def test_hub_dataset_unreachable_fails_fast(refuse, monkeypatch):
 @pytest.mark.slow
 def test_hub_dataset_offline_fails_fast_as_a_script(tmp_path):
     """With HF_HUB_OFFLINE=1 (a machine without network), a name that is not cached: one line."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run(
-        [sys.executable, str(RECIPE_PATH), "--dataset", "someone/some_chats", "--output-dir", str(tmp_path / "out")],
-        check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
-    )
+    result = run_recipe_offline(tmp_path, "--dataset", "someone/some_chats")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sft_gemma2.py: error: cannot load dataset 'someone/some_chats'")
