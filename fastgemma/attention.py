@@ -72,6 +72,11 @@ def flex_head_dim_ok(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def auto_picks_flex(device: torch.device, head_dim: int) -> bool:
+    """Whether backend="auto" runs flex (rather than compiled dense) for our masks, without dropout."""
+    return flex_supported(device) and flex_head_dim_ok(head_dim)
+
+
 # --------------------------------------------------------------------------------------
 # Score functions (flex_attention's score_mod signature)
 # --------------------------------------------------------------------------------------
@@ -330,9 +335,7 @@ def resolve_backend(backend: str, query, key, mask, dropout_p: float = 0.0) -> s
     if backend == "auto":
         if not ours or dropout_p > 0.0:
             return "eager"
-        if flex_supported(query.device) and flex_head_dim_ok(query.shape[-1]):
-            return "flex"
-        return "compiled"
+        return "flex" if auto_picks_flex(query.device, query.shape[-1]) else "compiled"
     if backend == "flex":
         if not ours:
             raise ValueError(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.models.gemma2 import modeling_gemma2
 
-from fastgemma.attention import dense_softcap_attention, flex_head_dim_ok, flex_supported, softcap_attention
+from fastgemma.attention import auto_picks_flex, dense_softcap_attention, softcap_attention
 from fastgemma.masks import (
     AttentionMask,
     BlockMaskCache,
@@ -36,6 +36,7 @@ from fastgemma.masks import (
 from fastgemma.ops import (
     gelu_tanh_gate,
     lora_linear,
+    mark_dynamic,
     norm_add,
     norm_add_norm,
     rms_norm,
@@ -219,9 +220,7 @@ def decoder_layer_forward(self, hidden_states, *args, **kwargs):
     if getattr(self, "_fastgemma_compile_layers", False) and _region_applies(self, hidden_states):
         _prepare_masks(self, hidden_states, kwargs.get("attention_mask"))
         for tensor in (hidden_states, *(kwargs.get("position_embeddings") or ())):
-            for dim in range(tensor.dim() - 1):  # batch and tokens vary; features do not
-                if tensor.shape[dim] > 1:
-                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+            mark_dynamic(tensor)  # batch and tokens vary; features do not
         return _compiled_layer()(self, hidden_states, *args, **kwargs)
     return checkpointed_layer(self, hidden_states, *args, **kwargs)
 
@@ -315,15 +314,10 @@ def _prepare_masks(layer, hidden_states, mask) -> None:
     attention, device = layer.self_attn, hidden_states.device
     backend = attention._fastgemma_backend
     dropout = attention.attention_dropout if attention.training else 0.0
-    flex = backend == "flex" or (backend == "auto" and dropout == 0.0 and flex_supported(device)
-                                 and flex_head_dim_ok(attention.head_dim))
-    if flex:
+    if backend == "flex" or (backend == "auto" and dropout == 0.0 and auto_picks_flex(device, attention.head_dim)):
         mask.block_mask(device)  # at the fixed padded length: no token dimension to mark
-    else:
-        dense = mask.dense(device)
-        for dim in (0, 2, 3):  # (batch or 1, 1, queries, keys): batch and tokens vary like the hidden states'
-            if dense.shape[dim] > 1:
-                torch._dynamo.maybe_mark_dynamic(dense, dim)
+    else:  # (batch or 1, 1, queries, keys): batch and tokens vary like the hidden states'
+        mark_dynamic(mask.dense(device), (0, 2, 3))
 
 
 @functools.lru_cache(maxsize=None)

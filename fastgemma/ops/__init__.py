@@ -6,9 +6,9 @@ compiled with torch.compile into one kernel for the forward and one for the back
 """
 
 from .activations import gelu_tanh_gate
-from .compile import fuse
+from .compile import fuse, mark_dynamic
 from .lora import lora_linear
 from .norms import norm_add, norm_add_norm, rms_norm
 from .rope import rotate_pairs
 
-__all__ = ["fuse", "rms_norm", "norm_add", "norm_add_norm", "gelu_tanh_gate", "rotate_pairs", "lora_linear"]
+__all__ = ["fuse", "mark_dynamic", "rms_norm", "norm_add", "norm_add_norm", "gelu_tanh_gate", "rotate_pairs", "lora_linear"]

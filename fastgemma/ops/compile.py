@@ -9,6 +9,15 @@ import torch
 LEADING = "leading"  # every dimension but the last (the feature dimension)
 
 
+def mark_dynamic(tensor: torch.Tensor, dims=LEADING) -> None:
+    """Tell torch.compile that these dimensions of `tensor` (or every one but the last) vary between calls."""
+    if dims == LEADING:
+        dims = range(tensor.dim() - 1)
+    for dim in dims:
+        if tensor.shape[dim] > 1:  # size 1 is specialised by torch anyway
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
 def fuse(fn, dynamic_dims: dict[int, tuple[int, ...] | str]):
     """`fn` compiled lazily, with the given (argument index -> dimensions, or LEADING) marked dynamic.
 
@@ -27,11 +36,7 @@ def fuse(fn, dynamic_dims: dict[int, tuple[int, ...] | str]):
         if compiled is None:
             compiled = torch.compile(fn, dynamic=None)
         for index, dims in dynamic_dims.items():
-            if dims == LEADING:
-                dims = range(args[index].dim() - 1)
-            for dim in dims:
-                if args[index].shape[dim] > 1:  # size 1 is specialised by torch anyway
-                    torch._dynamo.maybe_mark_dynamic(args[index], dim)
+            mark_dynamic(args[index], dims)
         return compiled(*args)
 
     wrapper.eager = fn
