@@ -330,3 +330,93 @@ def test_document_block_mask_builds_fast():
     per_mask_ms = (time.perf_counter() - start) / repeats * 1e3
     print(f"\ndocument block mask at 16K tokens: {per_mask_ms:.3f} ms")
     assert per_mask_ms < 2.0
+
+
+def _lora_training_copy(reference, dtype, **patch):
+    """A copy of `reference` in `dtype`, patched when `patch` is given, with non-zero LoRA on all linears,
+    non-reentrant checkpointing and train mode: the recipe's training setup."""
+    from peft import LoraConfig, get_peft_model
+
+    import fastgemma
+
+    model = copy.deepcopy(reference).to(dtype)
+    if patch:
+        fastgemma.patch_model(model, max_seq_length=4096, backend="flex", **patch)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def test_compiled_layers_training_step_bf16_matches_hf_eager():
+    """compile_layers=True on the GPU (flex attention inside each layer's region, checkpointing, LoRA):
+    a packed step's loss and gradients against HF eager in float32, no further off than HF eager's bf16."""
+    device = torch.device("cuda")
+    config = tiny_gemma2_config(head_dim=256, layers=4, window=128, vocab=512)
+    reference = random_gemma2(config, device=device, dtype=torch.float32)
+    lengths = [300, 77, 500, 203]  # not multiples of 128; documents longer than the window
+    ids = torch.randint(0, 512, (1, sum(lengths)), device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+
+    def step(dtype, **patch):
+        model = _lora_training_copy(reference, dtype, **patch)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_fp32, grads_fp32 = step(torch.float32)
+    loss_hf, grads_hf = step(torch.bfloat16)
+    loss_ours, grads_ours = step(torch.bfloat16, fused_ops=True, compile_layers=True)
+    assert grads_ours.keys() == grads_fp32.keys() and len(grads_ours) == 4 * 7 * 2
+    hf_error = max(relative_error(grads_hf[n], grads_fp32[n]) for n in grads_fp32)
+    our_error = max(relative_error(grads_ours[n], grads_fp32[n]) for n in grads_fp32)
+    print(f"\nloss fp32 {loss_fp32:.5f}, HF bf16 {loss_hf:.5f}, compiled layers bf16 {loss_ours:.5f}; "
+          f"worst LoRA gradient error: HF bf16 {hf_error:.4f}, compiled layers {our_error:.4f}")
+    assert abs(loss_ours - loss_fp32) <= 1.25 * abs(loss_hf - loss_fp32) + 2e-3
+    assert our_error <= 1.25 * hf_error + 1e-3
+
+
+def test_compiled_layers_over_varying_lengths_compile_a_bounded_number_of_times():
+    """20 LoRA training steps with compile_layers=True whose length changes every step (packed rows and
+    right-padded batches): a bounded number of graphs, none new after step 10, no graph breaks."""
+    import torch._dynamo.utils as dynamo_utils
+
+    device = torch.device("cuda")
+    config = tiny_gemma2_config(head_dim=128, layers=4, window=512, vocab=512)
+    model = _lora_training_copy(random_gemma2(config, device=device, dtype=torch.float32), torch.bfloat16,
+                                fused_ops=True, compile_layers=True)
+    generator = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    step_times, graphs_after = [], {}
+    for step in range(20):
+        length = int(torch.randint(1500, 4096, (1,), generator=generator))
+        if step % 4 == 3:
+            ids = torch.randint(0, 512, (2, length), generator=generator).to(device)
+            batch = {"attention_mask": torch.ones_like(ids)}
+            batch["attention_mask"][1, length // 2 :] = 0
+        else:
+            segments = random_documents(length, generator, low=50, high=1500)[0]
+            positions = torch.cat([torch.arange(int(n)) for n in torch.bincount(segments)])[None].to(device)
+            ids = torch.randint(0, 512, (1, length), generator=generator).to(device)
+            batch = {"position_ids": positions}
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids, use_cache=False, **batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - start)
+        graphs_after[step] = dynamo_utils.counters["stats"]["unique_graphs"]
+    print(f"\ncompiled layers: {graphs_after[19]} graphs over 20 varying-length steps (after step 10: "
+          f"{graphs_after[9]}); breaks {dict(dynamo_utils.counters['graph_break'])}; step times (s): "
+          + ", ".join(f"{t:.3f}" for t in step_times))
+    assert graphs_after[19] <= 16, f"{graphs_after[19]} compiled graphs over 20 steps: recompiling per length"
+    assert graphs_after[19] == graphs_after[9], "new graphs after step 10: recompiling per length"
+    assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+    assert max(step_times[-10:]) < 1.0, "late steps are still compiling"
