@@ -82,15 +82,20 @@ def run(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
 
-    def step():
+    def forward():
         batch = packed_row(args.tokens, args.docs, vocab, generator, device)
         # bf16 autocast around the forward, as the HF Trainer does with bf16=True
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             output = model(**batch, fused_lm_head=True) if fused else model(**batch)
-        output.loss.backward()
+        return output.loss
+
+    def step():
+        forward().backward()
 
     for _ in range(args.warmup):
         step()
+    if device.type == "cuda":
+        memory_readout(model, forward, device)
     if args.host:
         return host_profile(step, device, args)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -127,6 +132,26 @@ def run(args) -> dict:
     for name, ms, calls in rows[: args.top]:
         print(f"| `{name[:90]}` | {category(name)} | {calls} | {ms:.2f} | {ms / total:.1%} |")
     return {"total_ms": total, "categories": dict(totals), "top": rows[: args.top]}
+
+
+def memory_readout(model, forward, device) -> dict:
+    """What one step holds on the GPU: the tensors kept from the forward for the backward (activations,
+    and whatever a compiled region saves), and the step's peak above what was allocated before it."""
+    model.zero_grad(set_to_none=True)  # the previous step's gradients would count as held
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    loss = forward()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated(device) - before
+    loss.backward()
+    del loss
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - before
+    mib = 2**20
+    print(f"\nmemory per step: held after the forward {held / mib:,.0f} MiB, peak above the step's start "
+          f"{peak / mib:,.0f} MiB (allocated before it {before / mib:,.0f} MiB)")
+    return {"held_after_forward_mib": held / mib, "step_peak_mib": peak / mib}
 
 
 def host_profile(step, device, args) -> dict:

@@ -212,3 +212,34 @@ def test_compiled_layers_still_checkpoint():
         assert compiled_bytes < saved_bytes(unchecked) / 5  # checkpointing on: far less is kept
         extra[layers] = compiled_bytes - by_ops_bytes
     assert extra[4] == extra[8] >= 0, extra
+
+
+def test_the_region_checkpoints_with_a_recompute_everything_policy():
+    """The compiled region checkpoints with HF's function and settings plus a policy that recomputes every
+    op (the partitioner would otherwise be free to keep activations); a user's own policy is left alone."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    hf = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+    twin = glue.recompute_everything_checkpoint(hf)
+    assert twin.func is checkpoint and twin.keywords["use_reentrant"] is False
+    assert twin.keywords["preserve_rng_state"] is False and twin.keywords["context_fn"] is glue._recompute_every_op
+    assert glue.recompute_everything_checkpoint(hf) is twin  # one object per HF function: no new guards per call
+    users = functools.partial(checkpoint, use_reentrant=False, context_fn=lambda: None)
+    assert glue.recompute_everything_checkpoint(users) is users
+    assert glue.recompute_everything_checkpoint(None) is None
+
+    calls = []
+    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, compile_layers=True)
+    original = glue._recompute_every_op
+    try:
+        glue._RECOMPUTING_CHECKPOINTS.clear()
+        glue._recompute_every_op = lambda: calls.append(1) or original()
+        torch._dynamo.reset()
+        _, loss, _ = packed_step(patched, [30, 20], 0)
+    finally:
+        glue._recompute_every_op = original
+        glue._RECOMPUTING_CHECKPOINTS.clear()
+    assert calls, "the compiled region did not checkpoint with the recompute-everything policy"
+    assert relative_error(loss, packed_step(reference, [30, 20], 0)[1]) < 1e-4
