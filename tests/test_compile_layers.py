@@ -115,6 +115,11 @@ def test_compiled_layers_match_the_op_by_op_step_over_a_4bit_base():
         model.enable_input_require_grads()
         model.train()
         results.append([packed_step(model, lengths, seed) for seed, lengths in enumerate([[30, 20], [11, 40, 9]])])
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            packed_step(model, [25, 25], 2)
+        bnb_ops = sum(e.count for e in profile.key_averages() if e.key.startswith("bitsandbytes::"))
+        # compiled, the 4-bit projections are tensor ops (fastgemma.ops.nf4): no bitsandbytes op runs
+        assert (bnb_ops == 0) if compile_layers else (bnb_ops > 0), bnb_ops
     for (logits, loss, grads), (ref_logits, ref_loss, ref_grads) in zip(results[1], results[0]):
         assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
         assert grads.keys() == ref_grads.keys() and grads

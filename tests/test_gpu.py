@@ -454,3 +454,26 @@ def test_compiled_layers_still_checkpoint_on_the_gpu():
     compiled = saved_bytes(_lora_training_copy(reference, torch.bfloat16, fused_ops=True, compile_layers=True))
     print(f"\nsaved for the backward: op by op {by_ops / 2**20:.1f} MiB, compiled layers {compiled / 2**20:.1f} MiB")
     assert compiled <= 1.25 * by_ops
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_linear_as_tensor_ops_matches_bitsandbytes_cuda(quant_type):
+    """fastgemma.ops.nf4 against bitsandbytes' CUDA kernels: the dequantised weight bit for bit, and the
+    compiled linear's output and input gradient."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from fastgemma.ops.nf4 import dequantize_4bit, linear_4bit
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(2304, 1024, bias=False, dtype=torch.bfloat16)
+    layer = bnb.nn.Linear4bit(2304, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=True)
+    layer = layer.cuda()
+    state = layer.weight.quant_state
+    assert torch.equal(dequantize_4bit(layer.weight.data, state), bnb.functional.dequantize_4bit(layer.weight.data, state))
+    x = torch.randn(2, 300, 2304, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    expected = layer(x)
+    (grad_expected,) = torch.autograd.grad(expected.float().square().sum(), x)
+    actual = torch.compile(linear_4bit, dynamic=True)(layer, x)
+    (grad_actual,) = torch.autograd.grad(actual.float().square().sum(), x)
+    assert relative_error(actual, expected) < 1e-3 and relative_error(grad_actual, grad_expected) < 1e-3

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .nf4 import linear_4bit, supports_4bit_linear
+
 
 def plain_lora_parts(module: torch.nn.Module):
     """(base_layer, lora_A weight, lora_B weight, scaling) when `module` is a vanilla PEFT LoRA linear
@@ -45,10 +47,19 @@ def lora_linear(module: torch.nn.Module, x: torch.Tensor, fused: bool = True) ->
     base, weight_a, weight_b, scaling = parts
     if not torch.is_autocast_enabled(x.device.type) and not (weight_a.dtype == weight_b.dtype == x.dtype):
         return module(x)
-    result = base(x)
+    result = base_linear(base, x)
     down = torch.nn.functional.linear(x, weight_a)
     if result.dtype != down.dtype:  # a base layer that returns another dtype: PEFT's own arithmetic
         return result + torch.nn.functional.linear(down, weight_b) * scaling
     out_features = result.shape[-1]
     fused = torch.addmm(result.reshape(-1, out_features), down.reshape(-1, down.shape[-1]), weight_b.t(), alpha=scaling)
     return fused.view(result.shape)
+
+
+def base_linear(base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``base(x)``; inside a compiled region a bitsandbytes 4-bit base runs as tensor ops, which the
+    compiler fuses, instead of bitsandbytes' opaque op and its per-call Python dispatch."""
+    if (torch.compiler.is_compiling() and supports_4bit_linear(base) and not base._forward_hooks
+            and not base._forward_pre_hooks and not hasattr(base, "_hf_hook")):
+        return linear_4bit(base, x)
+    return base(x)
