@@ -5,7 +5,10 @@ Measured per contender (hf-eager, hf-flex, fastgemma; liger opt-in):
   - time to first step: wall clock (after a CUDA sync) from ``trainer.train()`` and from the start of
     ``from_pretrained`` to the end of the first optimizer step (TrainerCallback.on_step_end);
   - steady tokens/s: median over the steps after warm-up of (real tokens of the step's batch) /
-    (time between consecutive step ends); real tokens are counted from each batch in training_step;
+    (time between consecutive step ends), the last step left out when it is profiled; real tokens are
+    counted from each batch in training_step;
+  - GPU busy: CUDA kernel time of the profiled last step per token over the unprofiled steps' wall
+    time per token;
   - peak memory (torch.cuda.max_memory_allocated from before the load to the end of training).
 
 The random-init model is saved once (bf16 safetensors + an offline word-level tokenizer) and loaded
@@ -75,15 +78,17 @@ def _make_trainer_cls():
             return super().training_step(*args, **kwargs)
 
     class GpuBusyProbe(TrainerCallback):
-        """Profiles one optimizer step (CUDA activity only) and keeps the fraction of its wall time in which
-        the GPU ran a kernel: near 1 the step is GPU-bound, far below it the host cannot keep the GPU fed."""
+        """Profiles one optimizer step (CUDA activity only) and keeps the seconds in which the GPU ran a
+        kernel, and that over the step's wall time: near 1 the step is GPU-bound, far below it the host
+        cannot keep the GPU fed. The profiler slows a host-bound step and its shutdown takes seconds, so
+        the profiled step is the last one and stays out of the tokens/s median."""
 
-        def __init__(self, device, step: int):
+        def __init__(self, device, step: int | None):
             self.device, self.step = device, step
-            self.profiler, self.t0, self.busy = None, None, None
+            self.profiler, self.t0, self.busy, self.kernel_s = None, None, None, None
 
         def on_step_begin(self, args, state, control, **kw):
-            if self.device.type != "cuda" or state.global_step != self.step:
+            if self.device.type != "cuda" or self.step is None or state.global_step != self.step:
                 return
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             self.profiler.__enter__()
@@ -105,10 +110,25 @@ def _make_trainer_cls():
                 if stop > end:
                     busy += stop - max(start, end)
                     end = stop
+            self.kernel_s = busy / 1e6
             self.busy = min(1.0, busy / wall_us) if wall_us > 0 else None
             self.profiler = None
 
     return StepClock, CountingSFTTrainer, GpuBusyProbe
+
+
+def steady_rates(per_step: list[float], warmup: int, profiled: int | None) -> list[float]:
+    """tokens/s of the steps after warm-up, without the profiled step (the profiler slows it)."""
+    steady = [rate for k, rate in enumerate(per_step) if k >= warmup and k != profiled]
+    return steady or per_step[warmup:]
+
+
+def busy_over_unprofiled(kernel_s: float | None, profiled_tokens: int, steady: list[float]) -> float | None:
+    """CUDA time over wall time for an unprofiled step: the profiled step's kernel seconds per token
+    times the steady steps' tokens per second (the profiler inflates the host's share of its own step)."""
+    if kernel_s is None or not profiled_tokens or not steady:
+        return None
+    return min(1.0, kernel_s / profiled_tokens * C.median(steady))
 
 
 def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool, steps: int, max_length: int,
@@ -158,7 +178,8 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         data_seed=args.seed,
     )
     clock = StepClock(device)
-    probe = GpuBusyProbe(device, step=min(steps - 1, args.trl_warmup + 1))  # a steady step, not the last
+    # The last step, when at least one steady step comes before it (otherwise none is profiled).
+    probe = GpuBusyProbe(device, step=steps - 1 if steps - 1 > args.trl_warmup else None)
     torch.manual_seed(args.seed)
     trainer = CountingSFTTrainer(
         model=model,
@@ -184,7 +205,11 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
     durs = [e - s for s, e in zip(starts, ends)]
     per_step = [t[0] / d for t, d in zip(toks, durs) if d > 0]
     warm = min(args.trl_warmup, max(0, len(per_step) - 1))
-    steady = per_step[warm:]
+    profiled = probe.step if probe.busy is not None else None
+    steady = steady_rates(per_step, warm, profiled)
+    busy = probe.busy
+    if profiled is not None and profiled < len(toks):
+        busy = busy_over_unprofiled(probe.kernel_s, toks[profiled][0], steady) or busy
     out = {
         "steps_done": len(ends),
         "load_s": t_loaded - t_load0,
@@ -202,8 +227,10 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         "loss_first": losses[0] if losses else None,
         "peak_mib": peak,
         "warmup_steps": warm,
-        "gpu_busy": probe.busy,
-        "profiled_step": probe.step,
+        "gpu_busy": busy,
+        "gpu_busy_profiled_step": probe.busy,
+        "gpu_kernel_s": probe.kernel_s,
+        "profiled_step": profiled,
     }
     del trainer, model
     return out
@@ -231,9 +258,9 @@ def run(args, device: torch.device) -> C.SuiteResult:
         f"Synthetic pre-tokenized documents of {doc_range[0]}..{doc_range[1]} random tokens. "
         "'1st step' columns: wall clock to the end of the first optimizer step from trainer.train() and from "
         "the start of from_pretrained. tokens/s: median over optimizer steps after the first "
-        f"{args.trl_warmup} of real tokens / step time. Peak: max allocated from before the load to the end. "
-        "GPU busy: the fraction of one steady optimizer step's wall time in which a CUDA kernel ran "
-        "(torch.profiler, CUDA activity only). "
+        f"{args.trl_warmup}, the profiled last step left out, of real tokens / step time. Peak: max allocated "
+        "from before the load to the end. GPU busy: CUDA kernel time (torch.profiler, CUDA activity only, "
+        "the last step) per token over the unprofiled steps' wall time per token. "
         f"fastgemma backend: {M.fastgemma_backend(args, device)}."
     )
     if device.type != "cuda":

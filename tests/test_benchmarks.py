@@ -210,6 +210,19 @@ def test_trl_suite_tiny(tmp_path, ckpt_dir):
     assert abs(rows[0]["loss_first"] - rows[2]["loss_first"]) < 1e-3
 
 
+def test_trl_steady_rate_leaves_out_the_profiled_step_and_rescales_gpu_busy():
+    from benchmarks.suite_trl import busy_over_unprofiled, steady_rates
+
+    # warm-up step 0 and the profiled step 3 (slowed by the profiler) stay out of the median
+    assert steady_rates([100.0, 900.0, 1100.0, 500.0], warmup=1, profiled=3) == [900.0, 1100.0]
+    assert steady_rates([100.0, 900.0], warmup=1, profiled=1) == [900.0]  # nothing else left: keep it
+    assert steady_rates([100.0, 900.0, 700.0], warmup=1, profiled=None) == [900.0, 700.0]
+    # 0.5 s of kernels for 2,000 tokens while unprofiled steps run 1,000 tokens/s: busy a quarter of the time
+    assert busy_over_unprofiled(0.5, 2000, [800.0, 1000.0, 1200.0]) == pytest.approx(0.5 / 2000 * 1000)
+    assert busy_over_unprofiled(3.0, 1000, [1000.0]) == 1.0
+    assert busy_over_unprofiled(None, 1000, [1000.0]) is None
+
+
 def test_context_suite_tiny_and_default_results_untouched(tmp_path, ckpt_dir):
     before = _results_file_state()
     js = tmp_path / "ctx.json"
