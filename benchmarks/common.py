@@ -84,6 +84,8 @@ LABELS = {
     "fastgemma": "fastgemma",
     "fastgemma-attn": "fastgemma, attention only",
     "fastgemma-layers": "fastgemma, compiled layers",
+    "unsloth": "Unsloth",
+    "unsloth-nocompile": "Unsloth, no block compile",
 }
 BASELINES = ("hf-eager", "hf-flex")
 

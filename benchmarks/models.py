@@ -19,9 +19,22 @@ FASTGEMMA_PATCH = {
     "fastgemma-layers": {"fused_ops": "auto", "compile_layers": True},
 }
 
+# Unsloth, trl suite only, in a process of its own (benchmarks/unsloth_trl.py): importing it patches transformers
+# and trl for the whole process. Per contender, the environment that process gets (None: the variable is removed,
+# so Unsloth's default applies). "unsloth": its per-decoder-layer compile on, as it ships; "unsloth-nocompile":
+# UNSLOTH_BLOCK_COMPILE=0, which avoided that compile's crash in Inductor with torch 2.11 (an H100, 2026-11-22).
+UNSLOTH = {
+    "unsloth": {"UNSLOTH_BLOCK_COMPILE": None},
+    "unsloth-nocompile": {"UNSLOTH_BLOCK_COMPILE": "0"},
+}
+
 
 def availability(contender: str, device: torch.device, training: bool = True) -> str | None:
     """None if the contender can run here, else the text of its n/a row."""
+    if contender in UNSLOTH:
+        # Its own process finds out (unsloth not importable, no GPU) and says so in its row: importing
+        # unsloth here to check would patch this process.
+        return None
     if contender not in IMPL:
         return f"n/a (unknown contender {contender!r})"
     if contender == "hf-flex":

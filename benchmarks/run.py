@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=None, help="model suite: comma list of BxS, e.g. 2x2048,1x8192")
     p.add_argument("--masks", default=None, help="kernel suite: comma list of causal,sliding,docs")
     p.add_argument("--contenders", default=None,
-                   help="comma list among hf-eager,hf-flex,liger,fastgemma (kernel also: fastgemma-<backend>)")
+                   help="comma list among hf-eager,hf-flex,liger,fastgemma (kernel also: fastgemma-<backend>; "
+                   "trl also: unsloth,unsloth-nocompile)")
     p.add_argument("--fastgemma-backend", default="auto", help="backend for patch_model in model/trl/context")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (suite default otherwise)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (kernel/model; suite default otherwise)")
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trl-max-length", type=int, default=None, help="trl suite: max_length (default 4096)")
     p.add_argument("--trl-batch", type=int, default=4, help="trl suite: per_device_train_batch_size")
     p.add_argument("--trl-grad-accum", type=int, default=1, help="trl suite: gradient_accumulation_steps")
+    p.add_argument("--unsloth-path", default=os.environ.get("FASTGEMMA_UNSLOTH_PATH"),
+                   help="trl suite, Unsloth contenders: the PYTHONPATH of their process, before the repository "
+                   "root, e.g. /tmp/site-unsloth:.wu/pkgs (default $FASTGEMMA_UNSLOTH_PATH; unset: this "
+                   "process's environment)")
+    p.add_argument("--unsloth-timeout-s", type=float, default=None,
+                   help="trl suite: wall-clock limit of each Unsloth process (default 900 s)")
     p.add_argument("--context-start", type=int, default=None, help="context suite: first length tried")
     p.add_argument("--context-max", type=int, default=None, help="context suite: cap of the search")
     p.add_argument("--context-step", type=int, default=None, help="context suite: resolution (default 1024)")

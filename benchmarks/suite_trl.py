@@ -13,12 +13,25 @@ Measured per contender (hf-eager, hf-flex, fastgemma; liger opt-in):
 
 The random-init model is saved once (bf16 safetensors + an offline word-level tokenizer) and loaded
 with from_pretrained + BitsAndBytesConfig, as a user would load a real checkpoint.
+
+Unsloth (opt-in contenders "unsloth", "unsloth-nocompile") runs in a process of its own,
+``benchmarks/unsloth_trl.py``: importing it patches transformers and trl for the whole process, and it
+needs transformers / trl versions of its own (``--unsloth-path``). It trains unpacked, on padded batches,
+since it refuses packing for Gemma 2; that process reuses this module's dataset, config and callbacks and
+writes one row as JSON, which joins the table like any other contender's.
 """
 
 from __future__ import annotations
 
+import collections
+import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -27,6 +40,9 @@ from . import common as C
 from . import models as M
 
 DEFAULT_CONTENDERS = ("hf-eager", "hf-flex", "fastgemma")
+CONTENDERS = (*M.IMPL, *M.UNSLOTH)  # Unsloth only here: the other suites run every contender in-process
+UNSLOTH_TIMEOUT_S = 900.0
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_dataset(vocab: int, n_tokens: int, doc_range: tuple[int, int], seed: int):
@@ -43,7 +59,24 @@ def synthetic_dataset(vocab: int, n_tokens: int, doc_range: tuple[int, int], see
     return Dataset.from_dict({"input_ids": docs}), total
 
 
-def _make_trainer_cls():
+def doc_range(tiny: bool) -> tuple[int, int]:
+    """Document lengths of the suite's dataset: around max_length on the real run, so that packing matters."""
+    return (8, 100) if tiny else (200, 4000)
+
+
+def trl_dataset(vocab: int, tiny: bool, steps: int, batch: int, max_length: int, accum: int, seed: int):
+    """The suite's dataset, (Dataset, total tokens): enough documents for every step of every contender.
+
+    The Unsloth process builds its own copy with this same function and the same arguments, so it gets the
+    same documents as the contenders of this process."""
+    n_tokens = int((steps + 2) * batch * max_length * accum * 1.2)
+    return synthetic_dataset(vocab, n_tokens, doc_range(tiny), seed)
+
+
+def _make_trainer_cls(pad_token_id: int | None = None):
+    """StepClock, CountingSFTTrainer and GpuBusyProbe, built on the SFTTrainer that ``trl`` holds now (in the
+    Unsloth process: the one Unsloth patched). A batch without an attention mask counts every token, unless
+    ``pad_token_id`` is given: then its pad tokens are left out (padded batches whose mask was dropped)."""
     from transformers import TrainerCallback
     from trl import SFTTrainer
 
@@ -70,6 +103,8 @@ def _make_trainer_cls():
                 ids = inputs["input_ids"]
                 if "attention_mask" in inputs:
                     real = int(inputs["attention_mask"].sum())
+                elif pad_token_id is not None:  # the synthetic documents never hold the pad id
+                    real = int((ids != pad_token_id).sum())
                 else:  # padding-free: one flattened row, no padding unless pad_to_multiple_of
                     real = int(ids.numel())
                 labels = inputs.get("labels")
@@ -131,6 +166,75 @@ def busy_over_unprofiled(kernel_s: float | None, profiled_tokens: int, steady: l
     return min(1.0, kernel_s / profiled_tokens * C.median(steady))
 
 
+def sft_kwargs(out_dir: str, steps: int, batch: int, accum: int, max_length: int, seed: int, device) -> dict:
+    """The SFTConfig settings every contender shares (the Unsloth process too); batching and gradient
+    checkpointing are left to the caller, since Unsloth decides those for itself."""
+    return dict(
+        output_dir=out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        max_length=max_length,
+        bf16=device.type == "cuda",
+        use_cpu=device.type != "cuda",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=seed,
+        data_seed=seed,
+    )
+
+
+def probe_step(steps: int, warmup: int) -> int | None:
+    """The step GpuBusyProbe profiles: the last one, when at least one steady step comes before it."""
+    return steps - 1 if steps - 1 > warmup else None
+
+
+def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_loaded: float, t_trainer: float,
+              peak) -> dict:
+    """The row's measurements from the callbacks of one finished ``trainer.train()`` (see the module docstring)."""
+    ends = clock.ends
+    micro = trainer._bench_tokens
+    # one entry per optimizer step: the sums over its `accum` micro-batches
+    toks = [tuple(sum(t[i] or 0 for t in micro[k:k + accum]) for i in range(3)) for k in range(0, len(micro), accum)]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    starts = [clock.t_begin] + ends[:-1]
+    durs = [e - s for s, e in zip(starts, ends)]
+    per_step = [t[0] / d for t, d in zip(toks, durs) if d > 0]
+    warm = min(warmup, max(0, len(per_step) - 1))
+    profiled = probe.step if probe.busy is not None else None
+    steady = steady_rates(per_step, warm, profiled)
+    busy = probe.busy
+    if profiled is not None and profiled < len(toks):
+        busy = busy_over_unprofiled(probe.kernel_s, toks[profiled][0], steady) or busy
+    return {
+        "steps_done": len(ends),
+        "load_s": t_loaded - t_load0,
+        "trainer_init_s": t_trainer - t_loaded,
+        "first_step_from_train_s": ends[0] - t_trainer if ends else None,
+        "first_step_from_load_s": ends[0] - t_load0 if ends else None,
+        "first_step_s": durs[0] if durs else None,
+        "tokens_per_s": C.median(steady),
+        "tokens_per_s_all": per_step,
+        "tokens_per_step": [t[0] for t in toks],
+        "loss_tokens_per_step": [t[1] for t in toks],
+        "row_lengths": [t[2] for t in toks],
+        "step_s": durs,
+        "losses": losses,
+        "loss_first": losses[0] if losses else None,
+        "peak_mib": peak,
+        "warmup_steps": warm,
+        "gpu_busy": busy,
+        "gpu_busy_profiled_step": probe.busy,
+        "gpu_kernel_s": probe.kernel_s,
+        "profiled_step": profiled,
+    }
+
+
 def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool, steps: int, max_length: int,
              batch: int, out_dir: str) -> dict:
     from transformers import AutoTokenizer
@@ -155,31 +259,15 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
     C.sync(device)
     t_loaded = time.perf_counter()
     cfg = SFTConfig(
-        output_dir=out_dir,
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accum,
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        max_length=max_length,
+        **sft_kwargs(out_dir, steps, batch, accum, max_length, args.seed, device),
         packing=True,
         packing_strategy="bfd",
         padding_free=True,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=device.type == "cuda",
-        use_cpu=device.type != "cuda",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=args.seed,
-        data_seed=args.seed,
     )
     clock = StepClock(device)
-    # The last step, when at least one steady step comes before it (otherwise none is profiled).
-    probe = GpuBusyProbe(device, step=steps - 1 if steps - 1 > args.trl_warmup else None)
+    probe = GpuBusyProbe(device, step=probe_step(steps, args.trl_warmup))
     torch.manual_seed(args.seed)
     trainer = CountingSFTTrainer(
         model=model,
@@ -194,58 +282,138 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
     t_trainer = time.perf_counter()
     trainer.train()
     C.sync(device)
-    peak = C.peak_mib(device)
-
-    ends = clock.ends
-    micro = trainer._bench_tokens
-    # one entry per optimizer step: the sums over its `accum` micro-batches
-    toks = [tuple(sum(t[i] or 0 for t in micro[k:k + accum]) for i in range(3)) for k in range(0, len(micro), accum)]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    starts = [clock.t_begin] + ends[:-1]
-    durs = [e - s for s, e in zip(starts, ends)]
-    per_step = [t[0] / d for t, d in zip(toks, durs) if d > 0]
-    warm = min(args.trl_warmup, max(0, len(per_step) - 1))
-    profiled = probe.step if probe.busy is not None else None
-    steady = steady_rates(per_step, warm, profiled)
-    busy = probe.busy
-    if profiled is not None and profiled < len(toks):
-        busy = busy_over_unprofiled(probe.kernel_s, toks[profiled][0], steady) or busy
-    out = {
-        "steps_done": len(ends),
-        "load_s": t_loaded - t_load0,
-        "trainer_init_s": t_trainer - t_loaded,
-        "first_step_from_train_s": ends[0] - t_trainer if ends else None,
-        "first_step_from_load_s": ends[0] - t_load0 if ends else None,
-        "first_step_s": durs[0] if durs else None,
-        "tokens_per_s": C.median(steady),
-        "tokens_per_s_all": per_step,
-        "tokens_per_step": [t[0] for t in toks],
-        "loss_tokens_per_step": [t[1] for t in toks],
-        "row_lengths": [t[2] for t in toks],
-        "step_s": durs,
-        "losses": losses,
-        "loss_first": losses[0] if losses else None,
-        "peak_mib": peak,
-        "warmup_steps": warm,
-        "gpu_busy": busy,
-        "gpu_busy_profiled_step": probe.busy,
-        "gpu_kernel_s": probe.kernel_s,
-        "profiled_step": profiled,
-    }
+    out = summarize(clock, probe, trainer, accum, args.trl_warmup, t_load0, t_loaded, t_trainer, C.peak_mib(device))
     del trainer, model
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Unsloth, in a process of its own (benchmarks/unsloth_trl.py)
+# --------------------------------------------------------------------------------------------------
+
+UNSLOTH_NOTE = (
+    "Unsloth trains unpacked: it refuses packing and padding-free batches for Gemma 2, so its batches are "
+    "right-padded documents truncated to max_length, and its tokens/s counts real (unpadded) tokens only."
+)
+
+
+def unsloth_command(checkpoint: str, args, steps: int, max_length: int, batch: int, out_path: str) -> list[str]:
+    """The command line of the Unsloth process: this Python, the suite's settings, one row written to out_path."""
+    cmd = [sys.executable, "-m", "benchmarks.unsloth_trl", "--checkpoint", checkpoint,
+           "--max-length", str(max_length), "--batch", str(batch), "--grad-accum", str(args.trl_grad_accum),
+           "--steps", str(steps), "--warmup", str(args.trl_warmup), "--seed", str(args.seed),
+           "--lora-r", str(args.lora_r), "--out", out_path]
+    if args.tiny:
+        cmd.append("--tiny")
+    if args.no_quant:
+        cmd.append("--no-quant")
+    return cmd
+
+
+def unsloth_env(cname: str, unsloth_path: str | None, base: dict | None = None) -> dict:
+    """The Unsloth process's environment: ``unsloth_path`` (entries made absolute) then the repository root as
+    its whole PYTHONPATH, this contender's UNSLOTH_* settings, and the Hub offline (the checkpoint is local).
+
+    The parent's PYTHONPATH is not kept when ``unsloth_path`` is given: it may hold a transformers or trl that
+    Unsloth refuses (on our GPU machine, /tmp/site has transformers 5.23; Unsloth 2026.10 needs ≤ 5.17). Without
+    one, the parent's environment is kept, for an Unsloth installed next to everything else."""
+    env = dict(os.environ if base is None else base)
+    if unsloth_path:
+        entries = [os.path.abspath(p) for p in unsloth_path.split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join([*entries, REPO_ROOT])
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    for key, value in M.UNSLOTH[cname].items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_child(cmd: list[str], env: dict, out_path: str, timeout_s: float, label: str) -> dict:
+    """Run the Unsloth process and return the row it wrote (at least a status), never raising.
+
+    Its output is echoed line by line (prefixed with ``label``) and its last lines kept, to name the failure of
+    a process that died without writing its row. It gets a process group of its own, so that a timeout ends it
+    together with the compile workers it started."""
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True)
+
+    def echo():
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            print(f"[{label}] {line}", end="", flush=True)
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        # Also after a normal exit: compile workers it left behind would hold the output pipe open.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone already
+            pass
+        proc.wait()
+    reader.join(timeout=5)
+    if timed_out:
+        return {"status": f"failed (timeout: the Unsloth process ran past {timeout_s:g} s)"}
+    try:
+        with open(out_path) as f:
+            row = json.load(f)
+    except (OSError, ValueError):
+        last = next((line for line in reversed(tail) if line.strip()), "no output")
+        return {"status": f"failed (the Unsloth process exited with code {proc.returncode} without a row: "
+                          f"{_one_line(last, 120)})"}
+    row.setdefault("status", f"failed (the Unsloth process wrote a row without a status, exit code {proc.returncode})")
+    return row
+
+
+def run_unsloth(cname: str, checkpoint: str, args, steps: int, max_length: int, batch: int, out_dir: str) -> dict:
+    """One Unsloth contender's measurements (the keys of ``summarize`` and its own), or just its status."""
+    out_path = os.path.join(out_dir, "row.json")
+    cmd = unsloth_command(checkpoint, args, steps, max_length, batch, out_path)
+    env = unsloth_env(cname, getattr(args, "unsloth_path", None))
+    timeout_s = getattr(args, "unsloth_timeout_s", None) or UNSLOTH_TIMEOUT_S
+    C.log(f"{cname}: {' '.join(cmd)}  (PYTHONPATH={env['PYTHONPATH']})")
+    row = run_child(cmd, env, out_path, timeout_s, cname)
+    row["note"] = UNSLOTH_NOTE
+    return row
+
+
+def unsloth_versions_note(rows: list[dict]) -> str | None:
+    """What the Unsloth rows ran on: their process's versions differ from the header's (this process's)."""
+    seen = []
+    for r in rows:
+        v = r.get("versions")
+        if r.get("contender") in M.UNSLOTH and v:
+            text = ", ".join(f"{k} {v[k]}" for k in v)
+            if text not in seen:
+                seen.append(text)
+    return ("Unsloth rows ran on: " + "; ".join(seen) + ".") if seen else None
 
 
 def run(args, device: torch.device) -> C.SuiteResult:
     res = C.SuiteResult("trl")
     tiny = args.tiny
     models = C.parse_list(args.models, ["tiny"] if tiny else ["2b"])
-    contenders = [c for c in C.parse_list(args.contenders, DEFAULT_CONTENDERS) if c in M.IMPL]
+    contenders = [c for c in C.parse_list(args.contenders, DEFAULT_CONTENDERS) if c in CONTENDERS]
     steps = C.pick(args.steps, tiny, 3, 12)
     args.trl_warmup = C.pick(args.warmup, tiny, 1, 3)
     max_length = args.trl_max_length or (128 if tiny else 4096)
     batch = args.trl_batch
-    doc_range = (8, 100) if tiny else (200, 4000)
     quantize = device.type == "cuda" and not args.no_quant
     budget = C.Budget(args.budget_s)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -255,7 +423,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
         f"≤{batch}×{max_length} tokens with per-document position_ids), max_length {max_length}, "
         f"per_device_train_batch_size {batch}, gradient_accumulation_steps {args.trl_grad_accum}, gradient "
         f"checkpointing, {steps} optimizer steps, constant lr. "
-        f"Synthetic pre-tokenized documents of {doc_range[0]}..{doc_range[1]} random tokens. "
+        f"Synthetic pre-tokenized documents of {doc_range(tiny)[0]}..{doc_range(tiny)[1]} random tokens. "
         "'1st step' columns: wall clock to the end of the first optimizer step from trainer.train() and from "
         "the start of from_pretrained. tokens/s: median over optimizer steps after the first "
         f"{args.trl_warmup}, the profiled last step left out, of real tokens / step time. Peak: max allocated "
@@ -265,10 +433,19 @@ def run(args, device: torch.device) -> C.SuiteResult:
     )
     if device.type != "cuda":
         res.notes.append("CPU run: bitsandbytes nf4 needs CUDA, so this smoke run trains LoRA on an fp32 model.")
+    if any(c in M.UNSLOTH for c in contenders):
+        res.notes.append(
+            "Unsloth rows: benchmarks/unsloth_trl.py in a process of its own (Unsloth patches transformers and trl "
+            "when imported), FastLanguageModel.from_pretrained ("
+            + ("bf16, load_in_4bit=False" if args.no_quant else "load_in_4bit: nf4 + double quant, bf16") + ") and "
+            "get_peft_model (same r and alpha, the 7 projections, use_gradient_checkpointing='unsloth'), then the "
+            "same SFTTrainer settings, dataset and measurements, with packing=False. " + UNSLOTH_NOTE + " Their "
+            "load time includes the tokenizer (Unsloth loads it with the model). 'Unsloth': its per-decoder-layer "
+            "compile on, as it ships (UNSLOTH_BLOCK_COMPILE unset); 'no block compile': UNSLOTH_BLOCK_COMPILE=0."
+        )
     for name in models:
         vocab = C.GEMMA2_SHAPES[name]["vocab_size"]
-        n_tokens = int((steps + 2) * batch * max_length * args.trl_grad_accum * 1.2)
-        ds, total = synthetic_dataset(vocab, n_tokens, doc_range, args.seed)
+        ds, total = trl_dataset(vocab, tiny, steps, batch, max_length, args.trl_grad_accum, args.seed)
         C.log(f"trl {name}: synthetic dataset {len(ds)} documents, {total:,} tokens")
         checkpoint = M.SharedCheckpoint(name, args, device, dtype, f"trl {name} checkpoint")
         for cname in contenders:
@@ -285,12 +462,16 @@ def run(args, device: torch.device) -> C.SuiteResult:
                     continue
                 out_dir = tempfile.mkdtemp(prefix=f"fastgemma_bench_trl_{cname}_")
                 C.log(f"trl {name} {cname}: training {steps} steps")
-                with C.stock_guard():
-                    st, m = C.run_guarded(
-                        lambda: _run_one(cname, name, path, ds, args, device, quantize, steps, max_length, batch,
-                                         out_dir),
-                        f"trl {name} {cname}",
-                    )
+                if cname in M.UNSLOTH:
+                    row.update(run_unsloth(cname, path, args, steps, max_length, batch, out_dir))
+                    st, m = row["status"], None
+                else:
+                    with C.stock_guard():
+                        st, m = C.run_guarded(
+                            lambda: _run_one(cname, name, path, ds, args, device, quantize, steps, max_length,
+                                             batch, out_dir),
+                            f"trl {name} {cname}",
+                        )
                 row["status"] = st
                 if m:
                     row.update(m)
@@ -303,6 +484,9 @@ def run(args, device: torch.device) -> C.SuiteResult:
             res.rows.append(row)
             if getattr(args, "on_row", None):
                 args.on_row(res)
+    versions = unsloth_versions_note(res.rows)
+    if versions:
+        res.notes.append(versions)
     res.table = table(res.rows)
     return res
 

@@ -304,3 +304,230 @@ def test_scale_suite_tells_an_oom_in_training_from_one_while_loading():
     record = {"status": 3, "oom": True, "reached_training": suite_scale.reached_training(loaded)}
     assert suite_scale.outcome(record) == "OOM in training"
     assert suite_scale.outcome({**record, "reached_training": False}) == "OOM while loading"
+
+
+# --------------------------------------------------------------------------------------------------
+# Unsloth, a trl contender in a process of its own (benchmarks/unsloth_trl.py); unsloth is not installed here
+# --------------------------------------------------------------------------------------------------
+
+
+def _trl_args(*extra):
+    args = bench_run.build_parser().parse_args(["--suite", "trl", "--tiny", *extra])
+    args.trl_warmup = 1
+    return args
+
+
+def test_unsloth_contenders_are_opt_in_and_trl_only():
+    from benchmarks import models as M
+    from benchmarks import suite_trl
+
+    assert set(M.UNSLOTH) == {"unsloth", "unsloth-nocompile"}
+    assert C.LABELS["unsloth"] == "Unsloth" and C.LABELS["unsloth-nocompile"] == "Unsloth, no block compile"
+    for cname in M.UNSLOTH:
+        assert cname in suite_trl.CONTENDERS and cname not in suite_trl.DEFAULT_CONTENDERS
+        assert cname not in M.IMPL  # the model and context suites, which run in-process, leave them out
+        assert M.availability(cname, torch.device("cpu")) is None  # its own process decides
+
+
+def test_unsloth_command_and_environment(monkeypatch):
+    import sys
+
+    from benchmarks import suite_trl
+
+    monkeypatch.setenv("FASTGEMMA_UNSLOTH_PATH", "/tmp/site-unsloth:.wu/pkgs")
+    args = _trl_args("--seed", "7", "--lora-r", "8", "--trl-grad-accum", "2")
+    assert args.unsloth_path == "/tmp/site-unsloth:.wu/pkgs"
+    cmd = suite_trl.unsloth_command("/ckpt", args, 5, 256, 2, "/out/row.json")
+    assert cmd[:3] == [sys.executable, "-m", "benchmarks.unsloth_trl"]
+    assert cmd[-1] == "--tiny"
+    flags = dict(zip(cmd[3:-1:2], cmd[4:-1:2]))
+    assert flags == {"--checkpoint": "/ckpt", "--max-length": "256", "--batch": "2", "--grad-accum": "2",
+                     "--steps": "5", "--warmup": "1", "--seed": "7", "--lora-r": "8", "--out": "/out/row.json"}
+    from benchmarks.unsloth_trl import build_parser  # the script accepts exactly that command line
+
+    child = build_parser().parse_args(cmd[3:])
+    assert (child.checkpoint, child.max_length, child.batch, child.grad_accum, child.steps, child.warmup,
+            child.seed, child.lora_r, child.tiny) == ("/ckpt", 256, 2, 2, 5, 1, 7, 8, True)
+
+    base = {"PYTHONPATH": "/tmp/site:/repo", "UNSLOTH_BLOCK_COMPILE": "1", "KEEP": "x"}
+    env = suite_trl.unsloth_env("unsloth", args.unsloth_path, base)
+    # the Unsloth site first, then the repository; the parent's /tmp/site (transformers 5.23) is left out
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/tmp/site-unsloth", os.path.abspath(".wu/pkgs"),
+                                                   suite_trl.REPO_ROOT]
+    assert "UNSLOTH_BLOCK_COMPILE" not in env  # Unsloth's default
+    assert env["HF_HUB_OFFLINE"] == "1" and env["KEEP"] == "x"
+    assert suite_trl.unsloth_env("unsloth-nocompile", args.unsloth_path, base)["UNSLOTH_BLOCK_COMPILE"] == "0"
+    # no --unsloth-path: the parent's environment, with the repository root in front
+    assert suite_trl.unsloth_env("unsloth", None, base)["PYTHONPATH"] == os.pathsep.join(
+        [suite_trl.REPO_ROOT, "/tmp/site:/repo"])
+    assert base["UNSLOTH_BLOCK_COMPILE"] == "1"  # the caller's dict is left alone
+
+
+def test_missing_unsloth_is_na_through_the_real_subprocess(tmp_path, ckpt_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is not None:
+        pytest.skip("unsloth is installed here")
+    empty = tmp_path / "no-unsloth"
+    empty.mkdir()
+    payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--contenders",
+                                    "unsloth,unsloth-nocompile", "--unsloth-path", str(empty))
+    rows = raw["suites"]["trl"]["rows"]
+    assert [r["contender"] for r in rows] == ["unsloth", "unsloth-nocompile"]
+    for r in rows:
+        assert r["status"].startswith("n/a (unsloth not importable: ModuleNotFoundError"), r
+        assert "packing" in r["note"] and r["unsloth_packing_notes"] == []
+    assert rows[0]["block_compile"] is None and rows[1]["block_compile"] == "0"
+    table = _table_rows(text)
+    assert any("| Unsloth | n/a (unsloth not importable" in line for line in table)
+    assert any("| Unsloth, no block compile | n/a" in line for line in table)
+    assert "Unsloth trains unpacked" in text
+
+
+FAKE_CHILD = '''
+import json, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+print("Unsloth: packing=True ignored (unsupported model type(s): gemma2).")
+json.dump({"status": "ok", "tokens_per_s": 1.0e9, "steps_done": 2, "peak_mib": 2048.0, "loss_first": 6.25,
+           "first_step_from_train_s": 1.5, "first_step_from_load_s": 2.5, "unsloth_version": "2026.10.9",
+           "versions": {"unsloth": "2026.10.9", "transformers": "5.17.0"}}, open(out, "w"))
+'''
+
+
+def test_unsloth_row_joins_the_table_with_ratios(tmp_path, ckpt_dir, monkeypatch):
+    """A row from the Unsloth process (here a stand-in script taking the same command line) sits in the table
+    beside HF eager, with its ratio to HF eager taken like any contender's."""
+    import sys
+
+    from benchmarks import suite_trl
+
+    fake = tmp_path / "fake_unsloth_trl.py"
+    fake.write_text(FAKE_CHILD)
+    real = suite_trl.unsloth_command
+    monkeypatch.setattr(suite_trl, "unsloth_command", lambda *a, **k: [sys.executable, str(fake), *real(*a, **k)[3:]])
+    payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--steps", "2", "--contenders",
+                                    "hf-eager,unsloth")
+    rows = {r["contender"]: r for r in raw["suites"]["trl"]["rows"]}
+    assert rows["hf-eager"]["status"] == "ok"
+    u = rows["unsloth"]
+    assert u["status"] == "ok" and u["tokens_per_s"] == 1.0e9 and u["label"] == "Unsloth"
+    assert u["config"] == rows["hf-eager"]["config"] and u["run"] == rows["hf-eager"]["run"]
+    line = next(line for line in _table_rows(text) if "| Unsloth |" in line)
+    ratio = 1.0e9 / rows["hf-eager"]["tokens_per_s"]
+    assert f"| {ratio:.2f}x |" in line and "| 2.00 |" in line  # vs HF eager; 2048 MiB peak
+    assert "Unsloth rows ran on: unsloth 2026.10.9, transformers 5.17.0." in text
+
+
+def test_unsloth_process_that_hangs_or_dies_without_a_row(tmp_path):
+    import sys
+    import time
+
+    from benchmarks import suite_trl
+
+    out = str(tmp_path / "row.json")
+    t0 = time.perf_counter()
+    row = suite_trl.run_child([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), out, 1.0, "t")
+    assert row["status"] == "failed (timeout: the Unsloth process ran past 1 s)"
+    assert time.perf_counter() - t0 < 15
+    row = suite_trl.run_child([sys.executable, "-c", "import sys; print('Segmentation fault'); sys.exit(139)"],
+                              dict(os.environ), out, 30.0, "t")
+    assert row["status"] == "failed (the Unsloth process exited with code 139 without a row: Segmentation fault)"
+
+
+def test_unsloth_script_reports_oom_and_errors_as_rows(tmp_path, monkeypatch):
+    """The script's own failure path, run in this process with a stand-in ``unsloth`` module: an OOM while
+    loading is status "OOM", another error "failed (...)" with its traceback, both with a non-zero exit code,
+    and what Unsloth prints about packing is kept."""
+    import sys
+    import types
+
+    from benchmarks import unsloth_trl
+
+    class FastLanguageModel:
+        error = None
+
+        @staticmethod
+        def from_pretrained(**kw):
+            print("Unsloth: Padded batches chosen over padding-free (gemma2).")
+            raise FastLanguageModel.error
+
+    fake = types.ModuleType("unsloth")
+    fake.__version__ = "0.0-test"
+    fake.FastLanguageModel = FastLanguageModel
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    monkeypatch.setattr(unsloth_trl, "cuda_device", lambda: torch.device("cpu"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 512}))
+    argv = ["--checkpoint", str(ckpt), "--max-length", "64", "--batch", "1", "--steps", "2", "--warmup", "1",
+            "--tiny", "--out", str(tmp_path / "row.json")]
+
+    FastLanguageModel.error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert unsloth_trl.main(argv) == unsloth_trl.EXIT_FAILED
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["status"] == "OOM" and row["unsloth_version"] == "0.0-test"
+    assert row["unsloth_packing_notes"] == ["Unsloth: Padded batches chosen over padding-free (gemma2)."]
+
+    FastLanguageModel.error = ValueError("no such checkpoint\nsecond line")
+    assert unsloth_trl.main(argv) == unsloth_trl.EXIT_FAILED
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["status"] == "failed (ValueError: no such checkpoint second line)"
+    assert "ValueError" in row["traceback"] and not isinstance(sys.stdout, unsloth_trl.NoteTee)
+
+
+def test_unsloth_script_trains_padded_batches_with_a_stand_in(tmp_path, ckpt_dir, monkeypatch):
+    """The script's training path end to end on CPU, with transformers + peft standing in for Unsloth's
+    FastLanguageModel: unpacked, padded batches whose real tokens alone are counted, and a row with every
+    key the suite's other contenders have."""
+    import sys
+    import types
+
+    from benchmarks import models as M
+    from benchmarks import unsloth_trl
+
+    calls = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(model_name, max_seq_length, dtype, load_in_4bit):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            calls["load"] = (max_seq_length, dtype, load_in_4bit)
+            model = AutoModelForCausalLM.from_pretrained(model_name, attn_implementation="eager")
+            model.config.use_cache = False
+            return model, AutoTokenizer.from_pretrained(model_name)
+
+        @staticmethod
+        def get_peft_model(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
+                           random_state):
+            from peft import LoraConfig, get_peft_model
+
+            calls["peft"] = (r, lora_alpha, tuple(target_modules), use_gradient_checkpointing, random_state)
+            return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                    bias=bias, target_modules=list(target_modules),
+                                                    task_type="CAUSAL_LM"))
+
+    fake = types.ModuleType("unsloth")
+    fake.__version__ = "0.0-test"
+    fake.FastLanguageModel = FastLanguageModel
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    monkeypatch.setattr(unsloth_trl, "cuda_device", lambda: torch.device("cpu"))
+    args = bench_run.build_parser().parse_args(["--ckpt-dir", ckpt_dir])
+    path = M.ensure_checkpoint("tiny", args, torch.device("cpu"), torch.float32)
+    out = tmp_path / "row.json"
+    code = unsloth_trl.main(["--checkpoint", path, "--max-length", "64", "--batch", "2", "--grad-accum", "2",
+                             "--steps", "3", "--warmup", "1", "--seed", "5", "--lora-r", "4", "--tiny",
+                             "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert code == 0 and row["status"] == "ok", row.get("traceback")
+    assert calls["load"] == (64, torch.bfloat16, True)
+    assert calls["peft"] == (4, 4, unsloth_trl.LORA_TARGETS, "unsloth", 5)
+    assert row["packing"] is False and row["padding_free"] is False and row["steps_done"] == 3
+    for key in ("tokens_per_s", "first_step_from_train_s", "first_step_from_load_s", "peak_mib", "loss_first",
+                "gpu_busy", "tokens_per_step", "row_lengths", "warmup_steps", "profiled_step"):
+        assert key in row
+    assert row["tokens_per_s"] > 0
+    # 2 accumulated micro-batches of 2 padded rows each: fewer real tokens than the padded rows hold
+    assert all(0 < t <= 2 * 2 * 64 for t in row["tokens_per_step"])
+    assert any(t < 2 * n for t, n in zip(row["tokens_per_step"], row["row_lengths"]))  # padding left out
+    assert row["versions"]["unsloth"] == "0.0-test" and row["block_compile"] is None
