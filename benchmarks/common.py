@@ -84,6 +84,7 @@ LABELS = {
     "fastgemma": "fastgemma",
     "fastgemma-attn": "fastgemma, attention only",
     "fastgemma-layers": "fastgemma, compiled layers",
+    "fastgemma-graphs": "fastgemma, CUDA-graphed layers",
     "unsloth": "Unsloth",
     "unsloth-nocompile": "Unsloth, no block compile",
 }

@@ -28,6 +28,7 @@ SETTINGS = {  # contender -> patch_model settings (None: Hugging Face eager, unp
     "fastgemma": {"fused_ops": True},
     "fastgemma-attn": {"fused_ops": False},
     "fastgemma-layers": {"fused_ops": True, "compile_layers": True},
+    "fastgemma-graphs": {"fused_ops": True, "cuda_graphs": True},
 }
 
 

@@ -10,13 +10,15 @@ import torch
 from . import common as C
 
 IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager",
-        "fastgemma-attn": "eager", "fastgemma-layers": "eager"}
+        "fastgemma-attn": "eager", "fastgemma-layers": "eager", "fastgemma-graphs": "eager"}
 # patch_model's settings per fastgemma contender. fastgemma-attn: attention only, to measure what the fused
-# elementwise ops add; fastgemma-layers: one compiled region per decoder layer (compile_layers=True).
+# elementwise ops add; fastgemma-layers: one compiled region per decoder layer (compile_layers=True);
+# fastgemma-graphs: those regions replayed as per-layer CUDA graphs (cuda_graphs=True).
 FASTGEMMA_PATCH = {
     "fastgemma": {"fused_ops": "auto"},
     "fastgemma-attn": {"fused_ops": False},
     "fastgemma-layers": {"fused_ops": "auto", "compile_layers": True},
+    "fastgemma-graphs": {"fused_ops": "auto", "cuda_graphs": True},
 }
 
 # Unsloth, trl suite only, in a process of its own (benchmarks/unsloth_trl.py): importing it patches transformers

@@ -1,10 +1,10 @@
 """fastgemma: exact, fast logit-softcapped attention for fine-tuning Gemma 2."""
 
 from . import versions  # noqa: F401  (first: checks the torch / transformers versions, see versions.py)
-from .api import is_patched, patch_model, unpatch_model
+from .api import cuda_graph_lengths, is_patched, patch_model, unpatch_model
 from .attention import softcap_attention
 from .masks import AttentionMask, BlockMaskCache
 
 __version__ = "0.1.0"
 
-__all__ = ["patch_model", "unpatch_model", "is_patched", "softcap_attention", "AttentionMask", "BlockMaskCache"]
+__all__ = ["patch_model", "unpatch_model", "is_patched", "cuda_graph_lengths", "softcap_attention", "AttentionMask", "BlockMaskCache"]

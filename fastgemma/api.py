@@ -48,6 +48,7 @@ def patch_model(
     flex_kernel_options="auto",
     softcap_tanh="auto",
     compile_layers: bool = False,
+    cuda_graphs: bool = False,
 ) -> torch.nn.Module:
     """Swap every attention forward of a Gemma 2 model for fastgemma's softcapped attention, in place.
 
@@ -78,7 +79,15 @@ def patch_model(
             torch.compile'd region that all layers of a kind share, instead of op by op: meant for
             small micro-batches, where launching the ops from Python bounds the step. Needs
             non-reentrant gradient checkpointing (or none); otherwise layers run as usual.
-            Off by default: not yet measured on a GPU (issue #11).
+            Off by default.
+        cuda_graphs: compiled layers (implies `compile_layers`), each replayed as CUDA graphs while
+            training with gradient checkpointing: one graph per layer for its forward and one for its
+            checkpointed backward, recorded the first time the layer runs at a length. A batch runs at
+            a fixed bucket length (max_seq_length split into 8 steps; padding rows add nothing to the
+            results), so at most 8 lengths are recorded. For small micro-batches, where the host's
+            kernel launches bound the step. Needs gradient checkpointing on, fused ops, and LoRA
+            layers without dropout; otherwise layers run as compiled regions (with a warning). On a
+            CPU the same path runs without capture (what the CPU tests check).
 
     Returns the same model. Calling it again only updates the settings; `unpatch_model`
     restores the original forwards.
@@ -90,11 +99,15 @@ def patch_model(
         raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
     if not isinstance(compile_layers, bool):
         raise ValueError(f"compile_layers must be True or False, got {compile_layers!r}")
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and fused_ops is False:
+        raise ValueError("cuda_graphs=True replays the fused, compiled layers: it needs fused_ops 'auto' or True")
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     patcher = _patcher_for(model)
     summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options, softcap_tanh,
-                            compile_layers)
+                            compile_layers, cuda_graphs)
     device = _device_of(model)
     if backend == "auto":
         resolved = "flex" if flex_supported(device) else "compiled"
@@ -107,7 +120,8 @@ def patch_model(
         "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
         summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length, fused_ops,
         flex_kernel_options, f"{softcap_tanh} -> {resolve_softcap_tanh(softcap_tanh, device)} on {device.type}",
-        "; compile_layers=True (one compiled region per decoder layer while training)" if compile_layers else "",
+        "; cuda_graphs=True (compiled decoder layers replayed as CUDA graphs while training)" if cuda_graphs
+        else "; compile_layers=True (one compiled region per decoder layer while training)" if compile_layers else "",
     )
     return model
 
@@ -118,6 +132,12 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     restored = patcher.unpatch(model)
     logger.info("fastgemma: restored %d original forwards of %s", restored, type(model).__name__)
     return model
+
+
+def cuda_graph_lengths(model: torch.nn.Module) -> list:
+    """The token lengths at which `patch_model(cuda_graphs=True)` has recorded the model's layers so far
+    (empty when none ran graphed: inference, no checkpointing, or cuda_graphs off; see the log)."""
+    return _patcher_for(model).graph_lengths(model)
 
 
 def is_patched(model: torch.nn.Module) -> bool:

@@ -5,7 +5,8 @@ pyproject.toml maps it into the package ([tool.setuptools] package-dir), for whe
 installs alike. Import it as ``fastgemma.patches``; the modules here import fastgemma absolutely.
 
 A patcher module provides: NAME, matches(model), patch(model, max_seq_length, backend, fused_ops,
-flex_kernel_options, softcap_tanh, compile_layers), unpatch(model) and is_patched(model).
+flex_kernel_options, softcap_tanh, compile_layers, cuda_graphs), unpatch(model), is_patched(model) and
+graph_lengths(model).
 """
 
 from . import gemma2

@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers.models.gemma2 import modeling_gemma2
 
-from fastgemma.attention import auto_picks_flex, dense_softcap_attention, softcap_attention
+from fastgemma.attention import (
+    _RECOMPILE_LIMIT_KEY,
+    FLEX_RECOMPILE_LIMIT,
+    auto_picks_flex,
+    dense_softcap_attention,
+    softcap_attention,
+)
+from fastgemma.graphs import GraphedLayers, StaticBinder, bucket_length, copy_padded, static_like
 from fastgemma.masks import (
     AttentionMask,
     BlockMaskCache,
@@ -33,6 +40,8 @@ from fastgemma.masks import (
     segments_from_padding_mask,
     segments_from_position_ids,
 )
+from fastgemma.masks import causal_mask_mod, within_segments
+from fastgemma.ops.lora import plain_lora_parts
 from fastgemma.ops import (
     gelu_tanh_gate,
     lora_linear,
@@ -104,11 +113,12 @@ class PatchState:
     cache: BlockMaskCache
     original_attn_implementation: object
     patched: dict = field(default_factory=dict)  # module -> its own `forward` attribute before, or None
+    graphs: object = None  # fastgemma.graphs.GraphedLayers when cuda_graphs is on
 
 
 # The per-module settings `patch` sets (and `unpatch` removes) beside the patched forwards.
 SETTING_ATTRIBUTES = ("_fastgemma_backend", "_fastgemma_fused", "_fastgemma_kernel_options", "_fastgemma_softcap_tanh",
-                      "_fastgemma_compile_layers")
+                      "_fastgemma_compile_layers", "_fastgemma_graph_state")
 
 
 class PatchedForward:
@@ -141,11 +151,16 @@ class PatchedForward:
 # --------------------------------------------------------------------------------------
 # The attention forward
 # --------------------------------------------------------------------------------------
+_IN_GRAPHED_BODY = False  # set while a CUDA-graphed layer records: its no-grad forward runs the fused ops too
+
+
 def _fused(module, x: torch.Tensor) -> bool:
     """Whether this call runs the fused (compiled) elementwise ops: when training (grad enabled),
-    on CUDA under "auto". Inference and decoding run the same maths eagerly, without compiles."""
+    on CUDA under "auto". Inference and decoding run the same maths eagerly, without compiles.
+    A graphed layer's forward (no autograd) and its backward's recompute both run them, so the
+    recompute reproduces the forward exactly, as checkpointing requires."""
     setting = module._fastgemma_fused
-    if not torch.is_grad_enabled() or setting is False:
+    if setting is False or not (torch.is_grad_enabled() or _IN_GRAPHED_BODY):
         return False
     return setting is True or x.device.type == "cuda"
 
@@ -216,7 +231,11 @@ def hf_checkpoints_in_forward() -> bool:
 
 def decoder_layer_forward(self, hidden_states, *args, **kwargs):
     """Gemma2DecoderLayer.forward with fused norms, under HF's gradient checkpointing when it is on;
-    one compiled region per layer while training when patch_model's `compile_layers` is set."""
+    one compiled region per layer while training when patch_model's `compile_layers` is set, replayed
+    as CUDA graphs when its `cuda_graphs` is."""
+    graph_state = getattr(self, "_fastgemma_graph_state", None)
+    if graph_state is not None and _graphs_apply(self, graph_state, hidden_states, kwargs):
+        return _graphed_layer(self, graph_state, hidden_states, kwargs)
     if getattr(self, "_fastgemma_compile_layers", False) and _region_applies(self, hidden_states):
         _prepare_masks(self, hidden_states, kwargs.get("attention_mask"))
         for tensor in (hidden_states, *(kwargs.get("position_embeddings") or ())):
@@ -356,6 +375,172 @@ def _compiled_layer():
     return torch.compile(checkpointed_layer)
 
 
+# --------------------------------------------------------------------------------------
+# CUDA-graphed layers (patch_model's cuda_graphs): fastgemma.graphs around the compiled layer body
+# --------------------------------------------------------------------------------------
+_graph_refusals: set = set()
+
+
+def _refuse_graphs(reason: str, level=logging.WARNING) -> bool:
+    """Say once per reason why a training call runs without graphs (a silent fallback hid one such case)."""
+    if reason not in _graph_refusals:
+        _graph_refusals.add(reason)
+        logger.log(level, "fastgemma: cuda_graphs: %s; those layers run as compiled regions instead", reason)
+    return False
+
+
+def _graphs_apply(layer, state, hidden_states, kwargs) -> bool:
+    """Training with gradient checkpointing (the graphs checkpoint: they keep each layer's input only),
+    fused ops, a batch fastgemma masks, and layers whose every call computes the same function."""
+    if not (layer.training and _fused(layer, hidden_states)):
+        return False  # inference: the usual path
+    if not layer.gradient_checkpointing:
+        return _refuse_graphs("gradient checkpointing is off (the graphed backward recomputes each layer, as "
+                              "checkpointing does)", logging.INFO)
+    if hidden_states.dim() != 3 or not isinstance(kwargs.get("attention_mask"), AttentionMask):
+        return _refuse_graphs("the batch comes with a mask of its own (a 4D mask or BlockMask)", logging.INFO)
+    # (Other keyword arguments, such as TRL's packed-sequence lengths for flash attention, are not read by
+    # fastgemma's layer: the batch's masks were built from them already.)
+    if kwargs.get("past_key_values") is not None or kwargs.get("output_attentions"):
+        return _refuse_graphs("a KV cache or output_attentions is in use", logging.INFO)
+    from torch.nn.modules import module as nn_module
+
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
+            or nn_module._global_backward_pre_hooks):
+        return _refuse_graphs("global module hooks are set, which a graph would not call")
+    plan = state.graphs.plan(layer)
+    for module in plan.modules:
+        found = module.__dict__
+        if (found["_forward_hooks"] or found["_forward_pre_hooks"] or found["_backward_hooks"]
+                or found["_backward_pre_hooks"] or "_hf_hook" in found):
+            return _refuse_graphs("a module of the decoder layer has hooks, which a graph would not call")
+    lora_state = (plan.signature[0], plan.signature[2])  # modules and adapter states
+    if lora_state not in _PLAIN_LORA_STATES:  # checked once per such state, not per call
+        if not all(plain_lora_parts(m) is not None for m in plan.modules if "lora_A" in m._modules):
+            return _refuse_graphs("a LoRA layer is not in its plain state (dropout, several adapters, DoRA or merged), "
+                                  "and a graph would replay one random draw")
+        _PLAIN_LORA_STATES.add(lora_state)
+    if not state.graphs.accepts_length(_graph_length(state, hidden_states)):
+        return _refuse_graphs(f"batches came at more than {state.graphs.max_buckets} bucket lengths")
+    kwargs["_fastgemma_plan"] = plan
+    return True
+
+
+def _graph_length(state, hidden_states) -> int:
+    """The bucket length this batch runs at: the block masks' fixed length split into steps."""
+    return bucket_length(hidden_states.shape[1], state.cache.length)
+
+
+def _graphed_layer(layer, state, hidden_states, kwargs):
+    cos, sin = kwargs["position_embeddings"]
+    sources = (cos, sin, kwargs["attention_mask"])
+    return state.graphs(layer, hidden_states, sources, _graph_length(state, hidden_states),
+                        kwargs.pop("_fastgemma_plan", None))
+
+
+def _graphed_body(layer, x, position_embeddings, attention_mask):
+    global _IN_GRAPHED_BODY
+    previous, _IN_GRAPHED_BODY = _IN_GRAPHED_BODY, True
+    try:
+        # Sliding and global layers, with and without autograd (and autocast), are separate graphs: head-room
+        # beyond torch's default limit, so a process that trains several ways never falls back to eager.
+        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
+            return _compiled_body()(layer, x, position_embeddings=position_embeddings, attention_mask=attention_mask)
+    finally:
+        _IN_GRAPHED_BODY = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_body():
+    # The layer without checkpointing: the graphed backward recomputes it itself.
+    return torch.compile(decoder_layer_body)
+
+
+_PLAIN_LORA_STATES: set = set()  # adapter states (_lora_states) whose LoRA layers were all found plain
+
+
+def _lora_states(layer) -> tuple:
+    """What a layer's graphs bake in beyond its modules and weights: each LoRA layer's adapter state
+    (its modules, which adapters are on, merged or not, dropout modules and train mode)."""
+    states = []
+    stack = [layer]
+    while stack:
+        module = stack.pop()
+        children = module._modules
+        if "lora_A" in children:
+            states.append((id(module), module._disable_adapters, tuple(module.merged_adapters),
+                           str(module._active_adapter), module.training))
+        else:
+            stack.extend(child for child in children.values() if child is not None)
+    return tuple(states)
+
+
+class Gemma2GraphInputs(StaticBinder):
+    """Static rotary tables and masks for graphed Gemma 2 layers (one set per mask kind and bucket)."""
+
+    BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                          "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+    def __init__(self, attention):
+        self.attention = attention  # whose backend setting decides flex (block masks) or dense masks
+
+    def _uses_flex(self, mask: AttentionMask, device) -> bool:
+        attention = self.attention
+        dropout = attention.attention_dropout if attention.training else 0.0
+        backend = attention._fastgemma_backend
+        return backend == "flex" or (backend == "auto" and dropout == 0.0 and auto_picks_flex(device, attention.head_dim))
+
+    def key(self, sources, length):
+        cos, sin, mask = sources
+        if self._uses_flex(mask, cos.device):
+            block = mask.block_mask(cos.device)
+            kind = ("flex", mask.segment_ids is not None, tuple(block.kv_indices.shape), block.seq_lengths)
+        else:
+            kind = ("dense", tuple(mask.dense(cos.device).shape[:2]))
+        return (mask.window, kind, tuple(cos.shape[:1]), cos.shape[-1], cos.dtype, str(cos.device), length)
+
+    def make(self, sources, length):
+        cos, sin, mask = sources
+        device = cos.device
+        static = {"cos": static_like(cos, length), "sin": static_like(sin, length)}
+        for tensor in (static["cos"], static["sin"]):
+            mark_dynamic(tensor)
+        if self._uses_flex(mask, device):
+            import copy
+
+            block = copy.copy(mask.block_mask(device))
+            for name in self.BLOCK_MASK_TENSORS:
+                tensor = getattr(block, name)
+                if tensor is not None:
+                    setattr(block, name, tensor.clone())
+            if mask.segment_ids is not None:  # the mask function reads the batch's segments: static ones
+                static["segments"] = mask._segments(device, block.seq_lengths[0]).clone()
+                block.mask_mod = within_segments(static["segments"], causal_mask_mod(mask.window))
+            static["block"] = block
+            static_mask = AttentionMask(length, length, window=mask.window, _block_mask=block)
+        else:
+            dense = mask.dense(device)
+            static["dense"] = static_like(dense, length, dims=(2, 3), fill=False)
+            mark_dynamic(static["dense"], (0, 2, 3))
+            static_mask = AttentionMask(length, length, window=mask.window, _dense=static["dense"])
+        return static, {"position_embeddings": (static["cos"], static["sin"]), "attention_mask": static_mask}
+
+    def load(self, static, sources):
+        cos, sin, mask = sources
+        copy_padded(static["cos"], cos)
+        copy_padded(static["sin"], sin)
+        if "block" in static:
+            block = mask.block_mask(cos.device)
+            for name in self.BLOCK_MASK_TENSORS:
+                target = getattr(static["block"], name)
+                if target is not None:
+                    target.copy_(getattr(block, name))
+            if "segments" in static:
+                static["segments"].copy_(mask._segments(cos.device, static["segments"].shape[-1]))
+        else:
+            copy_padded(static["dense"], mask.dense(cos.device), dims=(2, 3), fill=False)
+
+
 def mlp_forward(self, x):
     """Gemma2MLP.forward with the GeGLU gate fused (and LoRA adapters added inside their GEMMs)."""
     fused = _fused(self, x)
@@ -463,7 +648,7 @@ def _swap_forward(module, new_forward, state: PatchState):
 
 
 def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="auto",
-          flex_kernel_options="auto", softcap_tanh="auto", compile_layers=False) -> dict:
+          flex_kernel_options="auto", softcap_tanh="auto", compile_layers=False, cuda_graphs=False) -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
     check_supported(model)
     backbones, _ = find_modules(model)
@@ -497,10 +682,15 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
                                modeling_gemma2.Gemma2MLP: mlp_forward}.get(type(module), norm_forward)
                     _swap_forward(module, forward, state)
             backbone._fastgemma_state = state
+        if cuda_graphs and state.graphs is None and attentions:
+            state.graphs = GraphedLayers(_graphed_body, Gemma2GraphInputs(attentions[0]), _lora_states)
+        elif not cuda_graphs:
+            state.graphs = None
         for module in state.patched:
             module._fastgemma_fused = fused_ops
             if isinstance(module, modeling_gemma2.Gemma2DecoderLayer):
-                module._fastgemma_compile_layers = compile_layers
+                module._fastgemma_compile_layers = compile_layers or cuda_graphs
+                module._fastgemma_graph_state = state if cuda_graphs else None
         for attention in attentions:
             attention._fastgemma_backend = backend
             attention._fastgemma_kernel_options = flex_kernel_options
@@ -529,6 +719,14 @@ def unpatch(model: torch.nn.Module) -> int:
         backbone.config._attn_implementation = state.original_attn_implementation
         del backbone._fastgemma_state
     return restored
+
+
+def graph_lengths(model: torch.nn.Module) -> list:
+    """The bucket lengths at which cuda_graphs has recorded this model's layers so far."""
+    backbones, _ = find_modules(model)
+    states = [b.__dict__.get("_fastgemma_state") for b in backbones]
+    return sorted({n for state in states if state is not None and state.graphs is not None
+                   for n in state.graphs._lengths})
 
 
 def is_patched(model: torch.nn.Module) -> bool:

@@ -75,7 +75,8 @@ CHECKPOINTS_KEPT = 2  # older checkpoint-N directories are deleted
 SEED = 42
 BACKEND = "auto"  # fastgemma: flex_attention on Ampere+ GPUs, torch.compile'd dense attention elsewhere
 FUSED_OPS = "auto"  # fastgemma: fused norms / RoPE / GeGLU / LoRA-in-GEMM while training, on CUDA
-COMPILE_LAYERS = False  # fastgemma: each decoder layer one compiled region (experimental; not yet measured on a GPU)
+COMPILE_LAYERS = False  # fastgemma: each decoder layer one compiled region (without graphs; see CUDA_GRAPHS)
+CUDA_GRAPHS = "off"  # fastgemma: compiled layers replayed as CUDA graphs (opt-in: see benchmarks/RESULTS.md)
 
 # ---------------------------------------------------------------------------------------
 # Knobs for the embedded tiny demo (no --model): sized to finish in minutes on 2 CPU cores.
@@ -214,9 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-layers",
         action="store_true",
         default=COMPILE_LAYERS,
-        help="experimental: run each decoder layer as one torch.compile'd region while training (for small "
-        "micro-batches, where launching ops from Python bounds the step); needs fused ops; not yet measured "
-        "on a GPU",
+        help="run each decoder layer as one torch.compile'd region while training, without CUDA graphs "
+        "(--cuda-graphs replays these regions as graphs); needs fused ops",
+    )
+    how.add_argument(
+        "--cuda-graphs",
+        default=CUDA_GRAPHS,
+        choices=["auto", "on", "off"],
+        help="replay each decoder layer's compiled forward and checkpointed backward as CUDA graphs while "
+        "training, so small micro-batches are not bound by the host launching kernels: auto = on a GPU with "
+        "fused ops and no LoRA dropout; on also runs the same path on a CPU (without capture); each new "
+        "length bucket (up to 8) records every layer again, which makes the first steps slower "
+        f"[{CUDA_GRAPHS}]",
     )
     how.add_argument("--seed", type=int, default=SEED, help=f"seed for adapter init and data order [{SEED}]")
 
@@ -496,6 +506,17 @@ def check_device(args: argparse.Namespace, on_gpu: bool) -> None:
             + ("(--fused-ops off)" if args.fused_ops == "off" else "(--fused-ops auto fuses on a GPU only)")
             + ": add --fused-ops on, or drop --compile-layers"
         )
+    if args.cuda_graphs == "on" and (args.fused_ops == "off" or (args.fused_ops == "auto" and not on_gpu)):
+        raise RecipeError(
+            "--cuda-graphs on replays the fused ops' compiled layers, and fused ops are off here "
+            + ("(--fused-ops off)" if args.fused_ops == "off" else "(--fused-ops auto fuses on a GPU only)")
+            + ": add --fused-ops on, or drop --cuda-graphs on"
+        )
+    if args.cuda_graphs == "on" and args.lora_dropout > 0:
+        raise RecipeError(f"--cuda-graphs on cannot replay LoRA dropout (--lora-dropout {args.lora_dropout}): "
+                          "a graph repeats one random draw; use --lora-dropout 0 or --cuda-graphs off")
+    args.cuda_graphs = args.cuda_graphs == "on" or (
+        args.cuda_graphs == "auto" and on_gpu and args.fused_ops != "off" and args.lora_dropout == 0)
     if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
     from transformers.training_args import OptimizerNames
@@ -939,7 +960,8 @@ def summary_lines(summary: dict) -> list[str]:
         "=" * 30 + " fastgemma SFT summary " + "=" * 30,
         f"model        {summary['model']}",
         f"attention    fastgemma, backend={summary['backend']}, fused ops {summary['fused_ops']}"
-        + (", compiled layers" if summary.get("compile_layers") else ""),
+        + (f", CUDA-graphed layers (recorded at {len(summary.get('cuda_graph_lengths') or [])} lengths)"
+           if summary.get("cuda_graphs") else ", compiled layers" if summary.get("compile_layers") else ""),
     ]
     if world > 1:
         lines.append(f"processes    {summary['processes']}")
@@ -1110,7 +1132,7 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
     longest_row = args.max_seq_length * (args.batch_size if args.packing else 1)
     fused_ops = {"auto": "auto", "on": True, "off": False}[args.fused_ops]
     fastgemma.patch_model(model, max_seq_length=longest_row, backend=args.backend, fused_ops=fused_ops,
-                          compile_layers=args.compile_layers)
+                          compile_layers=args.compile_layers, cuda_graphs=args.cuda_graphs)
 
     # 4. LoRA + TRL. transformers renamed gradient_checkpointing to activation_checkpointing
     #    (same switch); use whichever this version has.
@@ -1211,6 +1233,8 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         "backend": args.backend,
         "fused_ops": args.fused_ops,
         "compile_layers": args.compile_layers,
+        "cuda_graphs": args.cuda_graphs,
+        "cuda_graph_lengths": fastgemma.cuda_graph_lengths(model) if args.cuda_graphs else [],
         "peak_memory": peak_memory_text(on_gpu),
         "output_dir": str(output_dir.resolve()),
         "batch_size": args.batch_size,

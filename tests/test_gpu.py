@@ -315,6 +315,51 @@ def test_varying_lengths_compile_a_bounded_number_of_times():
     assert max(step_times[-10:]) < 1.0, "late steps are still compiling"
 
 
+def test_cuda_graphed_layers_accumulate_gradients_like_the_op_by_op_path():
+    """Gradient accumulation over micro-batches of different lengths and mask kinds (packed, right-padded),
+    a second forward before the first backward, and frozen layers' inputs: the CUDA-graphed layers give the
+    op-by-op path's summed gradients (replayed graphs write into shared static buffers; nothing may alias)."""
+    device = torch.device("cuda")
+    config = tiny_gemma2_config(head_dim=256, layers=4, window=256, vocab=512)
+    reference = random_gemma2(config, device=device, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for length in (700, 1333, 700):
+        ids = torch.randint(0, 512, (1, length), generator=generator).to(device)
+        segments = random_documents(length, generator, low=50, high=600)[0]
+        positions = torch.cat([torch.arange(int(n)) for n in torch.bincount(segments)])[None].to(device)
+        batches.append({"input_ids": ids, "labels": ids, "position_ids": positions})
+    ids = torch.randint(0, 512, (2, 900), generator=generator).to(device)
+    padded = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    padded["attention_mask"][1, 500:] = 0
+    batches.append(padded)
+
+    def accumulate(dtype=torch.bfloat16, **patch):
+        model = _lora_training_copy(reference, dtype, **patch)
+        losses = []
+        for batch in batches[:2]:  # one micro-step after another
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            losses.append(loss.item())
+        first = model(**batches[2], use_cache=False).loss  # two forwards, then their backwards
+        second = model(**batches[3], use_cache=False).loss
+        (first + second).backward()
+        losses += [first.item(), second.item()]
+        return losses, {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    losses_fp32, grads_fp32 = accumulate(torch.float32)  # HF eager + PEFT in float32: the reference
+    losses_ops, grads_ops = accumulate(fused_ops=True)
+    losses_graphs, grads_graphs = accumulate(fused_ops=True, cuda_graphs=True)
+    assert grads_graphs.keys() == grads_ops.keys() == grads_fp32.keys() and len(grads_ops) == 4 * 7 * 2
+    ops_error = max(relative_error(grads_ops[n], grads_fp32[n]) for n in grads_fp32)
+    graphs_error = max(relative_error(grads_graphs[n], grads_fp32[n]) for n in grads_fp32)
+    print(f"\nlosses fp32 {losses_fp32}, op by op {losses_ops}, graphed {losses_graphs}; worst gradient error "
+          f"against fp32: op by op {ops_error:.2e}, graphed {graphs_error:.2e}")
+    for ours, theirs, exact in zip(losses_graphs, losses_ops, losses_fp32):
+        assert abs(ours - exact) <= 1.25 * abs(theirs - exact) + 2e-3
+    assert graphs_error <= 1.25 * ops_error + 1e-3
+
+
 def test_document_block_mask_builds_fast():
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(1)
@@ -353,9 +398,15 @@ def _lora_training_copy(reference, dtype, **patch):
     return model
 
 
-def test_compiled_layers_training_step_bf16_matches_hf_eager():
-    """compile_layers=True on the GPU (flex attention inside each layer's region, checkpointing, LoRA):
-    a packed step's loss and gradients against HF eager in float32, no further off than HF eager's bf16."""
+LAYER_MODES = [{"compile_layers": True}, {"cuda_graphs": True}]
+LAYER_MODE_IDS = ["compiled-layers", "cuda-graphs"]
+
+
+@pytest.mark.parametrize("mode", LAYER_MODES, ids=LAYER_MODE_IDS)
+def test_compiled_layers_training_step_bf16_matches_hf_eager(mode):
+    """compile_layers=True on the GPU (flex attention inside each layer's region, checkpointing, LoRA), and
+    those layers replayed as CUDA graphs: a packed step's loss and gradients, twice (the second replays),
+    against HF eager in float32, no further off than HF eager's bf16."""
     device = torch.device("cuda")
     config = tiny_gemma2_config(head_dim=256, layers=4, window=128, vocab=512)
     reference = random_gemma2(config, device=device, dtype=torch.float32)
@@ -363,16 +414,18 @@ def test_compiled_layers_training_step_bf16_matches_hf_eager():
     ids = torch.randint(0, 512, (1, sum(lengths)), device=device)
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
 
-    def step(dtype, **patch):
+    def step(dtype, repeats=1, **patch):
         model = _lora_training_copy(reference, dtype, **patch)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
-        loss.backward()
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+            loss.backward()
         return loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
     loss_fp32, grads_fp32 = step(torch.float32)
     loss_hf, grads_hf = step(torch.bfloat16)
-    loss_ours, grads_ours = step(torch.bfloat16, fused_ops=True, compile_layers=True)
+    loss_ours, grads_ours = step(torch.bfloat16, repeats=2, fused_ops=True, **mode)
     assert grads_ours.keys() == grads_fp32.keys() and len(grads_ours) == 4 * 7 * 2
     hf_error = max(relative_error(grads_hf[n], grads_fp32[n]) for n in grads_fp32)
     our_error = max(relative_error(grads_ours[n], grads_fp32[n]) for n in grads_fp32)
@@ -382,15 +435,17 @@ def test_compiled_layers_training_step_bf16_matches_hf_eager():
     assert our_error <= 1.25 * hf_error + 1e-3
 
 
-def test_compiled_layers_over_varying_lengths_compile_a_bounded_number_of_times():
-    """20 LoRA training steps with compile_layers=True whose length changes every step (packed rows and
-    right-padded batches): a bounded number of graphs, none new after step 10, no graph breaks."""
+@pytest.mark.parametrize("mode", LAYER_MODES, ids=LAYER_MODE_IDS)
+def test_compiled_layers_over_varying_lengths_compile_a_bounded_number_of_times(mode):
+    """20 LoRA training steps with compile_layers=True (and with CUDA-graphed layers) whose length changes
+    every step (packed rows and right-padded batches): a bounded number of graphs, none new after step 10,
+    no graph breaks."""
     import torch._dynamo.utils as dynamo_utils
 
     device = torch.device("cuda")
     config = tiny_gemma2_config(head_dim=128, layers=4, window=512, vocab=512)
     model = _lora_training_copy(random_gemma2(config, device=device, dtype=torch.float32), torch.bfloat16,
-                                fused_ops=True, compile_layers=True)
+                                fused_ops=True, **mode)
     generator = torch.Generator().manual_seed(0)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()

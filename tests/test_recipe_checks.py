@@ -96,6 +96,11 @@ def test_compiled_layers_without_fused_ops(refuse):
         assert "--fused-ops auto fuses on a GPU only" in refuse("--compile-layers")
 
 
+def test_cuda_graphs_without_fused_ops_or_with_lora_dropout(refuse):
+    assert "--cuda-graphs on replays the fused ops' compiled layers" in refuse("--cuda-graphs", "on", "--fused-ops", "off")
+    assert "cannot replay LoRA dropout" in refuse("--cuda-graphs", "on", "--fused-ops", "on", "--lora-dropout", "0.1")
+
+
 def test_resume_without_a_checkpoint(refuse, tmp_path):
     assert "--resume: no checkpoint-N directory" in refuse("--resume")
     (tmp_path / "not_a_checkpoint").mkdir()

@@ -1,0 +1,360 @@
+"""CUDA-graphed training layers: each layer's checkpointed forward and backward replayed as one graph each.
+
+At small micro-batches a compiled decoder layer still costs its host time: the compiled code launches
+a few hundred kernels per layer and direction from Python, which at 2,048 tokens takes longer than
+the GPU needs to run them. A CUDA graph replays the same launches with one call. Graphs need fixed
+shapes and fixed addresses, so:
+
+- every call runs at a fixed *bucket* length (the batch's token count rounded up; at most
+  `MAX_BUCKETS` lengths per run), the rows padded with zeros; the outputs are sliced back;
+- the per-batch inputs (the layer input, the output gradient, and what the caller binds: rotary
+  tables, masks) are copied into static buffers before each replay, and the outputs are copied out
+  right after it, so every graph may share one memory pool and replays may come in any order;
+- each layer gets its own pair of graphs (its weights are baked into them), captured the first time
+  it runs at a bucket length: a forward without autograd, and a backward that recomputes the layer
+  and differentiates it, which is gradient checkpointing: only each layer's input is kept.
+
+Padding rows are zeros with a zero output gradient, so they add exactly nothing to any gradient.
+
+On a CPU (and wherever `replay="rerun"`), the same machinery runs without capture: "replaying"
+re-runs the recorded call on the static buffers. The CPU tests use it to check everything but the
+capture itself.
+
+Model-agnostic: the caller supplies the layer body and a `StaticBinder` for its per-batch inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .ops.compile import mark_dynamic
+
+logger = logging.getLogger("fastgemma")
+
+MAX_BUCKETS = 8  # distinct lengths per run: each one captures every layer anew (seconds, and pool memory)
+BUCKET_MULTIPLE = 128
+
+
+def bucket_length(length: int, max_length: int, buckets: int = MAX_BUCKETS) -> int:
+    """The fixed length a batch of `length` tokens runs at: `max_length` split into `buckets` steps
+    (each a multiple of 128), the smallest step that holds `length`; past `max_length`, `length`
+    rounded up to 128."""
+    step = max(BUCKET_MULTIPLE, math.ceil(max_length / buckets / BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
+    rounded = math.ceil(length / step) * step
+    if length > max_length:
+        return math.ceil(length / BUCKET_MULTIPLE) * BUCKET_MULTIPLE
+    return min(rounded, math.ceil(max_length / BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
+
+
+class StaticBinder:
+    """How a model's per-batch layer inputs (besides the hidden states) become static buffers.
+
+    `sources` is a tuple of what the layer receives besides its input (e.g. rotary tables and a mask);
+    the same objects for every layer of one batch, new ones for the next batch.
+    """
+
+    def key(self, sources, length: int):
+        """A hashable description of what `sources` look like at `length` tokens (their kind and shapes)."""
+        raise NotImplementedError
+
+    def make(self, sources, length: int):
+        """Static buffers shaped for `length` tokens; returns (static, kwargs the body reads them from)."""
+        raise NotImplementedError
+
+    def load(self, static, sources) -> None:
+        """Copy `sources` into `static` (padding the token dimensions with neutral values)."""
+        raise NotImplementedError
+
+
+def _replays_on(device: torch.device, replay: str) -> str:
+    if replay == "auto":
+        return "cuda" if device.type == "cuda" else "rerun"
+    if replay not in ("cuda", "rerun"):
+        raise ValueError(f"replay must be 'auto', 'cuda' or 'rerun', got {replay!r}")
+    return replay
+
+
+class _Recording:
+    """One captured call: a CUDA graph, or (replay="rerun") the call itself, run again on the same buffers."""
+
+    def __init__(self, mode: str, pool, stream):
+        self.mode, self.pool, self.stream = mode, pool, stream
+        self.graph, self.call, self.outputs = None, None, None
+
+    def record(self, call: Callable[[], tuple]) -> tuple:
+        if self.mode == "rerun":
+            self.call = call
+            self.outputs = call()
+            return self.outputs
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: only this thread is barred from unsafe CUDA calls while capturing (a data loader's
+        # pinning thread may go on); autograd's device thread launches onto the capture stream, as it must.
+        with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            self.outputs = call()
+        return self.outputs
+
+    def replay(self) -> tuple:
+        if self.mode == "rerun":
+            self.outputs = self.call()
+        else:
+            self.graph.replay()
+        return self.outputs
+
+
+class _Buffers:
+    """Static tensors of one bucket, shared by every layer: the input, the output gradient and one output."""
+
+    def __init__(self, like: torch.Tensor, length: int):
+        shape = (like.shape[0], length, *like.shape[2:])
+        self.x = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        mark_dynamic(self.x)  # one compile of the body for every bucket
+        self.grad_out = torch.zeros_like(self.x)
+        self.out = torch.zeros_like(self.x)
+
+    def fill(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        """target[:, :T] = value, zeros after it."""
+        tokens = value.shape[1]
+        target[:, :tokens].copy_(value)
+        if tokens < target.shape[1]:
+            target[:, tokens:].zero_()
+
+
+class _LayerGraphs:
+    """The forward and backward recordings of one layer at one bucket."""
+
+    def __init__(self, layer, trainable, signature, forward: _Recording, backward: _Recording):
+        self.layer, self.trainable, self.signature = layer, trainable, signature
+        self.forward, self.backward = forward, backward
+
+
+class GraphedLayers:
+    """Runs ``body(layer, x, **static_kwargs)`` for training through per-layer CUDA graphs.
+
+    `body` must be a pure function of the layer's parameters, `x` and the bound inputs: no
+    randomness (dropout), no hooks, no state it updates. A layer is recorded again whenever its
+    `LayerPlan` signature changes (modules or parameters replaced or moved), and whenever
+    `layer_signature(layer)` does (what else the body depends on, e.g. adapters switched).
+    """
+
+    def __init__(self, body: Callable, binder: StaticBinder, layer_signature: Callable = None,
+                 replay: str = "auto", max_buckets: int = MAX_BUCKETS):
+        self.body, self.binder = body, binder
+        self.layer_signature = layer_signature or (lambda layer: None)
+        self.replay_mode, self.max_buckets = replay, max_buckets
+        self._reset()
+
+    def _reset(self):
+        self._buffers: dict = {}   # (device, dtype, batch, length, features) -> _Buffers
+        self._statics: dict = {}   # binder key -> (static, kwargs, loaded sources)
+        self._layers: dict = {}    # (id(layer), binder key) -> _LayerGraphs
+        self._lengths: set = set()
+        self._pool = None
+        self._stream = None
+        self.captures = 0          # layer recordings made (each is a forward and a backward graph)
+
+    def __getstate__(self):
+        # Graphs and static buffers belong to one process and one set of weights: a copy records its own.
+        state = dict(self.__dict__)
+        for name in ("_buffers", "_statics", "_layers", "_lengths", "_pool", "_stream", "captures"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def accepts_length(self, length: int) -> bool:
+        """Whether a batch at this bucket length can run graphed (a new length beyond `max_buckets` cannot)."""
+        return length in self._lengths or len(self._lengths) < self.max_buckets
+
+    def plan(self, layer) -> "LayerPlan":
+        """What this call of `layer` is made of (its modules, trainable parameters and a signature)."""
+        return LayerPlan(layer, self.layer_signature)
+
+    def __call__(self, layer, x: torch.Tensor, sources, length: int, plan: "LayerPlan" = None) -> torch.Tensor:
+        """The layer's output for `x` (batch, tokens, ...) at bucket `length` >= tokens."""
+        plan = plan or self.plan(layer)
+        return _GraphedCall.apply(self, plan, sources, length, x, *plan.trainable)
+
+    # -- static inputs ------------------------------------------------------------------
+    def _mode(self, device):
+        return _replays_on(device, self.replay_mode)
+
+    def _buffers_for(self, x: torch.Tensor, length: int):
+        """(key, buffers) for inputs shaped like `x` at `length` tokens."""
+        key = (str(x.device), x.dtype, x.shape[0], length, tuple(x.shape[2:]))
+        if key not in self._buffers:
+            self._buffers[key] = _Buffers(x, length)
+        return key, self._buffers[key]
+
+    def _bind(self, sources, length: int):
+        """The static kwargs for `sources` at `length`, loaded with them (copied only when they changed)."""
+        key = self.binder.key(sources, length)
+        entry = self._statics.get(key)
+        if entry is None:
+            static, kwargs = self.binder.make(sources, length)
+            entry = self._statics[key] = [static, kwargs, None]
+        loaded = entry[2]
+        if loaded is None or len(loaded) != len(sources) or any(a is not b for a, b in zip(loaded, sources)):
+            self.binder.load(entry[0], sources)
+            entry[2] = tuple(sources)  # held until the next batch: their identity says the buffers hold them
+        return key, entry[1]
+
+    # -- recording ----------------------------------------------------------------------
+    def _graphs_for(self, plan: "LayerPlan", key, kwargs, buffers: _Buffers, device) -> _LayerGraphs:
+        layer, trainable, signature = plan.layer, plan.trainable, plan.signature
+        graphs = self._layers.get((id(layer), key))
+        if graphs is not None and graphs.layer is layer and graphs.signature == signature:
+            return graphs
+        mode = self._mode(device)
+        if mode == "cuda" and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device)
+
+        def forward_call():
+            with torch.no_grad():
+                buffers.out.copy_(self.body(layer, buffers.x, **kwargs))
+            return (buffers.out,)
+
+        slots = plan.slots
+
+        def backward_call():
+            # Differentiate with respect to stand-ins that share the parameters' storage: autograd keeps one
+            # gradient accumulator per parameter, created on the stream of the forward that made it (the
+            # default one, outside the capture), and reaching it from inside a capture fails.
+            stand_ins = [torch.nn.Parameter(p.detach(), requires_grad=True) for _, _, p in slots]
+            with torch.enable_grad(), _parameters_replaced(slots, stand_ins):
+                x = buffers.x.detach().requires_grad_(True)
+                mark_dynamic(x)
+                y = self.body(layer, x, **kwargs)
+                grads = torch.autograd.grad(y, (x, *stand_ins), buffers.grad_out, allow_unused=True)
+            buffers.out.copy_(grads[0])
+            return (buffers.out, *grads[1:])
+
+        if mode == "cuda":
+            # Warm up on the capture stream (compiles, autotuning, lazy library setup), then capture.
+            self._stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self._stream):
+                forward_call()
+                backward_call()
+            torch.cuda.current_stream(device).wait_stream(self._stream)
+        forward, backward = _Recording(mode, self._pool, self._stream), _Recording(mode, self._pool, self._stream)
+        forward.record(forward_call)
+        backward.record(backward_call)
+        graphs = self._layers[(id(layer), key)] = _LayerGraphs(layer, trainable, signature, forward, backward)
+        self.captures += 1
+        return graphs
+
+    def run_forward(self, plan, sources, length, x) -> tuple:
+        """(output, the graphs that made it: its backward replays their backward)."""
+        shape, buffers = self._buffers_for(x, length)
+        key, kwargs = self._bind(sources, length)
+        graphs = self._graphs_for(plan, (shape, key), kwargs, buffers, x.device)
+        if length not in self._lengths:
+            self._lengths.add(length)
+            logger.info("fastgemma: CUDA-graphed layers recorded at %d tokens (%d of at most %d lengths)",
+                        length, len(self._lengths), self.max_buckets)
+        buffers.fill(buffers.x, x)
+        (out,) = graphs.forward.replay()
+        return out[:, : x.shape[1]].clone(), graphs
+
+    def run_backward(self, graphs: _LayerGraphs, sources, length, x, grad_out):
+        # The graphs the forward replayed (recorded for the weights and inputs of that call), whatever was
+        # recorded since; the static inputs are loaded again, as another batch may have run in between.
+        _, buffers = self._buffers_for(x, length)
+        self._bind(sources, length)
+        buffers.fill(buffers.x, x)
+        buffers.fill(buffers.grad_out, grad_out)
+        grad_x, *grad_params = graphs.backward.replay()
+        return grad_x[:, : x.shape[1]].clone(), [None if g is None else g.clone() for g in grad_params]
+
+
+class LayerPlan:
+    """One layer as a call finds it: its modules, its trainable parameters as (module, name, parameter)
+    slots, and a signature that changes whenever a recorded graph of it would go stale (a module or
+    parameter replaced, a storage moved, requires_grad switched, or what `extra` reports).
+
+    Walks `_modules` and `_parameters` directly: this runs for every layer of every micro-step, where
+    ``Module.modules()`` and ``parameters()`` cost several times more host time.
+    """
+
+    def __init__(self, layer, extra=None):
+        self.layer = layer
+        modules, stack = [], [layer]
+        while stack:
+            module = stack.pop()
+            modules.append(module)
+            stack.extend(child for child in reversed(module._modules.values()) if child is not None)
+        self.modules = modules
+        seen, slots, storage = set(), [], []
+        for module in modules:
+            for name, parameter in module._parameters.items():
+                if parameter is None or id(parameter) in seen:
+                    continue
+                seen.add(id(parameter))
+                storage.append((id(parameter), parameter.data_ptr(), parameter.requires_grad))
+                if parameter.requires_grad:
+                    slots.append((module, name, parameter))
+        self.slots = slots
+        self.trainable = tuple(parameter for _, _, parameter in slots)
+        self.signature = (tuple(map(id, modules)), tuple(storage), extra(layer) if extra else None)
+
+
+class _parameters_replaced:
+    """Within the block, each (module, name) slot holds its stand-in instead of its parameter."""
+
+    def __init__(self, slots, stand_ins):
+        self.slots, self.stand_ins = slots, stand_ins
+
+    def __enter__(self):
+        for (module, name, _), stand_in in zip(self.slots, self.stand_ins):
+            module._parameters[name] = stand_in
+
+    def __exit__(self, *exc):
+        for module, name, parameter in self.slots:
+            module._parameters[name] = parameter
+
+
+class _GraphedCall(torch.autograd.Function):
+    """Autograd's view of one graphed layer call: saves the layer input only (checkpointing), and the
+    backward replays the layer's backward graph for it."""
+
+    @staticmethod
+    def forward(ctx, runner: GraphedLayers, plan: LayerPlan, sources, length: int, x: torch.Tensor, *trainable):
+        out, graphs = runner.run_forward(plan, sources, length, x)
+        ctx.runner, ctx.graphs, ctx.sources, ctx.length = runner, graphs, sources, length
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        grad_x, grad_params = ctx.runner.run_backward(ctx.graphs, ctx.sources, ctx.length, x, grad_out.contiguous())
+        ctx.sources = ctx.graphs = None
+        return (None, None, None, None, grad_x if ctx.needs_input_grad[4] else None, *grad_params)
+
+
+def static_like(tensor: Optional[torch.Tensor], length: int, dims=(1,), fill=0) -> Optional[torch.Tensor]:
+    """A static buffer shaped like `tensor` with each dimension in `dims` set to `length`."""
+    if tensor is None:
+        return None
+    shape = list(tensor.shape)
+    for dim in dims:
+        shape[dim] = length
+    return torch.full(shape, fill, dtype=tensor.dtype, device=tensor.device)
+
+
+def copy_padded(target: torch.Tensor, value: torch.Tensor, dims=(1,), fill=0) -> None:
+    """target = value, padded with `fill` along `dims` (target's sizes there are >= value's)."""
+    if tuple(target.shape) == tuple(value.shape):
+        target.copy_(value)
+        return
+    target.fill_(fill)
+    index = [slice(None)] * value.dim()
+    for dim in dims:
+        index[dim] = slice(0, value.shape[dim])
+    target[tuple(index)].copy_(value)

@@ -1,0 +1,201 @@
+"""patch_model(cuda_graphs=True) on CPU: the graphed-layer machinery without the capture itself.
+
+On a CPU, fastgemma.graphs "replays" a layer by re-running its recorded call on the same static buffers,
+so everything but the CUDA capture is checked here: bucket padding, the static copies of the rotary
+tables and masks, the checkpointed backward, gradient accumulation through shared buffers, two forwards
+before their backwards, recapture when weights change, and the fallbacks. The GPU tests replay real graphs.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import fastgemma
+from conftest import padding_mask, random_gemma2, relative_error, tiny_gemma2_config
+from fastgemma import graphs
+from fastgemma.patches import gemma2 as glue
+from test_compile_layers import lora_models, packed_step
+
+
+@pytest.fixture
+def eager_body(monkeypatch):
+    """The layer body (and the compiled-region fallback) uncompiled: the graph machinery is what these tests
+    check, and compiling on a CPU is slow."""
+    monkeypatch.setattr(glue, "_compiled_body", lambda: glue.decoder_layer_body)
+    monkeypatch.setattr(glue, "_compiled_layer", lambda: glue.checkpointed_layer)
+
+
+def graph_state(model):
+    return next(m for m in model.modules() if "_fastgemma_state" in m.__dict__)._fastgemma_state
+
+
+def test_bucket_lengths_split_the_fixed_length_into_eight_steps():
+    assert [graphs.bucket_length(n, 2048) for n in (1, 256, 257, 1000, 2048)] == [256, 256, 512, 1024, 2048]
+    assert {graphs.bucket_length(n, 2048) for n in range(1, 2049)} == {256 * k for k in range(1, 9)}
+    assert graphs.bucket_length(100, 300) == 128 and graphs.bucket_length(300, 300) == 384  # 128-multiples
+    assert graphs.bucket_length(5000, 4096) == 5120  # past the fixed length (flex grows its masks)
+
+
+def test_graphed_layers_train_like_hf_eager_over_lengths_and_buckets():
+    """Packed steps of three lengths over two buckets, with the compiled body: HF eager + PEFT's loss and
+    gradients; each layer recorded once per bucket, and a repeated length replays."""
+    torch._dynamo.reset()
+    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, cuda_graphs=True)
+    state = graph_state(patched)
+    state.cache = type(state.cache)(256)  # two buckets of 128 tokens
+    for step, lengths in enumerate([[40, 9, 30], [25, 150], [7, 33, 12, 20], [40, 9, 30]]):
+        ref_logits, ref_loss, ref_grads = packed_step(reference, lengths, step)
+        logits, loss, grads = packed_step(patched, lengths, step)
+        assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
+        assert grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2
+        for name in grads:
+            assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
+    assert state.graphs._lengths == {128, 256}
+    assert state.graphs.captures == 4 * 2  # layers x buckets, whatever the number of steps
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_graphed_layers_on_padded_batches_match_the_op_by_op_step(eager_body, side):
+    base = random_gemma2(tiny_gemma2_config(window=16))
+    _, by_ops = lora_models(copy.deepcopy(base), True)
+    _, graphed = lora_models(base, True, cuda_graphs=True)
+    for seed, (length, pads) in enumerate([(40, [0, 7]), (33, [5, 0, 12])]):
+        ids = torch.randint(0, 97, (len(pads), length), generator=torch.Generator().manual_seed(seed))
+        mask = padding_mask(length, pads, side)
+        labels = ids.masked_fill(mask == 0, -100)
+        results = []
+        for model in (by_ops, graphed):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (loss_ops, grads_ops), (loss_graphs, grads_graphs) = results
+        assert relative_error(loss_graphs, loss_ops) < 1e-5
+        assert grads_graphs.keys() == grads_ops.keys() and len(grads_ops) == 4 * 7 * 2
+        for name in grads_ops:
+            assert relative_error(grads_graphs[name], grads_ops[name]) < 1e-4, name
+    assert graph_state(graphed).graphs.captures > 0
+
+
+def test_graphed_layers_accumulate_and_allow_two_forwards_before_the_backwards(eager_body):
+    """Every replay writes the same static buffers: accumulated micro-steps, and two forwards whose backwards
+    come later (the second forward overwrote the buffers), must still give the op-by-op gradients."""
+    base = random_gemma2(tiny_gemma2_config(window=16))
+    _, by_ops = lora_models(copy.deepcopy(base), True)
+    _, graphed = lora_models(base, True, cuda_graphs=True)
+    batches = [[40, 9, 30], [25, 50], [7, 33, 12, 20], [60, 4]]
+    grads = []
+    for model in (by_ops, graphed):
+        model.zero_grad(set_to_none=True)
+        for seed, lengths in enumerate(batches[:2]):
+            packed_loss(model, lengths, seed).backward()
+        (packed_loss(model, batches[2], 2) + packed_loss(model, batches[3], 3)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * 7 * 2
+    for name in grads[0]:
+        assert relative_error(grads[1][name], grads[0][name]) < 1e-4, name
+
+
+def packed_loss(model, lengths, seed):
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = torch.randint(0, 97, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
+    return model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+
+
+def test_graphed_layers_record_again_when_weights_change_and_copies_record_their_own(eager_body):
+    """A layer's graphs bake in its weights: replacing a LoRA weight records that layer again, a deep copy
+    of the model records its own graphs, and an unpatched model has none left."""
+    base = random_gemma2(tiny_gemma2_config(window=16))
+    reference, graphed = lora_models(base, True, cuda_graphs=True)
+    packed_step(graphed, [30, 20], 0)
+    state = graph_state(graphed)
+    assert state.graphs.captures == 4
+    for model in (reference, graphed):  # the same new weight in both
+        layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+        layer.lora_A["default"].weight = torch.nn.Parameter(torch.full_like(layer.lora_A["default"].weight, 0.01))
+    _, loss_ref, grads_ref = packed_step(reference, [30, 20], 1)
+    _, loss, grads = packed_step(graphed, [30, 20], 1)
+    assert state.graphs.captures == 5  # that one layer again
+    assert relative_error(loss, loss_ref) < 1e-4
+    assert all(relative_error(grads[n], grads_ref[n]) < 1e-3 for n in grads_ref)
+
+    twin = copy.deepcopy(graphed)
+    assert graph_state(twin).graphs.captures == 0 and graph_state(twin).graphs is not state.graphs
+    _, loss_twin, _ = packed_step(twin, [30, 20], 1)
+    assert graph_state(twin).graphs.captures == 4 and state.graphs.captures == 5
+    assert relative_error(loss_twin, loss) < 1e-6
+    fastgemma.unpatch_model(graphed)
+    assert not any("_fastgemma_graph_state" in m.__dict__ for m in graphed.modules())
+
+
+def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplog):
+    """LoRA dropout (a graph would replay one random draw): a warning, and the layers run as compiled regions,
+    with the op-by-op results. Inference and training without checkpointing never record."""
+    from peft import LoraConfig, get_peft_model
+
+    base = random_gemma2(tiny_gemma2_config(window=16))
+    model = fastgemma.patch_model(copy.deepcopy(base), max_seq_length=128, fused_ops=True, cuda_graphs=True)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    glue._graph_refusals.clear()
+    with caplog.at_level(logging.WARNING, logger="fastgemma"):
+        packed_loss(model, [30, 20], 0).backward()
+    assert "LoRA layer is not in its plain state" in caplog.text
+    assert graph_state(model).graphs.captures == 0
+
+    _, graphed = lora_models(base, False, cuda_graphs=True)  # no gradient checkpointing
+    packed_loss(graphed, [30, 20], 0).backward()
+    graphed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.no_grad():
+        packed_loss(graphed, [30, 20], 0)
+    graphed.eval()
+    packed_loss(graphed, [30, 20], 0)
+    assert graph_state(graphed).graphs.captures == 0
+
+
+def test_cuda_graphs_setting_is_checked():
+    model = random_gemma2(tiny_gemma2_config())
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+        fastgemma.patch_model(model, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="needs fused_ops"):
+        fastgemma.patch_model(model, cuda_graphs=True, fused_ops=False)
+    with pytest.raises(ValueError, match="replay must be"):
+        graphs.GraphedLayers(lambda layer, x: x, graphs.StaticBinder(), replay="sometimes")._mode(torch.device("cpu"))
+
+
+class _ScaleBinder(graphs.StaticBinder):
+    """A per-batch scale vector as the layer's one bound input (the model-agnostic core's own test)."""
+
+    def key(self, sources, length):
+        return (sources[0].shape[-1], length)
+
+    def make(self, sources, length):
+        static = {"scale": torch.zeros_like(sources[0])}
+        return static, {"scale": static["scale"]}
+
+    def load(self, static, sources):
+        static["scale"].copy_(sources[0])
+
+
+def test_graphed_layers_core_matches_autograd_on_a_small_stack():
+    """GraphedLayers around plain Linear layers: outputs and gradients equal to running them directly,
+    padding rows included (they must add nothing), with one recording per layer."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8) for _ in range(3)]
+    runner = graphs.GraphedLayers(lambda layer, x, scale: torch.tanh(layer(x)) * scale, _ScaleBinder())
+    for tokens in (5, 7):
+        x = torch.randn(2, tokens, 8, requires_grad=True)
+        scale = torch.rand(8)
+        expected, actual = x, x
+        for layer in layers:
+            expected = torch.tanh(layer(expected)) * scale
+            actual = runner(layer, actual, (scale,), 16)
+        torch.testing.assert_close(actual, expected)
+        grads_expected = torch.autograd.grad(expected.square().sum(), [x, *(p for l in layers for p in l.parameters())])
+        grads_actual = torch.autograd.grad(actual.square().sum(), [x, *(p for l in layers for p in l.parameters())])
+        for ours, theirs in zip(grads_actual, grads_expected):
+            torch.testing.assert_close(ours, theirs)
+    assert runner.captures == 3
