@@ -1,3 +1,4 @@
-from .run import main
+from .run import main, show_fastgemma_log
 
+show_fastgemma_log()
 main()

@@ -174,6 +174,20 @@ def _from_json(args) -> int:
     return 0
 
 
+def show_fastgemma_log() -> None:
+    """fastgemma's INFO messages on stderr (what it patched, what it recorded, why a fast path did not apply):
+    a benchmark log must say which path ran."""
+    import logging
+
+    logger = logging.getLogger("fastgemma")
+    if not any(getattr(h, "_fastgemma_bench", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[fastgemma %(asctime)s] %(message)s", "%H:%M:%S"))
+        handler._fastgemma_bench = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -272,4 +286,5 @@ def _run(args, argv: list[str], device, suites: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    show_fastgemma_log()  # from the command line only: a caller's (or a test's) logging stays its own
     main()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -151,15 +152,18 @@ class GraphedLayers:
         self._buffers: dict = {}   # (device, dtype, batch, length, features) -> _Buffers
         self._statics: dict = {}   # binder key -> (static, kwargs, loaded sources)
         self._layers: dict = {}    # (id(layer), binder key) -> _LayerGraphs
+        self._stand_ins: dict = {}  # id(parameter) -> (parameter, its stand-in in recorded backwards)
         self._lengths: set = set()
         self._pool = None
         self._stream = None
         self.captures = 0          # layer recordings made (each is a forward and a backward graph)
+        self.recordings_again = 0  # of those, layers recorded again at a length (their signature changed)
 
     def __getstate__(self):
         # Graphs and static buffers belong to one process and one set of weights: a copy records its own.
         state = dict(self.__dict__)
-        for name in ("_buffers", "_statics", "_layers", "_lengths", "_pool", "_stream", "captures"):
+        for name in ("_buffers", "_statics", "_layers", "_stand_ins", "_lengths", "_pool", "_stream", "captures",
+                     "recordings_again"):
             state.pop(name, None)
         return state
 
@@ -205,11 +209,31 @@ class GraphedLayers:
         return key, entry[1]
 
     # -- recording ----------------------------------------------------------------------
+    def _stand_in(self, parameter) -> torch.nn.Parameter:
+        """A leaf sharing `parameter`'s storage, the same object every time (nothing for a compiler to tell apart)."""
+        known = self._stand_ins.get(id(parameter))
+        if known is None or known[0] is not parameter or known[1].data_ptr() != parameter.data_ptr():
+            known = self._stand_ins[id(parameter)] = (parameter, torch.nn.Parameter(parameter.detach()))
+        return known[1]
+
+    def _say_recording_again(self, layer, before, now) -> None:
+        """Recording a layer again at a length it was recorded at is the slow path: say so, and why
+        (at the 1st, 10th, 100th, ... time, so a layer that changes every call is heard, not flooded)."""
+        self.recordings_again += 1
+        if math.log10(self.recordings_again) % 1:
+            return
+        parts = ("its modules", "its parameters (replaced, moved, or requires_grad switched)", "its adapter state")
+        changed = [name for name, a, b in zip(parts, before, now) if a != b] or ["its signature"]
+        logger.warning("fastgemma: cuda_graphs: recording a %s again (%d so far): %s changed since its last "
+                       "recording at this length", type(layer).__name__, self.recordings_again, ", ".join(changed))
+
     def _graphs_for(self, plan: "LayerPlan", key, kwargs, buffers: _Buffers, device) -> _LayerGraphs:
         layer, trainable, signature = plan.layer, plan.trainable, plan.signature
         graphs = self._layers.get((id(layer), key))
         if graphs is not None and graphs.layer is layer and graphs.signature == signature:
             return graphs
+        if graphs is not None and graphs.layer is layer:
+            self._say_recording_again(layer, graphs.signature, signature)
         mode = self._mode(device)
         if mode == "cuda" and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -226,7 +250,7 @@ class GraphedLayers:
             # Differentiate with respect to stand-ins that share the parameters' storage: autograd keeps one
             # gradient accumulator per parameter, created on the stream of the forward that made it (the
             # default one, outside the capture), and reaching it from inside a capture fails.
-            stand_ins = [torch.nn.Parameter(p.detach(), requires_grad=True) for _, _, p in slots]
+            stand_ins = [self._stand_in(p) for _, _, p in slots]
             with torch.enable_grad(), _parameters_replaced(slots, stand_ins):
                 x = buffers.x.detach().requires_grad_(True)
                 mark_dynamic(x)
@@ -235,6 +259,7 @@ class GraphedLayers:
             buffers.out.copy_(grads[0])
             return (buffers.out, *grads[1:])
 
+        started = time.perf_counter()
         if mode == "cuda":
             # Warm up on the capture stream (compiles, autotuning, lazy library setup), then capture.
             self._stream.wait_stream(torch.cuda.current_stream(device))
@@ -245,6 +270,10 @@ class GraphedLayers:
         forward, backward = _Recording(mode, self._pool, self._stream), _Recording(mode, self._pool, self._stream)
         forward.record(forward_call)
         backward.record(backward_call)
+        seconds = time.perf_counter() - started
+        if seconds > 5:  # the warm-up compiled something: the first layer of a kind, or an unexpected recompile
+            logger.info("fastgemma: cuda_graphs: recording a %s took %.1f s (warm-up and capture)",
+                        type(layer).__name__, seconds)
         graphs = self._layers[(id(layer), key)] = _LayerGraphs(layer, trainable, signature, forward, backward)
         self.captures += 1
         return graphs

@@ -219,11 +219,14 @@ class BlockMaskCache:
 
     MAX_KEPT = 64  # distinct batch lengths whose BlockMask is kept
 
-    def __init__(self, max_seq_length: int):
+    def __init__(self, max_seq_length: int, headroom_blocks: int = 0):
         if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         self.max_seq_length = max_seq_length
-        self.length = round_up(max_seq_length)
+        # Empty blocks past the longest batch (they cost no attention work): a compiled layer whose
+        # batches sometimes fill the fixed length exactly would otherwise compile a second variant
+        # (flex's inputs need no padding then), as the CUDA-graphed layers' longest bucket does.
+        self.length = round_up(max_seq_length) + headroom_blocks * BLOCK_SIZE
         self._grids: dict = {}
         self._masks: dict = {}
 

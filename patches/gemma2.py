@@ -427,8 +427,9 @@ def _graphs_apply(layer, state, hidden_states, kwargs) -> bool:
 
 
 def _graph_length(state, hidden_states) -> int:
-    """The bucket length this batch runs at: the block masks' fixed length split into steps."""
-    return bucket_length(hidden_states.shape[1], state.cache.length)
+    """The bucket length this batch runs at: max_seq_length split into steps (the block masks' fixed length
+    is one block longer, so no bucket fills it: see BlockMaskCache's headroom)."""
+    return bucket_length(hidden_states.shape[1], state.cache.max_seq_length)
 
 
 def _graphed_layer(layer, state, hidden_states, kwargs):
@@ -660,14 +661,15 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
             summary["already"] = True
             state.backend = backend
             state.fused_ops = fused_ops
-            if state.cache.max_seq_length != max_seq_length:
-                state.cache = BlockMaskCache(max_seq_length)
+            if state.cache.max_seq_length != max_seq_length or bool(state.graphs) != bool(cuda_graphs):
+                state.cache = BlockMaskCache(max_seq_length, headroom_blocks=1 if cuda_graphs else 0)
+                state.graphs = None  # its bucket lengths came from the old length: record anew
         else:
             config = backbone.config
             state = PatchState(
                 backend=backend,
                 fused_ops=fused_ops,
-                cache=BlockMaskCache(max_seq_length),
+                cache=BlockMaskCache(max_seq_length, headroom_blocks=1 if cuda_graphs else 0),
                 original_attn_implementation=config._attn_implementation,
             )
             # Masks that HF still builds (decoding with a cache) must arrive dense, which is

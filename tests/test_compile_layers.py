@@ -68,23 +68,28 @@ def test_compiled_layers_train_like_hf_eager_with_one_graph_per_layer_kind(check
 def test_compiled_layers_on_padded_batches_match_the_op_by_op_step(side):
     """Rows of a batch padded on either side (a 2D attention mask, per-row segments when left-padded), over
     two batch shapes: the compiled layers give the op-by-op path's loss and gradients."""
-    from conftest import padding_mask
-
     base = random_gemma2(tiny_gemma2_config(window=16))
     _, by_ops = lora_models(copy.deepcopy(base), True)
     _, compiled = lora_models(base, True, compile_layers=True)
+    assert_padded_steps_match(by_ops, compiled, side)
+
+
+def assert_padded_steps_match(by_ops, model_under_test, side):
+    """Two batch shapes padded on `side`: `model_under_test` gives `by_ops`'s loss and LoRA gradients."""
+    from conftest import padding_mask
+
     for seed, (length, pads) in enumerate([(40, [0, 7]), (33, [5, 0, 12])]):
         ids = torch.randint(0, 97, (len(pads), length), generator=torch.Generator().manual_seed(seed))
         mask = padding_mask(length, pads, side)
         labels = ids.masked_fill(mask == 0, -100)
         results = []
-        for model in (by_ops, compiled):
+        for model in (by_ops, model_under_test):
             model.zero_grad(set_to_none=True)
             out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
             out.loss.backward()
             results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
         (ref_loss, ref_grads), (loss, grads) = results
-        assert relative_error(loss, ref_loss) < 1e-5 and grads.keys() == ref_grads.keys()
+        assert relative_error(loss, ref_loss) < 1e-5 and grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2
         for name in grads:
             assert relative_error(grads[name], ref_grads[name]) < 1e-4, name
 
