@@ -52,7 +52,7 @@ def test_graphed_layers_train_like_hf_eager_over_lengths_and_buckets():
         assert grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2
         for name in grads:
             assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
-    assert state.graphs._lengths == {128, 256}
+    assert state.graphs._lengths == {128, 256} and fastgemma.cuda_graph_lengths(patched) == [128, 256]
     assert state.graphs.captures == 4 * 2  # layers x buckets, whatever the number of steps
 
 
@@ -142,6 +142,16 @@ def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplo
     graphed.eval()
     packed_loss(graphed, [30, 20], 0)
     assert graph_state(graphed).graphs.captures == 0
+
+
+def test_graphed_models_block_masks_have_room_past_the_longest_bucket():
+    """The flex block masks are one empty block longer than max_seq_length's last bucket, so no bucket fills
+    them (a batch that did made the compiled layer compile a second variant); off again, they are not."""
+    model = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), max_seq_length=2048, cuda_graphs=True)
+    state = graph_state(model)
+    assert state.cache.length == 2048 + 128 and graphs.bucket_length(2048, state.cache.max_seq_length) == 2048
+    fastgemma.patch_model(model, max_seq_length=2048)
+    assert graph_state(model).cache.length == 2048 and graph_state(model).graphs is None
 
 
 def test_cuda_graphs_setting_is_checked():
