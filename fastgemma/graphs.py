@@ -282,7 +282,7 @@ class GraphedLayers:
         """(output, the graphs that made it: its backward replays their backward)."""
         shape, buffers = self._buffers_for(x, length)
         key, kwargs = self._bind(sources, length)
-        graphs = self._graphs_for(plan, (shape, key), kwargs, buffers, x.device)
+        graphs = self._graphs_for(plan, (shape, key, _autocast_state(x.device)), kwargs, buffers, x.device)
         if length not in self._lengths:
             self._lengths.add(length)
             logger.info("fastgemma: CUDA-graphed layers recorded at %d tokens (%d of at most %d lengths)",
@@ -300,6 +300,15 @@ class GraphedLayers:
         buffers.fill(buffers.grad_out, grad_out)
         grad_x, *grad_params = graphs.backward.replay()
         return grad_x[:, : x.shape[1]].clone(), [None if g is None else g.clone() for g in grad_params]
+
+
+def _autocast_state(device: torch.device) -> tuple:
+    """Whether (and to what) autocast casts here: a graph replays the casts made when it was recorded, so a
+    call under other autocast settings needs graphs of its own (torch.compile's guards would tell the same)."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return (False,)
+    return (True, torch.get_autocast_dtype(kind))
 
 
 class LayerPlan:

@@ -192,8 +192,14 @@ def test_graphed_layers_core_matches_autograd_on_a_small_stack():
             expected = torch.tanh(layer(expected)) * scale
             actual = runner(layer, actual, (scale,), 16)
         torch.testing.assert_close(actual, expected)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # other casts: graphs of their own, not the fp32 ones
+            cast = runner(layers[0], x, (scale,), 16)
+            cast_expected = torch.tanh(layers[0](x)) * scale
+        assert runner.captures == 4  # the first layer recorded once more, under autocast, at the first length
+        torch.testing.assert_close(cast, cast_expected.float())  # the layer's output dtype is its input's
+        assert not torch.equal(cast, torch.tanh(layers[0](x)) * scale)  # and it did compute in bfloat16
         grads_expected = torch.autograd.grad(expected.square().sum(), [x, *(p for l in layers for p in l.parameters())])
         grads_actual = torch.autograd.grad(actual.square().sum(), [x, *(p for l in layers for p in l.parameters())])
         for ours, theirs in zip(grads_actual, grads_expected):
             torch.testing.assert_close(ours, theirs)
-    assert runner.captures == 3
+    assert runner.captures == 4  # three layers, and the first once more under autocast
