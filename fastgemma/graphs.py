@@ -144,7 +144,7 @@ class GraphedLayers:
     def __init__(self, body: Callable, binder: StaticBinder, layer_signature: Callable = None,
                  replay: str = "auto", max_buckets: int = MAX_BUCKETS):
         self.body, self.binder = body, binder
-        self.layer_signature = layer_signature or (lambda layer: None)
+        self.layer_signature = layer_signature or _no_signature  # a module-level function: the model pickles
         self.replay_mode, self.max_buckets = replay, max_buckets
         self._reset()
 
@@ -300,6 +300,10 @@ class GraphedLayers:
         buffers.fill(buffers.grad_out, grad_out)
         grad_x, *grad_params = graphs.backward.replay()
         return grad_x[:, : x.shape[1]].clone(), [None if g is None else g.clone() for g in grad_params]
+
+
+def _no_signature(layer) -> None:
+    return None
 
 
 def _autocast_state(device: torch.device) -> tuple:

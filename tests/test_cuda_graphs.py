@@ -109,6 +109,9 @@ def test_graphed_layers_record_again_when_weights_change_and_copies_record_their
     assert relative_error(loss, loss_ref) < 1e-4
     assert all(relative_error(grads[n], grads_ref[n]) < 1e-3 for n in grads_ref)
 
+    import pickle
+
+    assert pickle.loads(pickle.dumps(state.graphs)).captures == 0  # pickles, without its graphs
     twin = copy.deepcopy(graphed)
     assert graph_state(twin).graphs.captures == 0 and graph_state(twin).graphs is not state.graphs
     _, loss_twin, _ = packed_step(twin, [30, 20], 1)
