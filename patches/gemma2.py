@@ -399,6 +399,9 @@ def _graphs_apply(layer, state, hidden_states, kwargs) -> bool:
                               "checkpointing does)", logging.INFO)
     if hidden_states.dim() != 3 or not isinstance(kwargs.get("attention_mask"), AttentionMask):
         return _refuse_graphs("the batch comes with a mask of its own (a 4D mask or BlockMask)", logging.INFO)
+    rotary = kwargs.get("position_embeddings")
+    if not (isinstance(rotary, tuple) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary)):
+        return _refuse_graphs("the layer was not handed its rotary tables (position_embeddings)", logging.INFO)
     # (Other keyword arguments, such as TRL's packed-sequence lengths for flash attention, are not read by
     # fastgemma's layer: the batch's masks were built from them already.)
     if kwargs.get("past_key_values") is not None or kwargs.get("output_attentions"):
