@@ -190,28 +190,30 @@ def test_flex_attention_inside_a_larger_compiled_region_needs_no_break(segments)
     assert relative_error(actual, expected) < 1e-5
 
 
+def saved_bytes(model):
+    """Bytes autograd keeps for the backward of one packed training step (distinct storages, parameters left
+    out), measured with saved_tensors_hooks."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    positions = torch.cat([torch.arange(200), torch.arange(100)])[None]
+    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+    out.loss.backward()
+    return sum(storages.values())
+
+
 def test_compiled_layers_still_checkpoint():
     """Gradient checkpointing inside the region keeps its promise: measured with saved_tensors_hooks (distinct
     storages, parameters left out), the compiled layers save what the op-by-op checkpointing saves, plus the
     batch's shared masks and rotary tables, a fixed amount that does not grow with the number of layers."""
-
-    def saved_bytes(model):
-        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in parameters:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        positions = torch.cat([torch.arange(200), torch.arange(100)])[None]
-        ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(0))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
-        out.loss.backward()
-        return sum(storages.values())
-
     extra = {}
     for layers in (4, 8):
         base = random_gemma2(tiny_gemma2_config(window=16, layers=layers))
