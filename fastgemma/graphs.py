@@ -116,12 +116,10 @@ class _Buffers:
         self.grad_out = torch.zeros_like(self.x)
         self.out = torch.zeros_like(self.x)
 
-    def fill(self, target: torch.Tensor, value: torch.Tensor) -> None:
+    @staticmethod
+    def fill(target: torch.Tensor, value: torch.Tensor) -> None:
         """target[:, :T] = value, zeros after it."""
-        tokens = value.shape[1]
-        target[:, :tokens].copy_(value)
-        if tokens < target.shape[1]:
-            target[:, tokens:].zero_()
+        copy_padded(target, value)
 
 
 class _LayerGraphs:
@@ -394,6 +392,11 @@ def copy_padded(target: torch.Tensor, value: torch.Tensor, dims=(1,), fill=0) ->
     """target = value, padded with `fill` along `dims` (target's sizes there are >= value's)."""
     if tuple(target.shape) == tuple(value.shape):
         target.copy_(value)
+        return
+    if len(dims) == 1:  # the tail alone needs filling
+        (dim,) = dims
+        target.narrow(dim, 0, value.shape[dim]).copy_(value)
+        target.narrow(dim, value.shape[dim], target.shape[dim] - value.shape[dim]).fill_(fill)
         return
     target.fill_(fill)
     index = [slice(None)] * value.dim()

@@ -289,14 +289,20 @@ def decoder_layer_body(self, hidden_states, position_embeddings=None, attention_
 # --------------------------------------------------------------------------------------
 # One compiled region per decoder layer (patch_model's compile_layers)
 # --------------------------------------------------------------------------------------
-def _has_hooks(module) -> bool:
+def _own_hooks(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
     from torch.nn.modules import module as nn_module
 
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-        or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-        or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks
-    )
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
+
+
+def _has_hooks(module) -> bool:
+    return _own_hooks(module) or _global_hooks()
 
 
 def call_module(module, *args, **kwargs):
@@ -331,13 +337,18 @@ def _prepare_masks(layer, hidden_states, mask) -> None:
     length = hidden_states.shape[-2]
     if mask.q_len != length or mask.kv_len != length:
         raise ValueError(f"attention mask built for {mask.q_len} queries / {mask.kv_len} keys, got {length} tokens")
-    attention, device = layer.self_attn, hidden_states.device
-    backend = attention._fastgemma_backend
-    dropout = attention.attention_dropout if attention.training else 0.0
-    if backend == "flex" or (backend == "auto" and dropout == 0.0 and auto_picks_flex(device, attention.head_dim)):
+    device = hidden_states.device
+    if _reads_block_masks(layer.self_attn, device):
         mask.block_mask(device)  # at the fixed padded length: no token dimension to mark
     else:  # (batch or 1, 1, queries, keys): batch and tokens vary like the hidden states'
         mark_dynamic(mask.dense(device), (0, 2, 3))
+
+
+def _reads_block_masks(attention, device) -> bool:
+    """Whether this attention layer runs flex (block masks) on `device`, rather than a dense backend (dense masks)."""
+    backend = attention._fastgemma_backend
+    dropout = attention.attention_dropout if attention.training else 0.0
+    return backend == "flex" or (backend == "auto" and dropout == 0.0 and auto_picks_flex(device, attention.head_dim))
 
 
 def _recompute_every_op():
@@ -406,17 +417,11 @@ def _graphs_apply(layer, state, hidden_states, kwargs) -> bool:
     # fastgemma's layer: the batch's masks were built from them already.)
     if kwargs.get("past_key_values") is not None or kwargs.get("output_attentions"):
         return _refuse_graphs("a KV cache or output_attentions is in use", logging.INFO)
-    from torch.nn.modules import module as nn_module
-
-    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
-            or nn_module._global_backward_pre_hooks):
+    if _global_hooks():
         return _refuse_graphs("global module hooks are set, which a graph would not call")
     plan = state.graphs.plan(layer)
-    for module in plan.modules:
-        found = module.__dict__
-        if (found["_forward_hooks"] or found["_forward_pre_hooks"] or found["_backward_hooks"]
-                or found["_backward_pre_hooks"] or "_hf_hook" in found):
-            return _refuse_graphs("a module of the decoder layer has hooks, which a graph would not call")
+    if any(_own_hooks(module) or "_hf_hook" in module.__dict__ for module in plan.modules):
+        return _refuse_graphs("a module of the decoder layer has hooks, which a graph would not call")
     lora_state = (plan.signature[0], plan.signature[2])  # modules and adapter states
     if lora_state not in _PLAIN_LORA_STATES:  # checked once per such state, not per call
         if not all(plain_lora_parts(m) is not None for m in plan.modules if "lora_A" in m._modules):
@@ -488,15 +493,9 @@ class Gemma2GraphInputs(StaticBinder):
     def __init__(self, attention):
         self.attention = attention  # whose backend setting decides flex (block masks) or dense masks
 
-    def _uses_flex(self, mask: AttentionMask, device) -> bool:
-        attention = self.attention
-        dropout = attention.attention_dropout if attention.training else 0.0
-        backend = attention._fastgemma_backend
-        return backend == "flex" or (backend == "auto" and dropout == 0.0 and auto_picks_flex(device, attention.head_dim))
-
     def key(self, sources, length):
         cos, sin, mask = sources
-        if self._uses_flex(mask, cos.device):
+        if _reads_block_masks(self.attention, cos.device):
             block = mask.block_mask(cos.device)
             kind = ("flex", mask.segment_ids is not None, tuple(block.kv_indices.shape), block.seq_lengths)
         else:
@@ -509,7 +508,7 @@ class Gemma2GraphInputs(StaticBinder):
         static = {"cos": static_like(cos, length), "sin": static_like(sin, length)}
         for tensor in (static["cos"], static["sin"]):
             mark_dynamic(tensor)
-        if self._uses_flex(mask, device):
+        if _reads_block_masks(self.attention, device):
             import copy
 
             block = copy.copy(mask.block_mask(device))
