@@ -125,8 +125,8 @@ class _Buffers:
 class _LayerGraphs:
     """The forward and backward recordings of one layer at one bucket."""
 
-    def __init__(self, layer, trainable, signature, forward: _Recording, backward: _Recording):
-        self.layer, self.trainable, self.signature = layer, trainable, signature
+    def __init__(self, layer, signature, forward: _Recording, backward: _Recording):
+        self.layer, self.signature = layer, signature
         self.forward, self.backward = forward, backward
 
 
@@ -226,7 +226,7 @@ class GraphedLayers:
                        "recording at this length", type(layer).__name__, self.recordings_again, ", ".join(changed))
 
     def _graphs_for(self, plan: "LayerPlan", key, kwargs, buffers: _Buffers, device) -> _LayerGraphs:
-        layer, trainable, signature = plan.layer, plan.trainable, plan.signature
+        layer, signature = plan.layer, plan.signature
         graphs = self._layers.get((id(layer), key))
         if graphs is not None and graphs.layer is layer and graphs.signature == signature:
             return graphs
@@ -272,7 +272,7 @@ class GraphedLayers:
         if seconds > 5:  # the warm-up compiled something: the first layer of a kind, or an unexpected recompile
             logger.info("fastgemma: cuda_graphs: recording a %s took %.1f s (warm-up and capture)",
                         type(layer).__name__, seconds)
-        graphs = self._layers[(id(layer), key)] = _LayerGraphs(layer, trainable, signature, forward, backward)
+        graphs = self._layers[(id(layer), key)] = _LayerGraphs(layer, signature, forward, backward)
         self.captures += 1
         return graphs
 

@@ -500,18 +500,13 @@ def check_device(args: argparse.Namespace, on_gpu: bool) -> None:
             "--backend flex needs a CUDA GPU (flex_attention's kernels are built with Triton); "
             "on a CPU use --backend compiled or eager"
         )
-    if args.compile_layers and (args.fused_ops == "off" or (args.fused_ops == "auto" and not on_gpu)):
-        raise RecipeError(
-            "--compile-layers compiles the fused ops' layers, and fused ops are off here "
-            + ("(--fused-ops off)" if args.fused_ops == "off" else "(--fused-ops auto fuses on a GPU only)")
-            + ": add --fused-ops on, or drop --compile-layers"
-        )
-    if args.cuda_graphs == "on" and (args.fused_ops == "off" or (args.fused_ops == "auto" and not on_gpu)):
-        raise RecipeError(
-            "--cuda-graphs on replays the fused ops' compiled layers, and fused ops are off here "
-            + ("(--fused-ops off)" if args.fused_ops == "off" else "(--fused-ops auto fuses on a GPU only)")
-            + ": add --fused-ops on, or drop --cuda-graphs on"
-        )
+    fused_off = ("(--fused-ops off)" if args.fused_ops == "off"
+                 else "(--fused-ops auto fuses on a GPU only)" if args.fused_ops == "auto" and not on_gpu else None)
+    for asked, flag, what in ((args.compile_layers, "--compile-layers", "compiles the fused ops' layers"),
+                              (args.cuda_graphs == "on", "--cuda-graphs on", "replays the fused ops' compiled layers")):
+        if asked and fused_off:
+            raise RecipeError(f"{flag} {what}, and fused ops are off here {fused_off}: add --fused-ops on, "
+                              f"or drop {flag}")
     if args.cuda_graphs == "on" and args.lora_dropout > 0:
         raise RecipeError(f"--cuda-graphs on cannot replay LoRA dropout (--lora-dropout {args.lora_dropout}): "
                           "a graph repeats one random draw; use --lora-dropout 0 or --cuda-graphs off")
