@@ -11,8 +11,9 @@ shapes and fixed addresses, so:
   tables, masks) are copied into static buffers before each replay, and the outputs are copied out
   right after it, so every graph may share one memory pool and replays may come in any order;
 - each layer gets its own pair of graphs (its weights are baked into them), captured the first time
-  it runs at a bucket length: a forward without autograd, and a backward that recomputes the layer
-  and differentiates it, which is gradient checkpointing: only each layer's input is kept.
+  it runs at a bucket length: a forward (the differentiable call, its autograd graph dropped), and a
+  backward that recomputes the layer and differentiates it, which is gradient checkpointing: only
+  each layer's input is kept.
 
 Padding rows are zeros with a zero output gradient, so they add exactly nothing to any gradient.
 
@@ -237,23 +238,32 @@ class GraphedLayers:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device)
 
-        def forward_call():
-            with torch.no_grad():
-                buffers.out.copy_(self.body(layer, buffers.x, **kwargs))
-            return (buffers.out,)
-
         slots = plan.slots
 
-        def backward_call():
-            # Differentiate with respect to stand-ins that share the parameters' storage: autograd keeps one
-            # gradient accumulator per parameter, created on the stream of the forward that made it (the
-            # default one, outside the capture), and reaching it from inside a capture fails.
+        def differentiable_body():
+            # Autograd on, over stand-ins that share the parameters' storage: autograd keeps one gradient
+            # accumulator per parameter, created on the stream of the forward that made it (the default one,
+            # outside the capture), and reaching it from inside a capture fails.
+            # The autograd graph is the recording's own: a caller's saved-tensor hooks (offloading, say)
+            # must neither see it nor run inside a capture, hence identity hooks innermost.
             stand_ins = [self._stand_in(p) for _, _, p in slots]
-            with torch.enable_grad(), _parameters_replaced(slots, stand_ins):
+            with torch.enable_grad(), _parameters_replaced(slots, stand_ins), _private_saved_tensors():
                 x = buffers.x.detach().requires_grad_(True)
                 mark_dynamic(x)
-                y = self.body(layer, x, **kwargs)
-                grads = torch.autograd.grad(y, (x, *stand_ins), buffers.grad_out, allow_unused=True)
+                return x, stand_ins, self.body(layer, x, **kwargs)
+
+        def forward_call():
+            # The forward runs the very call the backward recomputes, autograd on, and drops its graph: one
+            # compile per layer kind instead of a no-grad one besides (half the cold start), and an output
+            # that is exactly the one the backward differentiates.
+            _, _, y = differentiable_body()
+            with torch.no_grad():
+                buffers.out.copy_(y)
+            return (buffers.out,)
+
+        def backward_call():
+            x, stand_ins, y = differentiable_body()
+            grads = torch.autograd.grad(y, (x, *stand_ins), buffers.grad_out, allow_unused=True)
             buffers.out.copy_(grads[0])
             return (buffers.out, *grads[1:])
 
@@ -342,6 +352,15 @@ class LayerPlan:
         self.slots = slots
         self.trainable = tuple(parameter for _, _, parameter in slots)
         self.signature = (tuple(map(id, modules)), tuple(storage), extra(layer) if extra else None)
+
+
+def _private_saved_tensors():
+    """Saved-tensor hooks that keep tensors as they are, shadowing any the caller set."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
+def _keep(tensor):
+    return tensor
 
 
 class _parameters_replaced:

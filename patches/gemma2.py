@@ -151,16 +151,11 @@ class PatchedForward:
 # --------------------------------------------------------------------------------------
 # The attention forward
 # --------------------------------------------------------------------------------------
-_IN_GRAPHED_BODY = False  # set while a CUDA-graphed layer records: its no-grad forward runs the fused ops too
-
-
 def _fused(module, x: torch.Tensor) -> bool:
     """Whether this call runs the fused (compiled) elementwise ops: when training (grad enabled),
-    on CUDA under "auto". Inference and decoding run the same maths eagerly, without compiles.
-    A graphed layer's forward (no autograd) and its backward's recompute both run them, so the
-    recompute reproduces the forward exactly, as checkpointing requires."""
+    on CUDA under "auto". Inference and decoding run the same maths eagerly, without compiles."""
     setting = module._fastgemma_fused
-    if setting is False or not (torch.is_grad_enabled() or _IN_GRAPHED_BODY):
+    if setting is False or not torch.is_grad_enabled():
         return False
     return setting is True or x.device.type == "cuda"
 
@@ -448,15 +443,11 @@ def _graphed_layer(layer, state, hidden_states, kwargs):
 
 
 def _graphed_body(layer, x, position_embeddings, attention_mask):
-    global _IN_GRAPHED_BODY
-    previous, _IN_GRAPHED_BODY = _IN_GRAPHED_BODY, True
-    try:
-        # Sliding and global layers, with and without autograd (and autocast), are separate graphs: head-room
-        # beyond torch's default limit, so a process that trains several ways never falls back to eager.
-        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
-            return _compiled_body()(layer, x, position_embeddings=position_embeddings, attention_mask=attention_mask)
-    finally:
-        _IN_GRAPHED_BODY = previous
+    # Sliding and global layers (and packed or not, and each autocast setting) are separate graphs: head-room
+    # beyond torch's default limit, so a process that trains several ways never falls back to eager. The
+    # graphs record both directions with autograd on (fastgemma.graphs), so the fused ops always run here.
+    with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
+        return _compiled_body()(layer, x, position_embeddings=position_embeddings, attention_mask=attention_mask)
 
 
 @functools.lru_cache(maxsize=None)
