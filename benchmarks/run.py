@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trl-max-length", type=int, default=None, help="trl suite: max_length (default 4096)")
     p.add_argument("--trl-batch", type=int, default=4, help="trl suite: per_device_train_batch_size")
     p.add_argument("--trl-grad-accum", type=int, default=1, help="trl suite: gradient_accumulation_steps")
+    p.add_argument("--trl-trace-dir", default=None,
+                   help="trl suite: also record the host's ops in the profiled step, save its Chrome trace here and "
+                   "print the GPU's longest idle gaps with what the host ran meanwhile")
     p.add_argument("--unsloth-path", default=os.environ.get("FASTGEMMA_UNSLOTH_PATH"),
                    help="trl suite, Unsloth contenders: the PYTHONPATH of their process, before the repository "
                    "root, e.g. /tmp/site-unsloth:.wu/pkgs (default $FASTGEMMA_UNSLOTH_PATH; unset: this "

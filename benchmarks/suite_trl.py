@@ -98,17 +98,19 @@ def _make_trainer_cls(pad_token_id: int | None = None):
         """SFTTrainer that records the real and the loss-bearing tokens of every micro-batch."""
 
         def training_step(self, *args, **kwargs):
+            # The counts stay tensors until the run ends (summarize reads them): reading one here would make
+            # the host wait for the GPU at every micro-step, a stall the contenders' own code may not have.
             inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
             if inputs is not None:
                 ids = inputs["input_ids"]
                 if "attention_mask" in inputs:
-                    real = int(inputs["attention_mask"].sum())
+                    real = inputs["attention_mask"].sum()
                 elif pad_token_id is not None:  # the synthetic documents never hold the pad id
-                    real = int((ids != pad_token_id).sum())
+                    real = (ids != pad_token_id).sum()
                 else:  # padding-free: one flattened row, no padding unless pad_to_multiple_of
-                    real = int(ids.numel())
+                    real = ids.numel()
                 labels = inputs.get("labels")
-                loss_tokens = int((labels != -100).sum()) if labels is not None else None
+                loss_tokens = (labels != -100).sum() if labels is not None else None
                 self._bench_tokens.append((real, loss_tokens, int(ids.shape[-1])))
             return super().training_step(*args, **kwargs)
 
@@ -118,14 +120,18 @@ def _make_trainer_cls(pad_token_id: int | None = None):
         cannot keep the GPU fed. The profiler slows a host-bound step and its shutdown takes seconds, so
         the profiled step is the last one and stays out of the tokens/s median."""
 
-        def __init__(self, device, step: int | None):
-            self.device, self.step = device, step
+        def __init__(self, device, step: int | None, trace_path: str | None = None):
+            self.device, self.step, self.trace_path = device, step, trace_path
             self.profiler, self.t0, self.busy, self.kernel_s = None, None, None, None
+            self.idle_gaps = None
 
         def on_step_begin(self, args, state, control, **kw):
             if self.device.type != "cuda" or self.step is None or state.global_step != self.step:
                 return
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            activities = [torch.profiler.ProfilerActivity.CUDA]
+            if self.trace_path:  # the host's ops too, to say what ran while the GPU waited
+                activities.append(torch.profiler.ProfilerActivity.CPU)
+            self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
             C.sync(self.device)
             self.t0 = time.perf_counter()
@@ -147,9 +153,40 @@ def _make_trainer_cls(pad_token_id: int | None = None):
                     end = stop
             self.kernel_s = busy / 1e6
             self.busy = min(1.0, busy / wall_us) if wall_us > 0 else None
+            if self.trace_path:
+                host = [(e.name, e.time_range.start, e.time_range.end) for e in self.profiler.events()
+                        if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None]
+                self.idle_gaps = idle_gaps(intervals, host)
+                self.profiler.export_chrome_trace(self.trace_path)
+                print(f"[bench] trace of the profiled step: {self.trace_path}; the GPU's longest idle gaps:")
+                for gap in self.idle_gaps:
+                    print(f"  {gap['ms']:8.2f} ms at +{gap['at_ms']:.1f} ms: " + "; ".join(gap["host"]))
             self.profiler = None
 
     return StepClock, CountingSFTTrainer, GpuBusyProbe
+
+
+def idle_gaps(kernels: list[tuple[float, float]], host: list[tuple[str, float, float]], top: int = 12,
+              names: int = 3) -> list[dict]:
+    """The `top` longest stretches (µs in, ms out) with no kernel running on the GPU between two kernels,
+    longest first, each with the top-level host ops that overlap it most (what the host did meanwhile)."""
+    gaps, end = [], None
+    for start, stop in sorted(kernels):
+        if end is not None and start > end:
+            gaps.append((start - end, end, start))
+        end = stop if end is None else max(end, stop)
+    origin = min((start for start, _ in kernels), default=0.0)
+    result = []
+    for length, begin, finish in sorted(gaps, reverse=True)[:top]:
+        overlap = {}
+        for name, start, stop in host:
+            shared = min(stop, finish) - max(start, begin)
+            if shared > 0:
+                overlap[name] = overlap.get(name, 0.0) + shared
+        busiest = sorted(overlap.items(), key=lambda item: -item[1])[:names]
+        result.append({"ms": length / 1e3, "at_ms": (begin - origin) / 1e3,
+                       "host": [f"{name} ({shared / 1e3:.2f} ms)" for name, shared in busiest] or ["(no host op)"]})
+    return result
 
 
 def steady_rates(per_step: list[float], warmup: int, profiled: int | None) -> list[float]:
@@ -198,7 +235,7 @@ def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_
               peak) -> dict:
     """The row's measurements from the callbacks of one finished ``trainer.train()`` (see the module docstring)."""
     ends = clock.ends
-    micro = trainer._bench_tokens
+    micro = [tuple(None if n is None else int(n) for n in counts) for counts in trainer._bench_tokens]
     # one entry per optimizer step: the sums over its `accum` micro-batches
     toks = [tuple(sum(t[i] or 0 for t in micro[k:k + accum]) for i in range(3)) for k in range(0, len(micro), accum)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -231,6 +268,7 @@ def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_
         "gpu_busy": busy,
         "gpu_busy_profiled_step": probe.busy,
         "gpu_kernel_s": probe.kernel_s,
+        "gpu_idle_gaps": probe.idle_gaps,
         "profiled_step": profiled,
     }
 
@@ -267,7 +305,11 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     clock = StepClock(device)
-    probe = GpuBusyProbe(device, step=probe_step(steps, args.trl_warmup))
+    trace = getattr(args, "trl_trace_dir", None)
+    if trace:
+        os.makedirs(trace, exist_ok=True)
+        trace = os.path.join(trace, f"trl-{name}-{cname}-{batch}x{max_length}x{accum}.json.gz")
+    probe = GpuBusyProbe(device, step=probe_step(steps, args.trl_warmup), trace_path=trace)
     torch.manual_seed(args.seed)
     trainer = CountingSFTTrainer(
         model=model,

@@ -223,6 +223,20 @@ def test_trl_steady_rate_leaves_out_the_profiled_step_and_rescales_gpu_busy():
     assert busy_over_unprofiled(None, 1000, [1000.0]) is None
 
 
+def test_idle_gaps_name_the_longest_kernel_free_stretches_and_what_the_host_ran():
+    from benchmarks.suite_trl import idle_gaps
+
+    # kernels (µs) on two streams: 0-100 and 50-150 overlap (no gap), then gaps of 350 and 100 µs
+    kernels = [(50.0, 150.0), (0.0, 100.0), (500.0, 600.0), (700.0, 800.0)]
+    host = [("aten::item", 140.0, 480.0), ("Optimizer.step", 160.0, 200.0), ("collate", 610.0, 690.0),
+            ("after", 900.0, 950.0)]
+    gaps = idle_gaps(kernels, host, top=5)
+    assert [gap["ms"] for gap in gaps] == [0.35, 0.1] and [gap["at_ms"] for gap in gaps] == [0.15, 0.6]
+    assert gaps[0]["host"] == ["aten::item (0.33 ms)", "Optimizer.step (0.04 ms)"]
+    assert gaps[1]["host"] == ["collate (0.08 ms)"]
+    assert idle_gaps([(0.0, 10.0)], host) == [] and idle_gaps([], host) == []
+
+
 def test_context_suite_tiny_and_default_results_untouched(tmp_path, ckpt_dir):
     before = _results_file_state()
     js = tmp_path / "ctx.json"
