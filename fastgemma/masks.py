@@ -92,14 +92,54 @@ def segments_from_position_ids(position_ids: torch.Tensor) -> Optional[torch.Ten
     return segments
 
 
-def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
-    """Document index of every token of one packed row from cumulative lengths ``[0, l0, l0+l1, ..., T]``."""
+def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int, deferred: Optional[list] = None) -> torch.Tensor:
+    """Document index of every token of one packed row from cumulative lengths ``[0, l0, l0+l1, ..., T]``.
+
+    The lengths are checked at once, unless `deferred` (a list) is given and they live on a GPU: then a
+    `DeferredCheck` is appended to it, for the caller to run once the batch's work is queued. Reading a GPU
+    value now would make the host wait for all the work queued before it (at each micro-step, the previous
+    backward), leaving the GPU idle while the host then prepares this forward. No host sync either way.
+    """
     cu = cu_seqlens.to(torch.long).flatten()
-    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != length:
-        raise ValueError(
-            f"cu_seq_lens must start at 0 and end at the packed length {length}; got {cu.tolist()[:8]}..."
-        )
-    return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())[None]
+    if cu.numel() < 2:
+        raise ValueError(f"cu_seq_lens must hold at least [0, {length}], got {cu.numel()} value(s)")
+    valid = (cu[0] == 0) & (cu[-1] == length) & (cu.diff() >= 0).all()
+    check = DeferredCheck(valid, lambda: f"cu_seq_lens must start at 0, never decrease and end at the packed "
+                                         f"length {length}; got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+    if deferred is None or cu.device.type != "cuda":
+        check.raise_if_failed()
+    else:
+        deferred.append(check)
+    # Token t is in document i when cu[i] <= t < cu[i+1]; searchsorted needs no output size from the host
+    # (repeat_interleave would read the lengths' sum back).
+    tokens = torch.arange(length, device=cu.device)
+    return torch.searchsorted(cu[1:].contiguous(), tokens, right=True)[None]
+
+
+class DeferredCheck:
+    """A condition computed on the device, read on the host later without stalling the queue.
+
+    On a GPU the flag's copy to pinned host memory is queued behind the kernels computing it, so
+    `raise_if_failed`, called once the batch's work is queued, waits for the copy and not for the
+    work queued after it. Elsewhere the flag is read directly.
+    """
+
+    def __init__(self, ok: torch.Tensor, message):
+        self.message = message  # a string, or a function making one (it may read device values: error path only)
+        self.event = None
+        if ok.device.type == "cuda":
+            self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.flag.copy_(ok, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flag = ok
+
+    def raise_if_failed(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        if not bool(self.flag):
+            raise ValueError(self.message() if callable(self.message) else self.message)
 
 
 def segments_from_padding_mask(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:

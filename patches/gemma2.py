@@ -562,8 +562,12 @@ def _fusable(module) -> bool:
 # --------------------------------------------------------------------------------------
 # The backbone forward: build the batch's masks once
 # --------------------------------------------------------------------------------------
-def build_mask_mapping(config, cache, batch, length, device, attention_mask, position_ids, past_key_values, extra):
+def build_mask_mapping(config, cache, batch, length, device, attention_mask, position_ids, past_key_values, extra,
+                       deferred=None):
     """{"full_attention": AttentionMask, "sliding_attention": AttentionMask}, or None to leave masks to HF.
+
+    Checks of GPU values that need not hold up the batch go into `deferred` (fastgemma.masks.DeferredCheck),
+    when it is given, for the caller to run after the forward is queued.
 
     Mirrors HF's rules: a 2D `attention_mask` means padding; without one (and without a
     filled KV cache), packed documents come from `cu_seq_lens_q`, `seq_idx` or `position_ids`
@@ -587,7 +591,7 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
         if cu_seqlens is not None and batch == 1:
             # Even a single-document row keeps segment ids: packed training then runs one
             # compiled mask variant throughout instead of recompiling for the odd plain row.
-            segments = segments_from_cu_seqlens(cu_seqlens.to(device), length)
+            segments = segments_from_cu_seqlens(cu_seqlens.to(device), length, deferred)
         elif seq_idx is not None and tuple(seq_idx.shape) == (batch, length):
             segments = seq_idx.to(device) if bool((seq_idx != seq_idx[:, :1]).any()) else None
         elif position_ids is not None:
@@ -619,6 +623,7 @@ def backbone_forward(self, *args, **kwargs):
     if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
         kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
     attention_mask = kwargs.get("attention_mask")
+    deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     if not isinstance(attention_mask, dict):
         embeds = kwargs.get("inputs_embeds")
         tokens = kwargs.get("input_ids")
@@ -626,11 +631,14 @@ def backbone_forward(self, *args, **kwargs):
         if reference is not None:
             masks = build_mask_mapping(
                 self.config, state.cache, reference.shape[0], reference.shape[1], reference.device,
-                attention_mask, kwargs.get("position_ids"), kwargs.get("past_key_values"), kwargs,
+                attention_mask, kwargs.get("position_ids"), kwargs.get("past_key_values"), kwargs, deferred,
             )
             if masks is not None:
                 kwargs["attention_mask"] = masks
-    return original(**kwargs)
+    output = original(**kwargs)
+    for check in deferred:  # a bad batch raises before anyone uses this output
+        check.raise_if_failed()
+    return output
 
 
 # --------------------------------------------------------------------------------------

@@ -360,6 +360,33 @@ def test_cuda_graphed_layers_accumulate_gradients_like_the_op_by_op_path():
     assert graphs_error <= 1.25 * ops_error + 1e-3
 
 
+@pytest.mark.parametrize("mode", [{}, {"cuda_graphs": True}], ids=["op-by-op", "graphs"])
+def test_packed_training_forward_queues_without_a_host_sync(mode):
+    """TRL's padding-free batch (cu_seq_lens_q): the patched forward reads no GPU value back before its work
+    is queued (such a read waits for the previous backward, and the GPU idles while the host then builds
+    this forward); the lengths' check runs after the queue is full and still refuses bad lengths."""
+    device = torch.device("cuda")
+    config = tiny_gemma2_config(head_dim=256, layers=4, window=128, vocab=512)
+    model = _lora_training_copy(random_gemma2(config, device=device, dtype=torch.float32), torch.bfloat16,
+                                fused_ops=True, **mode)
+    lengths = [300, 77, 500, 203]
+    ids = torch.randint(0, 512, (1, sum(lengths)), device=device)
+    cu = torch.tensor([0, 300, 377, 877, 1080], dtype=torch.int32, device=device)
+    batch = {"input_ids": ids, "labels": ids, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "use_cache": False,
+             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None].to(device)}
+    model(**batch).loss.backward()  # compiles (and records) first: compilation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = model(**batch).loss
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loss.backward()
+    bad = torch.tensor([0, 300, 377, 877, 1000], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cu_seq_lens must start at 0"):
+        model(**{**batch, "cu_seq_lens_q": bad, "cu_seq_lens_k": bad})
+
+
 def test_document_block_mask_builds_fast():
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(1)

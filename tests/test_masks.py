@@ -11,6 +11,7 @@ from fastgemma.masks import (
     PAD_SEGMENT,
     AttentionMask,
     BlockMaskCache,
+    DeferredCheck,
     segments_from_cu_seqlens,
     segments_from_padding_mask,
     segments_from_position_ids,
@@ -130,8 +131,24 @@ def test_segments_from_position_ids():
 
 def test_segments_from_cu_seqlens():
     assert segments_from_cu_seqlens(torch.tensor([0, 2, 5, 6]), 6).tolist() == [[0, 0, 1, 1, 1, 2]]
-    with pytest.raises(ValueError, match="cu_seq_lens"):
-        segments_from_cu_seqlens(torch.tensor([0, 2, 5]), 6)
+    # an empty document keeps its index, as repeat_interleave over the lengths numbers them
+    assert segments_from_cu_seqlens(torch.tensor([0, 3, 3, 5]), 5).tolist() == [[0, 0, 0, 2, 2]]
+    assert segments_from_cu_seqlens(torch.tensor([0, 4], dtype=torch.int32), 4).tolist() == [[0, 0, 0, 0]]
+    for bad in ([0, 2, 5], [1, 2, 6], [0, 4, 2, 6], [6]):
+        with pytest.raises(ValueError, match="cu_seq_lens"):
+            segments_from_cu_seqlens(torch.tensor(bad), 6)
+    # off a GPU a deferred check is run at once all the same: nothing is left to run later
+    deferred = []
+    with pytest.raises(ValueError, match=r"end at the packed length 6; got \[0, 2, 5\]"):
+        segments_from_cu_seqlens(torch.tensor([0, 2, 5]), 6, deferred)
+    assert deferred == []
+
+
+def test_deferred_check_raises_only_when_run_and_only_if_false():
+    passing, failing = DeferredCheck(torch.tensor(True), "never"), DeferredCheck(torch.tensor(False), lambda: "made late")
+    passing.raise_if_failed()
+    with pytest.raises(ValueError, match="made late"):
+        failing.raise_if_failed()
 
 
 def test_segments_from_padding_mask():

@@ -151,3 +151,13 @@ def test_single_document_row_from_trl_stays_on_the_packed_path():
         expected = reference(input_ids=ids, use_cache=False).logits
         actual = patched(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False).logits
     assert relative_error(actual, expected) < TOLERANCE
+
+
+def test_bad_cu_seq_lens_are_refused_by_name():
+    """TRL-style packed lengths that do not describe the row: a ValueError naming them, not a silent mask."""
+    patched = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), max_seq_length=64, backend="eager")
+    ids = torch.randint(0, 97, (1, 40))
+    for bad in ([0, 10, 30], [0, 30, 10, 40], [5, 40]):
+        cu = torch.tensor(bad, dtype=torch.int32)
+        with torch.no_grad(), pytest.raises(ValueError, match="cu_seq_lens must start at 0, never decrease and end"):
+            patched(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False)
