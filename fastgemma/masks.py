@@ -77,19 +77,18 @@ def causal_mask_mod(window: Optional[int]) -> MaskMod:
 # --------------------------------------------------------------------------------------
 # Segment ids from what a batch carries
 # --------------------------------------------------------------------------------------
-def segments_from_position_ids(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
-    """Document index of every token of a packed row, or None if no row is packed.
+def segments_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index of every token of each row: a new document starts wherever the position does not
+    follow the previous one by 1 (TRL's and HF's padding-free batches restart positions at 0 for each).
 
-    A new document starts wherever the position does not follow the previous one by 1
-    (TRL's padding-free batches restart positions at 0 for each document). One host sync.
+    A row holding one document gets all zeros, which masks exactly as plain causal attention: telling
+    the two apart would read a GPU value back (a host sync, which at each micro-step waits for the
+    previous backward), and one kind of mask for every batch keeps one compiled variant.
     """
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must be (batch, length), got shape {tuple(position_ids.shape)}")
     step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
-    segments = (step != 1).cumsum(-1)
-    if not bool((segments[:, -1] > 0).any()):
-        return None
-    return segments
+    return (step != 1).cumsum(-1)
 
 
 def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int, deferred: Optional[list] = None) -> torch.Tensor:

@@ -124,7 +124,7 @@ def test_segments_from_position_ids():
         [0, 0, 0, 1, 1, 2, 2, 2, 2],
         [0, 0, 0, 0, 0, 0, 0, 0, 0],
     ]
-    assert segments_from_position_ids(torch.arange(9)[None]) is None  # nothing packed
+    assert segments_from_position_ids(torch.arange(9)[None]).tolist() == [[0] * 9]  # one document: causal
     with pytest.raises(ValueError, match="position_ids"):
         segments_from_position_ids(torch.arange(9))
 
