@@ -254,7 +254,7 @@ class GraphedLayers:
 
         def forward_call():
             # The forward runs the very call the backward recomputes, autograd on, and drops its graph: one
-            # compile per layer kind instead of a no-grad one besides (half the cold start), and an output
+            # compile per layer kind instead of a no-grad one besides (3-5 s each on an H200), and an output
             # that is exactly the one the backward differentiates.
             _, _, y = differentiable_body()
             with torch.no_grad():
