@@ -142,21 +142,18 @@ def _make_trainer_cls(pad_token_id: int | None = None):
             C.sync(self.device)
             wall_us = (time.perf_counter() - self.t0) * 1e6
             self.profiler.__exit__(None, None, None)
-            intervals = sorted(
-                (e.time_range.start, e.time_range.end) for e in self.profiler.events()
+            events = self.profiler.events()
+            kernels = kernel_union(
+                (e.time_range.start, e.time_range.end) for e in events
                 if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
             )
-            busy, end = 0.0, float("-inf")
-            for start, stop in intervals:  # union of kernel intervals: overlapping streams count once
-                if stop > end:
-                    busy += stop - max(start, end)
-                    end = stop
+            busy = sum(stop - start for start, stop in kernels)
             self.kernel_s = busy / 1e6
             self.busy = min(1.0, busy / wall_us) if wall_us > 0 else None
             if self.trace_path:
-                host = [(e.name, e.time_range.start, e.time_range.end) for e in self.profiler.events()
+                host = [(e.name, e.time_range.start, e.time_range.end) for e in events
                         if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None]
-                self.idle_gaps = idle_gaps(intervals, host)
+                self.idle_gaps = idle_gaps(kernels, host)
                 self.profiler.export_chrome_trace(self.trace_path)
                 print(f"[bench] trace of the profiled step: {self.trace_path}; the GPU's longest idle gaps:")
                 for gap in self.idle_gaps:
@@ -166,16 +163,24 @@ def _make_trainer_cls(pad_token_id: int | None = None):
     return StepClock, CountingSFTTrainer, GpuBusyProbe
 
 
+def kernel_union(intervals) -> list[tuple[float, float]]:
+    """(start, stop) intervals merged where they overlap (kernels on several streams count once), in order."""
+    merged: list[tuple[float, float]] = []
+    for start, stop in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
 def idle_gaps(kernels: list[tuple[float, float]], host: list[tuple[str, float, float]], top: int = 12,
               names: int = 3) -> list[dict]:
     """The `top` longest stretches (µs in, ms out) with no kernel running on the GPU between two kernels,
     longest first, each with the top-level host ops that overlap it most (what the host did meanwhile)."""
-    gaps, end = [], None
-    for start, stop in sorted(kernels):
-        if end is not None and start > end:
-            gaps.append((start - end, end, start))
-        end = stop if end is None else max(end, stop)
-    origin = min((start for start, _ in kernels), default=0.0)
+    kernels = kernel_union(kernels)
+    gaps = [(start - end, end, start) for (_, end), (start, _) in zip(kernels, kernels[1:])]
+    origin = kernels[0][0] if kernels else 0.0
     result = []
     for length, begin, finish in sorted(gaps, reverse=True)[:top]:
         overlap = {}

@@ -97,7 +97,8 @@ def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int, deferred: Op
     The lengths are checked at once, unless `deferred` (a list) is given and they live on a GPU: then a
     `DeferredCheck` is appended to it, for the caller to run once the batch's work is queued. Reading a GPU
     value now would make the host wait for all the work queued before it (at each micro-step, the previous
-    backward), leaving the GPU idle while the host then prepares this forward. No host sync either way.
+    backward), leaving the GPU idle while the host then prepares this forward. The segment ids themselves
+    need no value read back.
     """
     cu = cu_seqlens.to(torch.long).flatten()
     if cu.numel() < 2:
