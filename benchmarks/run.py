@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trl-max-length", type=int, default=None, help="trl suite: max_length (default 4096)")
     p.add_argument("--trl-batch", type=int, default=4, help="trl suite: per_device_train_batch_size")
     p.add_argument("--trl-grad-accum", type=int, default=1, help="trl suite: gradient_accumulation_steps")
+    p.add_argument("--trl-trainer", default="trl",
+                   help="trl suite: the trainer every contender runs under: 'trl' (TRL's SFTTrainer as users run it), "
+                   "'lean' (fastgemma.lean_trainer(SFTTrainer), the recipe's), or 'trl,lean' for both, ratios "
+                   "within each")
     p.add_argument("--trl-trace-dir", default=None,
                    help="trl suite: also record the host's ops in the profiled step, save its Chrome trace here and "
                    "print the GPU's longest idle gaps with what the host ran meanwhile")

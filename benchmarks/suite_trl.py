@@ -40,6 +40,7 @@ from . import common as C
 from . import models as M
 
 DEFAULT_CONTENDERS = ("hf-eager", "hf-flex", "fastgemma")
+TRAINERS = ("trl", "lean")  # --trl-trainer: TRL's SFTTrainer as users run it, or fastgemma.lean_trainer of it
 CONTENDERS = (*M.IMPL, *M.UNSLOTH)  # Unsloth only here: the other suites run every contender in-process
 UNSLOTH_TIMEOUT_S = 900.0
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +74,20 @@ def trl_dataset(vocab: int, tiny: bool, steps: int, batch: int, max_length: int,
     return synthetic_dataset(vocab, n_tokens, doc_range(tiny), seed)
 
 
-def _make_trainer_cls(pad_token_id: int | None = None):
+def _make_trainer_cls(pad_token_id: int | None = None, trainer: str = "trl"):
     """StepClock, CountingSFTTrainer and GpuBusyProbe, built on the SFTTrainer that ``trl`` holds now (in the
-    Unsloth process: the one Unsloth patched). A batch without an attention mask counts every token, unless
-    ``pad_token_id`` is given: then its pad tokens are left out (padded batches whose mask was dropped)."""
+    Unsloth process: the one Unsloth patched), or on ``fastgemma.lean_trainer`` of it for ``trainer="lean"``.
+    A batch without an attention mask counts every token, unless ``pad_token_id`` is given: then its pad
+    tokens are left out (padded batches whose mask was dropped)."""
     from transformers import TrainerCallback
     from trl import SFTTrainer
+
+    if trainer not in TRAINERS:
+        raise ValueError(f"unknown trainer {trainer!r}: choose from {', '.join(TRAINERS)}")
+    if trainer == "lean":
+        from fastgemma import lean_trainer
+
+        SFTTrainer = lean_trainer(SFTTrainer)  # noqa: N806 (a class)
 
     class StepClock(TrainerCallback):
         def __init__(self, device):
@@ -279,11 +288,11 @@ def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_
 
 
 def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool, steps: int, max_length: int,
-             batch: int, out_dir: str) -> dict:
+             batch: int, out_dir: str, trainer_kind: str = "trl") -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
-    StepClock, CountingSFTTrainer, GpuBusyProbe = _make_trainer_cls()
+    StepClock, CountingSFTTrainer, GpuBusyProbe = _make_trainer_cls(trainer=trainer_kind)
     accum = args.trl_grad_accum
     tokenizer = AutoTokenizer.from_pretrained(path)  # not part of the timed load: a 256K-word vocabulary
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -313,7 +322,8 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
     trace = getattr(args, "trl_trace_dir", None)
     if trace:
         os.makedirs(trace, exist_ok=True)
-        trace = os.path.join(trace, f"trl-{name}-{cname}-{batch}x{max_length}x{accum}.json.gz")
+        lean = "-lean" if trainer_kind == "lean" else ""
+        trace = os.path.join(trace, f"trl-{name}-{cname}{lean}-{batch}x{max_length}x{accum}.json.gz")
     probe = GpuBusyProbe(device, step=probe_step(steps, args.trl_warmup), trace_path=trace)
     torch.manual_seed(args.seed)
     trainer = CountingSFTTrainer(
@@ -457,6 +467,12 @@ def run(args, device: torch.device) -> C.SuiteResult:
     tiny = args.tiny
     models = C.parse_list(args.models, ["tiny"] if tiny else ["2b"])
     contenders = [c for c in C.parse_list(args.contenders, DEFAULT_CONTENDERS) if c in CONTENDERS]
+    trainers = C.parse_list(getattr(args, "trl_trainer", None), ["trl"])
+    unknown = [t for t in trainers if t not in TRAINERS]
+    if unknown:
+        raise ValueError(f"--trl-trainer: unknown {', '.join(unknown)}; choose from {', '.join(TRAINERS)}")
+    # Unsloth builds its own trainer in its own process: it runs under TRL's only
+    runs = [(t, c) for t in trainers for c in contenders if t == "trl" or c not in M.UNSLOTH]
     steps = C.pick(args.steps, tiny, 3, 12)
     args.trl_warmup = C.pick(args.warmup, tiny, 1, 3)
     max_length = args.trl_max_length or (128 if tiny else 4096)
@@ -478,6 +494,13 @@ def run(args, device: torch.device) -> C.SuiteResult:
         "the last step) per token over the unprofiled steps' wall time per token. "
         f"fastgemma backend: {M.fastgemma_backend(args, device)}."
     )
+    if "lean" in trainers:
+        res.notes.append(
+            "'[lean trainer]' rows: the same SFTTrainer through fastgemma.lean_trainer (the recipe's): the loss's "
+            "nan/inf filter on the GPU instead of a host read per micro-step, the FLOP estimate's parameter count "
+            "read once, model.train() skipped when every module is in train mode already; their ratios are "
+            "against the HF eager row of the same trainer."
+        )
     if device.type != "cuda":
         res.notes.append("CPU run: bitsandbytes nf4 needs CUDA, so this smoke run trains LoRA on an fp32 model.")
     if any(c in M.UNSLOTH for c in contenders):
@@ -495,10 +518,14 @@ def run(args, device: torch.device) -> C.SuiteResult:
         ds, total = trl_dataset(vocab, tiny, steps, batch, max_length, args.trl_grad_accum, args.seed)
         C.log(f"trl {name}: synthetic dataset {len(ds)} documents, {total:,} tokens")
         checkpoint = M.SharedCheckpoint(name, args, device, dtype, f"trl {name} checkpoint")
-        for cname in contenders:
-            row = dict(suite="trl", model=name, contender=cname, label=C.LABELS.get(cname, cname),
+        for trainer_kind, cname in runs:
+            lean = trainer_kind == "lean"
+            row = dict(suite="trl", model=name, contender=cname,
+                       label=C.LABELS.get(cname, cname) + (" [lean trainer]" if lean else ""),
                        quant="nf4" if quantize else "none", max_length=max_length, batch=batch,
-                       grad_accum=args.trl_grad_accum, config=f"{batch}x{max_length}x{args.trl_grad_accum}")
+                       grad_accum=args.trl_grad_accum, trainer=trainer_kind,
+                       # the ratios compare rows of one trainer
+                       config=f"{batch}x{max_length}x{args.trl_grad_accum}" + ("-lean" if lean else ""))
             blocked = M.not_startable(cname, device, budget)
             if blocked:
                 row["status"] = blocked
@@ -508,7 +535,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
                     res.rows.append(dict(row, status=f"{st} (saving the checkpoint)"))
                     continue
                 out_dir = tempfile.mkdtemp(prefix=f"fastgemma_bench_trl_{cname}_")
-                C.log(f"trl {name} {cname}: training {steps} steps")
+                C.log(f"trl {name} {cname}{' (lean trainer)' if lean else ''}: training {steps} steps")
                 if cname in M.UNSLOTH:
                     row.update(run_unsloth(cname, path, args, steps, max_length, batch, out_dir))
                     st, m = row["status"], None
@@ -516,7 +543,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
                     with C.stock_guard():
                         st, m = C.run_guarded(
                             lambda: _run_one(cname, name, path, ds, args, device, quantize, steps, max_length,
-                                             batch, out_dir),
+                                             batch, out_dir, trainer_kind),
                             f"trl {name} {cname}",
                         )
                 row["status"] = st

@@ -1165,7 +1165,8 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         **distributed.trainer_settings(launch, on_gpu, args.fsdp),  # [distributed] gloo on CPU, timeout, FSDP
     )
     callbacks = recipe_callbacks()
-    trainer = SFTTrainer(
+    # The same SFTTrainer, without its host stalls between micro-steps (fastgemma/trainer.py says which).
+    trainer = fastgemma.lean_trainer(SFTTrainer)(
         model=model,
         args=config,
         train_dataset=dataset,

@@ -210,6 +210,19 @@ def test_trl_suite_tiny(tmp_path, ckpt_dir):
     assert abs(rows[0]["loss_first"] - rows[2]["loss_first"]) < 1e-3
 
 
+def test_trl_suite_runs_each_contender_under_each_trainer(tmp_path, ckpt_dir):
+    payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--steps", "2",
+                                    "--contenders", "hf-eager,fastgemma", "--trl-trainer", "trl,lean")
+    rows = raw["suites"]["trl"]["rows"]
+    assert [(r["trainer"], r["contender"]) for r in rows] == [
+        ("trl", "hf-eager"), ("trl", "fastgemma"), ("lean", "hf-eager"), ("lean", "fastgemma")]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert "HF eager [lean trainer]" in text and "lean_trainer" in text
+    # the lean trainer trains the same: the same first loss per contender; ratios stay within one trainer
+    assert rows[2]["loss_first"] == rows[0]["loss_first"] and rows[3]["loss_first"] == rows[1]["loss_first"]
+    assert rows[0]["config"] != rows[2]["config"]
+
+
 def test_trl_steady_rate_leaves_out_the_profiled_step_and_rescales_gpu_busy():
     from benchmarks.suite_trl import busy_over_unprofiled, steady_rates
 
