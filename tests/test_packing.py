@@ -79,6 +79,16 @@ def _word_tokenizer(vocab_size):
                                    bos_token="<bos>", unk_token="<unk>")
 
 
+def random_word_texts(count, vocab, seed=0):
+    """`count` texts of 5-59 words w4..w{vocab-1}, for _word_tokenizer(vocab)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(f"w{int(t)}" for t in torch.randint(4, vocab, (int(torch.randint(5, 60, (1,), generator=generator)),),
+                                                      generator=generator))
+        for _ in range(count)
+    ]
+
+
 def test_sft_trainer_packing_reaches_patched_attention_with_boundaries(tmp_path, monkeypatch):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -104,12 +114,7 @@ def test_sft_trainer_packing_reaches_patched_attention_with_boundaries(tmp_path,
         return backbone_forward(*args, **kwargs)
 
     model.model.forward = record_batch
-    generator = torch.Generator().manual_seed(0)
-    texts = [
-        " ".join(f"w{int(t)}" for t in torch.randint(4, 64, (int(torch.randint(5, 60, (1,), generator=generator)),),
-                                                      generator=generator))
-        for _ in range(40)
-    ]
+    texts = random_word_texts(40, vocab=64)
     config = SFTConfig(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, packing=True, max_length=128,
         learning_rate=1e-3, logging_steps=1, report_to=[], bf16=False, use_cpu=True, save_strategy="no",

@@ -8,16 +8,7 @@ import torch
 import fastgemma
 from conftest import random_gemma2, tiny_gemma2_config
 from fastgemma.trainer import lean_trainer
-from test_packing import _word_tokenizer
-
-
-def _texts(count=48, vocab=64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        " ".join(f"w{int(t)}" for t in torch.randint(4, vocab, (int(torch.randint(5, 60, (1,), generator=generator)),),
-                                                      generator=generator))
-        for _ in range(count)
-    ]
+from test_packing import _word_tokenizer, random_word_texts
 
 
 def _train(tmp_path, lean, steps=3, nan_at=None, eval_module=False, **config):
@@ -49,7 +40,8 @@ def _train(tmp_path, lean, steps=3, nan_at=None, eval_module=False, **config):
         save_strategy="no", dataloader_num_workers=0, seed=0, data_seed=0, lr_scheduler_type="constant", **config,
     )
     torch.manual_seed(0)
-    trainer = base(model=model, args=args, train_dataset=Dataset.from_dict({"text": _texts()}),
+    dataset = Dataset.from_dict({"text": random_word_texts(48, vocab=64)})
+    trainer = base(model=model, args=args, train_dataset=dataset,
                    processing_class=_word_tokenizer(64), peft_config=LoraConfig(r=4, target_modules="all-linear"))
     trainer.train()
     return trainer
