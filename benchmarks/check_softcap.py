@@ -11,6 +11,11 @@ at 8192 tokens causal, 2048 causal and 8192 sliding(4096). Variants:
   approx        softcap_tanh="approx", torch's kernel options
   exact         softcap_tanh="exact", torch's kernel options
   hf-eager      transformers' Gemma 2 eager attention in bf16 (the accuracy yardstick)
+  fa4           FlashAttention 4 (`flash_attn.cute`, CuTe DSL) with its own softcap, causal / window /
+                varlen documents (needs `pip install flash-attn-4`; not run by default)
+  flex-flash    fastgemma's flex call with flex_kernel_options="flash": torch's BACKEND="FLASH"
+                (FlashAttention 4 under flex_attention, its own tanh; 64-key mask blocks at head_dim 256;
+                needs flash-attn-4; not run by default)
 
 Each is timed forward and backward apart (benchmarks/tune_flex.py's `measure`) and checked against the
 kernel suite's float64 reference on the first call (benchmarks/suite_kernel.py). The verdict: the
@@ -34,7 +39,8 @@ from .masks import MaskSpec
 from .suite_kernel import KERNEL_SHAPES, HFEager, errors, make_inputs, reference_group
 from .tune_flex import attention_mask, flex_forward, flop_rates, measure
 
-VARIANTS = ("approx+tuned", "approx", "exact", "hf-eager")
+VARIANTS = ("approx+tuned", "approx", "exact", "hf-eager", "fa4", "flex-flash")
+DEFAULT_VARIANTS = ("approx+tuned", "approx", "exact", "hf-eager")
 CASES = ((8192, "causal"), (2048, "causal"), (8192, "sliding"))  # the target first, in case time runs out
 WINDOW = 4096
 TARGET_TFLOPS = 200  # issue #12: fwd+bwd at 8192 tokens causal, kernel suite's count
@@ -45,6 +51,13 @@ def variant_forward(variant: str, spec: MaskSpec, heads, scale: float, softcap: 
     from fastgemma.attention import tuned_flex_kernel_options
 
     device = query.device
+    if variant == "fa4":
+        return fa4_forward(spec, scale, softcap), None
+    if variant == "flex-flash":  # as fastgemma runs it (flex_kernel_options="flash")
+        from fastgemma.attention import FLASH_KV_BLOCK, FLASH_OPTIONS
+
+        block_mask = attention_mask(spec, device).block_mask(device, kv_block=FLASH_KV_BLOCK.get(query.shape[-1]))
+        return flex_forward(block_mask, scale, softcap, dict(FLASH_OPTIONS), "auto"), dict(FLASH_OPTIONS)
     if variant == "hf-eager":
         hf = HFEager(device, heads, scale, softcap)
         mask = hf.prepare(spec)
@@ -57,6 +70,38 @@ def variant_forward(variant: str, spec: MaskSpec, heads, scale: float, softcap: 
     return flex_forward(block_mask, scale, softcap, options, tanh), options
 
 
+def fa4_forward(spec: MaskSpec, scale: float, softcap: float):
+    """FlashAttention 4's softcapped attention as forward(q, k, v) on (1, H, S, D) tensors."""
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+    window = (spec.window - 1, 0) if spec.kind == "sliding" else (None, None)
+    if spec.kind == "docs":
+        lengths = torch.tensor([0] + list(spec.doc_lengths)).cumsum(0).to(torch.int32)
+        longest = max(spec.doc_lengths)
+
+        def forward(q, k, v):
+            cu = lengths.to(q.device)
+            out = flash_attn_varlen_func(
+                q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens_q=cu,
+                cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, softmax_scale=scale,
+                causal=True, softcap=softcap,
+            )
+            out = out[0] if isinstance(out, tuple) else out
+            return out.transpose(0, 1)[None]
+
+        return forward
+
+    def forward(q, k, v):
+        out = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
+            window_size=window, softcap=softcap,
+        )
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+
+    return forward
+
+
 def verdicts(rows: list[dict]) -> list[dict]:
     """Per case: does each approximate variant stay within HF eager bf16's errors?"""
     found = []
@@ -64,7 +109,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
     for case in sorted(cases, key=str):
         same = {r["variant"]: r for r in rows if (r["model"], r["seq"], r["mask"]) == case and r["status"] == "ok"}
         hf = same.get("hf-eager")
-        for variant in ("approx", "approx+tuned"):
+        for variant in ("approx", "approx+tuned", "fa4", "flex-flash"):
             row = same.get(variant)
             if row is None or hf is None or row.get("err_grad") is None or hf.get("err_grad") is None:
                 continue
@@ -228,7 +273,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=lambda s: C.parse_list(s, ()), default=["2b", "27b"])
     parser.add_argument("--cases", type=_cases, default=list(CASES), help="SEQ:MASK,... (mask causal, sliding, docs)")
-    parser.add_argument("--variants", type=lambda s: C.parse_list(s, ()), default=list(VARIANTS))
+    parser.add_argument("--variants", type=lambda s: C.parse_list(s, ()), default=list(DEFAULT_VARIANTS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--q-std", type=float, default=10.0, help="std of q (raw logit std), as in the kernel suite")

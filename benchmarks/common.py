@@ -85,6 +85,7 @@ LABELS = {
     "fastgemma-attn": "fastgemma, attention only",
     "fastgemma-layers": "fastgemma, compiled layers",
     "fastgemma-graphs": "fastgemma, CUDA-graphed layers",
+    "fastgemma-flash": "fastgemma, FlashAttention 4 under flex",
     "unsloth": "Unsloth",
     "unsloth-nocompile": "Unsloth, no block compile",
 }

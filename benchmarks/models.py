@@ -10,15 +10,18 @@ import torch
 from . import common as C
 
 IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager",
-        "fastgemma-attn": "eager", "fastgemma-layers": "eager", "fastgemma-graphs": "eager"}
+        "fastgemma-attn": "eager", "fastgemma-layers": "eager", "fastgemma-graphs": "eager",
+        "fastgemma-flash": "eager"}
 # patch_model's settings per fastgemma contender. fastgemma-attn: attention only, to measure what the fused
 # elementwise ops add; fastgemma-layers: one compiled region per decoder layer (compile_layers=True);
-# fastgemma-graphs: those regions replayed as per-layer CUDA graphs (cuda_graphs=True).
+# fastgemma-graphs: those regions replayed as per-layer CUDA graphs (cuda_graphs=True); fastgemma-flash:
+# FlashAttention 4's kernels under flex_attention (flex_kernel_options="flash"; needs flash-attn-4).
 FASTGEMMA_PATCH = {
     "fastgemma": {"fused_ops": "auto"},
     "fastgemma-attn": {"fused_ops": False},
     "fastgemma-layers": {"fused_ops": "auto", "compile_layers": True},
     "fastgemma-graphs": {"fused_ops": "auto", "cuda_graphs": True},
+    "fastgemma-flash": {"fused_ops": "auto", "flex_kernel_options": "flash"},
 }
 
 # Unsloth, trl suite only, in a process of its own (benchmarks/unsloth_trl.py): importing it patches transformers
@@ -46,6 +49,11 @@ def availability(contender: str, device: torch.device, training: bool = True) ->
             return "n/a (torch flex_attention not available)"
         if training and device.type != "cuda":
             return "n/a (flex_attention has no CPU backward)"
+    if contender == "fastgemma-flash":
+        from fastgemma.attention import flash_attention_4_available
+
+        if not flash_attention_4_available():
+            return "n/a (flash-attn-4 not installed)"
     if contender == "liger":
         try:
             import liger_kernel.transformers  # noqa: F401

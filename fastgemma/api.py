@@ -65,10 +65,13 @@ def patch_model(
             direction), and LoRA adapters added inside their GEMMs. "auto" fuses on CUDA;
             True also on CPU (slow first compile there); False keeps Hugging Face's ops.
             Inference (no grad) always runs the unfused ops, so generation never compiles.
-        flex_kernel_options: Triton options for flex_attention's kernels. "auto" uses
-            fastgemma's measured choice per GPU class, head_dim and direction
-            (`fastgemma.attention.FLEX_KERNEL_OPTIONS`), None torch's own defaults, or a dict
-            such as {"bwd_num_warps": 8} passed as is.
+        flex_kernel_options: which kernels flex_attention runs. "auto": its Triton kernels with
+            fastgemma's measured options per GPU class, head_dim and direction
+            (`fastgemma.attention.FLEX_KERNEL_OPTIONS`). "flash": FlashAttention 4's kernels under
+            flex_attention (torch's BACKEND="FLASH"; needs ``pip install flash-attn-4``, Hopper or
+            newer; same score and mask functions, its own tanh): faster for long single documents
+            (8K tokens), slower for packed short ones (see the README). None: torch's own defaults;
+            a dict such as {"bwd_num_warps": 8} is passed as is.
         softcap_tanh: the tanh of the softcap inside flex_attention's kernels. "approx" uses the
             GPU's one-instruction tanh (``tanh.approx.f32``, as FlashAttention does), forward and
             backward; "exact" is torch's tanh; "auto" is `fastgemma.attention.AUTO_SOFTCAP_TANH`.

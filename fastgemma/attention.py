@@ -196,7 +196,7 @@ def _flex_entry(*args, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex(score_key=None):
+def _compiled_flex(score_key=None, kernels="triton"):
     """torch.compile'd flex_attention, one compiled entry point per kind of score function.
 
     `score_key` names the score function's maths (fastgemma's: softcap and tanh). torch.compile
@@ -229,13 +229,17 @@ def flex_softcap_attention(
 ):
     """flex_attention with a softcap score function; inputs are padded to the block mask's length.
 
-    `kernel_options` go to torch's Triton templates unchanged on the compiled (GPU) path (block sizes,
-    warps, stages; ``fwd_`` / ``bwd_`` prefixes address one direction); None keeps torch's defaults.
+    `kernel_options` go to flex_attention unchanged on the compiled (GPU) path: Triton options (block
+    sizes, warps, stages; ``fwd_`` / ``bwd_`` prefixes address one direction), or `FLASH_OPTIONS`;
+    None keeps torch's defaults.
     See benchmarks/tune_flex.py. `softcap_tanh`: see `resolve_softcap_tanh` (uncompiled: exact).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
-    approx = compiled and resolve_softcap_tanh(softcap_tanh, query.device) == "approx"
+    # FlashAttention 4 (FLASH) compiles the score function into its own kernels, softcap tanh included: it
+    # gets torch's tanh, which its CuTe code generator lowers (the approximate tanh is a Triton-only op).
+    approx = (compiled and not uses_flash(kernel_options)
+              and resolve_softcap_tanh(softcap_tanh, query.device) == "approx")
     score_mod = None if softcap is None else tanh_softcap(float(softcap), approx=approx)
     enable_gqa = query.shape[1] != key.shape[1]
     length, padded = query.shape[-2], block_mask.seq_lengths[0]
@@ -252,7 +256,9 @@ def flex_softcap_attention(
                              enable_gqa=enable_gqa, kernel_options=kernel_options)
     else:
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
-            out = _compiled_flex(None if softcap is None else ("softcap", float(softcap), approx))(
+            # One compiled entry per score function and kernel family (Triton or FlashAttention 4).
+            score_key = None if softcap is None else ("softcap", float(softcap), approx)
+            out = _compiled_flex(score_key, "flash" if uses_flash(kernel_options) else "triton")(
                 query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
                 kernel_options=kernel_options,
             )
@@ -309,16 +315,65 @@ def tuned_flex_kernel_options(query: torch.Tensor) -> Optional[dict]:
     return dict(options) if options is not None else None
 
 
+KERNEL_CHOICES = ("auto", "flash")
+
+
 def check_kernel_options(kernel_options):
-    """'auto' (fastgemma's tuned choice), None (torch's defaults) or a dict of Triton options."""
-    if kernel_options is None or (isinstance(kernel_options, str) and kernel_options == "auto"):
+    """'auto' (fastgemma's tuned Triton options), 'flash' (FlashAttention 4), None (torch's defaults) or a dict."""
+    if kernel_options is None or (isinstance(kernel_options, str) and kernel_options in KERNEL_CHOICES):
         return kernel_options
     if isinstance(kernel_options, dict) and all(isinstance(key, str) for key in kernel_options):
         return kernel_options
     raise ValueError(
-        "flex_kernel_options must be 'auto', None (torch's defaults) or a dict such as "
+        "flex_kernel_options must be 'auto', 'flash', None (torch's defaults) or a dict such as "
         f"{{'bwd_num_warps': 8}}, got {kernel_options!r}"
     )
+
+
+# --------------------------------------------------------------------------------------
+# FlashAttention 4 under flex_attention (torch's BACKEND="FLASH"), on request
+# --------------------------------------------------------------------------------------
+# torch's flex_attention can hand the same score and mask functions to FlashAttention 4's CuTe-DSL
+# kernels (package flash-attn-4, an optional install) instead of its Triton templates. On an H200 they
+# were faster only for long single documents (8K tokens causal: 1.40x at head_dim 256, 1.17x at 128)
+# and slower for packed documents at head_dim 128 and at 2K tokens (benchmarks/RESULTS.md, 2026-12-02
+# fourth session), so "auto" keeps Triton and FLASH is flex_kernel_options="flash".
+FLASH_OPTIONS = {"BACKEND": "FLASH"}
+# FlashAttention 4's Hopper tiles span fewer keys than the block mask's 128 at head_dim 256 (80 in its
+# forward) and must divide the mask's key blocks: there the mask is cut into 64-key blocks.
+FLASH_KV_BLOCK = {256: 64}
+FLASH_INSTALL_HINT = "pip install flash-attn-4 (FlashAttention 4, CuTe DSL; Hopper or newer NVIDIA GPUs)"
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attention_4_available() -> bool:
+    """Whether FlashAttention 4 (`flash_attn.cute`) imports: what flex_attention's FLASH backend runs."""
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to import means: not usable here
+        return False
+    return True
+
+
+def uses_flash(kernel_options) -> bool:
+    """Whether these (resolved) flex kernel options run FlashAttention 4 rather than Triton."""
+    return isinstance(kernel_options, dict) and kernel_options.get("BACKEND") == "FLASH"
+
+
+def flex_kernel_options_for(choice, query: torch.Tensor):
+    """The kernel options one flex call gets for `flex_kernel_options` = `choice`.
+
+    "auto": fastgemma's tuned Triton options (`tuned_flex_kernel_options`). "flash": FlashAttention 4
+    (`FLASH_OPTIONS`), which must be installed. None and dicts pass through unchanged.
+    """
+    if isinstance(choice, str) and choice == "flash":
+        if not flash_attention_4_available():
+            raise ImportError(f"flex_kernel_options='flash' needs FlashAttention 4, which is not importable: "
+                              f"{FLASH_INSTALL_HINT}")
+        return dict(FLASH_OPTIONS)
+    if isinstance(choice, str) and choice == "auto":
+        return tuned_flex_kernel_options(query)
+    return choice
 
 
 # --------------------------------------------------------------------------------------
@@ -352,6 +407,14 @@ def resolve_backend(backend: str, query, key, mask, dropout_p: float = 0.0) -> s
     return backend
 
 
+def _flex_on_gpu(query, key, value, mask: AttentionMask, scale, softcap, kernel_options, softcap_tanh):
+    """Compiled flex_attention with the kernels `kernel_options` picks (`flex_kernel_options_for`)."""
+    kernel_options = flex_kernel_options_for(kernel_options, query)
+    kv_block = FLASH_KV_BLOCK.get(query.shape[-1]) if uses_flash(kernel_options) else None
+    return flex_softcap_attention(query, key, value, mask.block_mask(query.device, kv_block=kv_block), scale,
+                                  softcap, kernel_options=kernel_options, softcap_tanh=softcap_tanh)
+
+
 def softcap_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -370,8 +433,8 @@ def softcap_attention(
     `mask` is an AttentionMask (queries and keys start together), a dense mask from the
     caller (bool allowed, or additive float; used when decoding with a KV cache), or None
     (causal when Q == K; when Q < K, the queries are the last Q positions and see every key).
-    `kernel_options` (flex only): "auto" = `tuned_flex_kernel_options`, None = torch's defaults,
-    or a dict passed to flex_attention as is.
+    `kernel_options` (flex only): "auto" or "flash" (see `flex_kernel_options_for`), None = torch's
+    defaults, or a dict passed to flex_attention as is.
     `softcap_tanh` (flex on NVIDIA GPUs only; exact everywhere else): "auto" = `AUTO_SOFTCAP_TANH`,
     "exact" = torch.tanh, "approx" = the hardware's approximate tanh (see `resolve_softcap_tanh`).
     """
@@ -389,13 +452,10 @@ def softcap_attention(
                 f"got {query.shape[-2]} / {key.shape[-2]}"
             )
         if chosen == "flex":
-            compiled = query.device.type == "cuda"
-            if isinstance(kernel_options, str) and kernel_options == "auto":
-                kernel_options = tuned_flex_kernel_options(query)
-            return flex_softcap_attention(
-                query, key, value, mask.block_mask(query.device), scale, softcap,
-                compiled=compiled, kernel_options=kernel_options if compiled else None, softcap_tanh=softcap_tanh,
-            )
+            if query.device.type != "cuda":  # uncompiled flex (CPU forward): no kernel options
+                return flex_softcap_attention(query, key, value, mask.block_mask(query.device), scale, softcap,
+                                              compiled=False, softcap_tanh=softcap_tanh)
+            return _flex_on_gpu(query, key, value, mask, scale, softcap, kernel_options, softcap_tanh)
         dense = mask.dense(query.device)
     else:
         dense = mask

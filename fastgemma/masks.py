@@ -229,6 +229,33 @@ def make_block_mask(partial: torch.Tensor, full: torch.Tensor, mask_mod: MaskMod
     return block_mask
 
 
+def split_kv_blocks(block_mask, kv_block: int):
+    """The same BlockMask with every key block cut into blocks of `kv_block` keys (query blocks unchanged).
+
+    A tile of a partial block stays partial (the mask function decides inside it, and a part with no
+    allowed pair costs a skipped tile), a full block's parts are full. Key indices stay sorted with the
+    used ones first, as `make_block_mask` lays them out.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    q_block, old_kv_block = block_mask.BLOCK_SIZE
+    if kv_block <= 0 or old_kv_block % kv_block:
+        raise ValueError(f"kv_block must divide the block mask's key block of {old_kv_block}, got {kv_block}")
+    parts = old_kv_block // kv_block
+
+    def split(counts, indices):
+        if counts is None:
+            return None, None
+        offsets = torch.arange(parts, device=indices.device, dtype=indices.dtype)
+        return counts * parts, (indices[..., None] * parts + offsets).flatten(-2)
+
+    return BlockMask.from_kv_blocks(
+        *split(block_mask.kv_num_blocks, block_mask.kv_indices),
+        *split(block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+        BLOCK_SIZE=(q_block, kv_block), mask_mod=block_mask.mask_mod, seq_lengths=block_mask.seq_lengths,
+    )
+
+
 def dense_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
     """Evaluate `mask_mod` on broadcast index grids: a (batch, 1, q_len, kv_len) bool tensor."""
     b = torch.arange(batch, device=device)[:, None, None, None]
@@ -330,6 +357,7 @@ class AttentionMask:
     cache: Optional[BlockMaskCache] = None
     _block_mask: object = field(default=None, repr=False)
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
+    _narrow_block_masks: Optional[dict] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.q_len != self.kv_len:
@@ -352,8 +380,18 @@ class AttentionMask:
             return inner
         return within_segments(self._segments(device, round_up(self.kv_len)), inner)
 
-    def block_mask(self, device):
-        """The flex_attention BlockMask at `padded_length` (batch 1 and broadcast when plain)."""
+    def block_mask(self, device, kv_block: Optional[int] = None):
+        """The flex_attention BlockMask at `padded_length` (batch 1 and broadcast when plain).
+
+        `kv_block`: key blocks of that many keys (a divisor of BLOCK_SIZE) instead of BLOCK_SIZE, for
+        kernels whose tiles span fewer keys (`split_kv_blocks`); built from the same mask, kept apart.
+        """
+        if kv_block is not None and kv_block != BLOCK_SIZE:
+            if self._narrow_block_masks is None:
+                self._narrow_block_masks = {}
+            if kv_block not in self._narrow_block_masks:
+                self._narrow_block_masks[kv_block] = split_kv_blocks(self.block_mask(device), kv_block)
+            return self._narrow_block_masks[kv_block]
         if self._block_mask is None:
             length = self.padded_length
             if self.segment_ids is None:

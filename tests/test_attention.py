@@ -322,3 +322,90 @@ def test_each_kind_of_score_function_has_its_own_compiled_flex_entry():
     codes = {entry._torchdynamo_orig_callable.__code__ for entry in entries}
     assert len(codes) == len(keys)
     assert attention._compiled_flex(("softcap", 50.0, False)) is entries[1]
+
+
+# --------------------------------------------------------------------------------------
+# FlashAttention 4 under flex_attention: which calls get it (the kernels themselves: tests/test_gpu.py)
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def hopper(monkeypatch):
+    """This machine poses as an H100/H200 for the kernel choice; `set_flash(bool)` says whether FA4 imports."""
+    from fastgemma import attention
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(attention, "_CUDA_CAPABILITIES", {})
+
+    def set_flash(available):
+        monkeypatch.setattr(attention, "flash_attention_4_available", lambda: available)
+
+    return set_flash
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_auto_kernels_stay_triton_with_flash_attention_4_installed(hopper, head_dim):
+    """FLASH measured slower for packed documents and 2K tokens: "auto" never switches to it."""
+    from fastgemma.attention import flex_kernel_options_for
+
+    hopper(True)
+    query = _QueryOn("cuda", head_dim)
+    assert flex_kernel_options_for("auto", query) == tuned_flex_kernel_options(query)
+
+
+def test_flash_kernels_on_request_need_flash_attention_4(hopper):
+    from fastgemma.attention import FLASH_OPTIONS, flex_kernel_options_for
+
+    assert check_kernel_options("flash") == "flash"
+    hopper(False)
+    with pytest.raises(ImportError, match="pip install flash-attn-4"):
+        flex_kernel_options_for("flash", _QueryOn("cuda", 256))
+    hopper(True)
+    assert flex_kernel_options_for("flash", _QueryOn("cuda", 256)) == FLASH_OPTIONS
+    assert flex_kernel_options_for({"bwd_num_warps": 4}, _QueryOn("cuda", 128)) == {"bwd_num_warps": 4}
+    assert flex_kernel_options_for(None, _QueryOn("cuda", 128)) is None
+
+
+class _MaskStandIn:
+    """Hands out labelled block masks, recording the key-block width asked for."""
+
+    def block_mask(self, device, kv_block=None):
+        return f"block mask, kv_block={kv_block}"
+
+
+@pytest.mark.parametrize("choice,head_dim,kv_block", [("flash", 128, None), ("flash", 256, 64), ("auto", 256, None)])
+def test_flash_calls_get_a_mask_its_tiles_divide(monkeypatch, hopper, choice, head_dim, kv_block):
+    from fastgemma import attention
+
+    hopper(True)
+    calls = []
+    monkeypatch.setattr(attention, "flex_softcap_attention",
+                        lambda q, k, v, block_mask, scale, softcap, **kw: calls.append((block_mask, kw)) or "out")
+    query = _QueryOn("cuda", head_dim)
+    assert attention._flex_on_gpu(query, None, None, _MaskStandIn(), 1.0, 50.0, choice, "auto") == "out"
+    options = attention.FLASH_OPTIONS if choice == "flash" else tuned_flex_kernel_options(query)
+    assert calls == [(f"block mask, kv_block={kv_block}", {"kernel_options": options, "softcap_tanh": "auto"})]
+    assert attention.uses_flash(attention.FLASH_OPTIONS) and not attention.uses_flash({"bwd_num_warps": 8})
+
+
+def test_flash_kernels_get_torch_tanh_in_their_score_function(monkeypatch):
+    """The approximate tanh is a Triton-only op: FLASH calls get the exact score function and a compiled
+    entry of their own, Triton calls keep the approximate one where it is asked for."""
+    from fastgemma import attention
+    from fastgemma.masks import AttentionMask
+
+    monkeypatch.setattr(attention, "resolve_softcap_tanh", lambda choice, device: "approx")
+    monkeypatch.setattr(attention.fast_tanh, "tanh_approx", lambda x: x)  # never run here
+    entries = []
+
+    def compiled_flex(score_key=None, kernels="triton"):
+        def call(query, key, value, score_mod=None, **kwargs):
+            entries.append((score_key, kernels, score_mod.__name__))
+            return query
+        return call
+
+    monkeypatch.setattr(attention, "_compiled_flex", compiled_flex)
+    query, key, value = random_qkv(1, 1, 8, 16, seed=0)
+    block_mask = AttentionMask(8, 8).block_mask("cpu")
+    for options in (attention.FLASH_OPTIONS, {"bwd_num_warps": 8}):
+        attention.flex_softcap_attention(query, key, value, block_mask, 1.0, 50.0, kernel_options=options)
+    assert entries == [(("softcap", 50.0, False), "flash", "softcap"),
+                       (("softcap", 50.0, True), "triton", "softcap_approx")]

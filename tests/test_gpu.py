@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from conftest import random_gemma2, reference_attention, relative_error, tiny_gemma2_config
-from fastgemma.attention import flex_supported, resolve_softcap_tanh, softcap_attention
-from fastgemma.masks import AttentionMask
+from fastgemma.attention import (
+    FLASH_INSTALL_HINT,
+    flash_attention_4_available,
+    flex_supported,
+    resolve_softcap_tanh,
+    softcap_attention,
+)
+from fastgemma.masks import PAD_SEGMENT, AttentionMask
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,8 +41,14 @@ def random_documents(length, generator, low=100, high=3000):
 @pytest.mark.parametrize("head_dim,heads,kv_heads,scalar", [(256, 8, 4, 256), (128, 16, 8, 144)])
 @pytest.mark.parametrize("length", [1000, 8192])
 @pytest.mark.parametrize("window", [None, 4096], ids=["causal", "sliding4096"])
-@pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
-def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, length, window, packed):
+@pytest.mark.parametrize("rows", ["single", "packed", "left-padded"])
+@pytest.mark.parametrize("kernels", ["triton", "flash"])
+def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, length, window, rows, kernels):
+    """flex_attention's Triton kernels and FlashAttention 4's (flex_kernel_options="flash"; skipped where
+    flash-attn-4 is not installed) against float64, forward and backward."""
+    if kernels == "flash" and not flash_attention_4_available():
+        pytest.skip(f"FlashAttention 4 not installed ({FLASH_INSTALL_HINT})")
+    packed = rows == "packed"
     generator = torch.Generator().manual_seed(length + head_dim + (window or 0) + packed)
     device = torch.device("cuda")
     shape_q, shape_kv = (1, heads, length, head_dim), (1, kv_heads, length, head_dim)
@@ -46,10 +58,14 @@ def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, length, wi
     value = torch.randn(shape_kv, generator=generator).to(device, torch.bfloat16).requires_grad_()
     grad_out = torch.randn(shape_q, generator=generator).to(device, torch.bfloat16)
     segments = random_documents(length, generator).to(device) if packed else None
+    if rows == "left-padded":  # padding sees nothing and is seen by nothing
+        segments = torch.zeros(1, length, dtype=torch.long, device=device)
+        segments[:, : length // 5] = PAD_SEGMENT
     mask = AttentionMask(length, length, window=window, segment_ids=segments)
     scale = scalar**-0.5
 
-    out = softcap_attention(query, key, value, mask, scale=scale, softcap=50.0, backend="flex")
+    out = softcap_attention(query, key, value, mask, scale=scale, softcap=50.0, backend="flex",
+                            kernel_options=kernels)
     out.backward(grad_out)
     grads = [t.grad.clone() for t in (query, key, value)]
 
@@ -235,12 +251,17 @@ def test_packed_model_bf16_matches_documents_alone_and_hf_eager():
     assert our_error <= 1.25 * hf_bf16_error + 1e-3
 
 
-def test_fused_training_step_bf16_matches_hf_eager():
+@pytest.mark.parametrize("kernels", ["auto", "flash"])
+def test_fused_training_step_bf16_matches_hf_eager(kernels):
     """A packed training step with every fused op (and fused LoRA) on: loss and gradients against
-    HF eager in float32, no further off than HF eager's own bf16 step."""
+    HF eager in float32, no further off than HF eager's own bf16 step; also with FlashAttention 4's
+    kernels under flex (head_dim 128, where "auto" takes them when installed)."""
     from peft import LoraConfig, get_peft_model
 
     import fastgemma
+
+    if kernels == "flash" and not flash_attention_4_available():
+        pytest.skip(f"FlashAttention 4 not installed ({FLASH_INSTALL_HINT})")
 
     device = torch.device("cuda")
     config = tiny_gemma2_config(head_dim=128, layers=4, window=128, vocab=512)
@@ -252,7 +273,8 @@ def test_fused_training_step_bf16_matches_hf_eager():
     def step(model, dtype, patch):
         model = copy.deepcopy(model).to(dtype)
         if patch:
-            fastgemma.patch_model(model, max_seq_length=1024, backend="flex", fused_ops=True)
+            fastgemma.patch_model(model, max_seq_length=1024, backend="flex", fused_ops=True,
+                                  flex_kernel_options=kernels)
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
         for name, param in model.named_parameters():

@@ -165,3 +165,26 @@ def test_attention_mask_rejects_bad_shapes():
         AttentionMask(5, 5, segment_ids=torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="max_seq_length"):
         BlockMaskCache(0)
+
+
+@pytest.mark.parametrize("window,segments", [(None, None), (300, None), (None, [300, 500, 224]), (200, [700, 324])])
+def test_narrow_key_blocks_mask_the_same_pairs(window, segments):
+    """Key blocks cut to 64 keys (FlashAttention 4's Hopper tiles at head_dim 256) allow exactly the same
+    (query, key) pairs as the 128-key mask, with full blocks staying full."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from fastgemma.masks import AttentionMask, split_kv_blocks
+
+    seg = None if segments is None else torch.repeat_interleave(
+        torch.arange(len(segments)), torch.tensor(segments))[None]
+    mask = AttentionMask(1024, 1024, window=window, segment_ids=seg)
+    wide, narrow = mask.block_mask("cpu"), mask.block_mask("cpu", kv_block=64)
+    assert narrow is mask.block_mask("cpu", kv_block=64) and wide is mask.block_mask("cpu")  # built once each
+    assert narrow.BLOCK_SIZE == (128, 64) and wide.BLOCK_SIZE == (128, 128)
+    assert torch.equal(wide.to_dense().repeat_interleave(2, -1), narrow.to_dense())
+    assert torch.equal(narrow.full_kv_num_blocks, wide.full_kv_num_blocks * 2)
+    pairs = create_mask(narrow.mask_mod, 1, 1, 1024, 1024, device="cpu")
+    dense_blocks = narrow.to_dense()[0, 0].repeat_interleave(128, 0).repeat_interleave(64, 1).bool()
+    assert not (pairs[0, 0] & ~dense_blocks).any()  # every allowed pair lies in a listed block
+    with pytest.raises(ValueError, match="must divide"):
+        split_kv_blocks(wide, 48)
