@@ -207,6 +207,25 @@ def steady_rates(per_step: list[float], warmup: int, profiled: int | None) -> li
     return steady or per_step[warmup:]
 
 
+UNEVEN_STEPS = 3.0  # slowest over fastest steady step: beyond this a step compiled or recorded something
+
+
+def uneven_steps_notes(rows: list[dict]) -> list[str]:
+    """A warning per row whose steady steps (after warm-up, profiled one left out) differ by more than
+    UNEVEN_STEPS in tokens/s: a recompile inside them makes its tokens/s and ratios no steady state."""
+    notes = []
+    for r in rows:
+        per_step = r.get("tokens_per_s_all") or []
+        steady = steady_rates(per_step, r.get("warmup_steps", 0), r.get("profiled_step")) if per_step else []
+        if r.get("status") == "ok" and len(steady) > 1 and max(steady) > UNEVEN_STEPS * min(steady):
+            rates = ", ".join(C.fmt(x, 0) for x in per_step)
+            notes.append(f"WARNING: {r.get('label', r['contender'])} ({r['model']}): its steady steps ran "
+                         f"{C.fmt(min(steady), 0)}-{C.fmt(max(steady), 0)} tokens/s (all steps: {rates}): a step "
+                         "recompiled or recorded, so its tokens/s and ratios are not steady-state; run more "
+                         "--steps / --warmup")
+    return notes
+
+
 def busy_over_unprofiled(kernel_s: float | None, profiled_tokens: int, steady: list[float]) -> float | None:
     """CUDA time over wall time for an unprofiled step: the profiled step's kernel seconds per token
     times the steady steps' tokens per second (the profiler inflates the host's share of its own step)."""
@@ -556,6 +575,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
             res.rows.append(row)
             if getattr(args, "on_row", None):
                 args.on_row(res)
+    res.notes.extend(uneven_steps_notes(res.rows))
     versions = unsloth_versions_note(res.rows)
     if versions:
         res.notes.append(versions)

@@ -558,3 +558,15 @@ def test_unsloth_script_trains_padded_batches_with_a_stand_in(tmp_path, ckpt_dir
     assert all(0 < t <= 2 * 2 * 64 for t in row["tokens_per_step"])
     assert any(t < 2 * n for t, n in zip(row["tokens_per_step"], row["row_lengths"]))  # padding left out
     assert row["versions"]["unsloth"] == "0.0-test" and row["block_compile"] is None
+
+
+def test_trl_rows_with_a_recompile_among_their_steady_steps_are_flagged():
+    """As HF flex_attention at 4x4096 (2026-12-02): a 42.8 s second step among 1 s ones."""
+    from benchmarks.suite_trl import uneven_steps_notes
+
+    uneven = {"status": "ok", "contender": "hf-flex", "label": "HF flex_attention", "model": "2b",
+              "tokens_per_s_all": [39.0, 332.5, 13753.4, 14500.5], "warmup_steps": 1, "profiled_step": 3}
+    even = {**uneven, "contender": "fastgemma", "label": "fastgemma",
+            "tokens_per_s_all": [448.4, 18036.4, 19383.2, 16968.7]}
+    notes = uneven_steps_notes([uneven, even, {**uneven, "status": "failed"}])
+    assert len(notes) == 1 and "HF flex_attention (2b)" in notes[0] and "332-13,753" in notes[0]
