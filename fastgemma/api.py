@@ -70,7 +70,8 @@ def patch_model(
             (`fastgemma.attention.FLEX_KERNEL_OPTIONS`). "flash": FlashAttention 4's kernels under
             flex_attention (torch's BACKEND="FLASH"; needs ``pip install flash-attn-4``, Hopper or
             newer; same score and mask functions, its own tanh): faster for long single documents
-            (8K tokens), slower for packed short ones (see the README). None: torch's own defaults;
+            (8K tokens), slower for packed short ones (see the README); not with compile_layers or
+            cuda_graphs. None: torch's own defaults;
             a dict such as {"bwd_num_warps": 8} is passed as is.
         softcap_tanh: the tanh of the softcap inside flex_attention's kernels. "approx" uses the
             GPU's one-instruction tanh (``tanh.approx.f32``, as FlashAttention does), forward and
@@ -104,6 +105,9 @@ def patch_model(
         raise ValueError(f"compile_layers must be True or False, got {compile_layers!r}")
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if (compile_layers or cuda_graphs) and isinstance(flex_kernel_options, str) and flex_kernel_options == "flash":
+        raise ValueError("flex_kernel_options='flash' runs FlashAttention 4 from fastgemma's own flex call, not "
+                         "inside compiled decoder layers: use it without compile_layers / cuda_graphs")
     if cuda_graphs and fused_ops is False:
         raise ValueError("cuda_graphs=True replays the fused, compiled layers: it needs fused_ops 'auto' or True")
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:

@@ -199,6 +199,9 @@ def test_cuda_graphs_setting_is_checked():
         fastgemma.patch_model(model, cuda_graphs="yes")
     with pytest.raises(ValueError, match="needs fused_ops"):
         fastgemma.patch_model(model, cuda_graphs=True, fused_ops=False)
+    for layers in ({"cuda_graphs": True}, {"compile_layers": True}):  # FA4 runs from fastgemma's own flex call only
+        with pytest.raises(ValueError, match="not inside compiled decoder layers"):
+            fastgemma.patch_model(model, flex_kernel_options="flash", **layers)
     with pytest.raises(ValueError, match="replay must be"):
         graphs.GraphedLayers(lambda layer, x: x, graphs.StaticBinder(), replay="sometimes")._mode(torch.device("cpu"))
 
