@@ -357,7 +357,7 @@ class AttentionMask:
     cache: Optional[BlockMaskCache] = None
     _block_mask: object = field(default=None, repr=False)
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
-    _narrow_block_masks: Optional[dict] = field(default=None, repr=False)
+    _narrow_block_masks: dict = field(default_factory=dict, repr=False)  # kv_block -> BlockMask
 
     def __post_init__(self):
         if self.q_len != self.kv_len:
@@ -387,8 +387,6 @@ class AttentionMask:
         kernels whose tiles span fewer keys (`split_kv_blocks`); built from the same mask, kept apart.
         """
         if kv_block is not None and kv_block != BLOCK_SIZE:
-            if self._narrow_block_masks is None:
-                self._narrow_block_masks = {}
             if kv_block not in self._narrow_block_masks:
                 self._narrow_block_masks[kv_block] = split_kv_blocks(self.block_mask(device), kv_block)
             return self._narrow_block_masks[kv_block]
