@@ -488,8 +488,12 @@ def run(args, device: torch.device) -> C.SuiteResult:
     unknown = [t for t in trainers if t not in TRAINERS]
     if unknown:
         raise ValueError(f"--trl-trainer: unknown {', '.join(unknown)}; choose from {', '.join(TRAINERS)}")
-    # Unsloth builds its own trainer in its own process: it runs under TRL's only
+    # Unsloth builds its own trainer in its own process: it runs under TRL's only, once, even when only the
+    # lean trainer was asked for (a contender asked for is never dropped without a row)
     runs = [(t, c) for t in trainers for c in contenders if t == "trl" or c not in M.UNSLOTH]
+    unsloth_without_trl = "trl" not in trainers and any(c in M.UNSLOTH for c in contenders)
+    if unsloth_without_trl:
+        runs += [("trl", c) for c in contenders if c in M.UNSLOTH]
     steps = C.pick(args.steps, tiny, 3, 12)
     args.trl_warmup = C.pick(args.warmup, tiny, 1, 3)
     max_length = args.trl_max_length or (128 if tiny else 4096)
@@ -529,6 +533,12 @@ def run(args, device: torch.device) -> C.SuiteResult:
             "same SFTTrainer settings, dataset and measurements, with packing=False. " + UNSLOTH_NOTE + " Their "
             "load time includes the tokenizer (Unsloth loads it with the model). 'Unsloth': its per-decoder-layer "
             "compile on, as it ships (UNSLOTH_BLOCK_COMPILE unset); 'no block compile': UNSLOTH_BLOCK_COMPILE=0."
+        )
+    if unsloth_without_trl:
+        res.notes.append(
+            "Unsloth ran under TRL's trainer as Unsloth patches it (the lean trainer is not applied to it), while "
+            "the other rows ran under the lean trainer only: its 'vs HF eager' needs an HF eager row under TRL's "
+            "trainer (--trl-trainer trl,lean)."
         )
     for name in models:
         vocab = C.GEMMA2_SHAPES[name]["vocab_size"]

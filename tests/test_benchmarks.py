@@ -445,6 +445,25 @@ def test_unsloth_row_joins_the_table_with_ratios(tmp_path, ckpt_dir, monkeypatch
     assert "Unsloth rows ran on: unsloth 2026.10.9, transformers 5.17.0." in text
 
 
+def test_unsloth_asked_for_beside_the_lean_trainer_only_still_gets_its_row(tmp_path, ckpt_dir, monkeypatch):
+    """``--trl-trainer lean`` with an Unsloth contender once dropped Unsloth without a row (it runs under TRL's
+    trainer only): it now runs under TRL's, once, and a note says so."""
+    import sys
+
+    from benchmarks import suite_trl
+
+    fake = tmp_path / "fake_unsloth_trl.py"
+    fake.write_text(FAKE_CHILD)
+    real = suite_trl.unsloth_command
+    monkeypatch.setattr(suite_trl, "unsloth_command", lambda *a, **k: [sys.executable, str(fake), *real(*a, **k)[3:]])
+    payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--steps", "2", "--trl-trainer", "lean",
+                                    "--contenders", "hf-eager,unsloth")
+    rows = raw["suites"]["trl"]["rows"]
+    assert [(r["contender"], r["trainer"]) for r in rows] == [("hf-eager", "lean"), ("unsloth", "trl")]
+    assert rows[1]["status"] == "ok"
+    assert "Unsloth ran under TRL's trainer as Unsloth patches it" in text
+
+
 def test_unsloth_process_that_hangs_or_dies_without_a_row(tmp_path):
     import sys
     import time
