@@ -110,6 +110,17 @@ def module_versions() -> dict:
     return out
 
 
+def truncate_documents(ds, max_length: int):
+    """(dataset with every document cut to max_length tokens, how many were cut). Unsloth's SFTTrainer does not
+    truncate a pre-tokenized dataset itself: it cuts an over-long batch's input_ids in the model's forward but not
+    its labels ("Input IDs ... > the model's max sequence length ... We shall truncate it ourselves"), and its
+    fused loss then indexed out of bounds (a device-side assert, H100, 2026-12-02). Cut here, as a user must."""
+    cut = sum(len(ids) > max_length for ids in ds["input_ids"])
+    if not cut:
+        return ds, 0
+    return ds.map(lambda row: {"input_ids": row["input_ids"][:max_length]}), cut
+
+
 def train(args, device) -> dict:
     """Load, wrap and train as an Unsloth user does, timed and counted as suite_trl does for every contender."""
     import torch
@@ -123,7 +134,8 @@ def train(args, device) -> dict:
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     ds, total = T.trl_dataset(vocab, args.tiny, args.steps, args.batch, args.max_length, args.grad_accum, args.seed)
-    C.log(f"unsloth: synthetic dataset {len(ds)} documents, {total:,} tokens")
+    ds, cut = truncate_documents(ds, args.max_length)
+    C.log(f"unsloth: synthetic dataset {len(ds)} documents, {total:,} tokens; {cut} cut to {args.max_length}")
     lora = M.lora_config(args.lora_r)
 
     C.free_memory(device)

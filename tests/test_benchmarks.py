@@ -589,3 +589,17 @@ def test_trl_rows_with_a_recompile_among_their_steady_steps_are_flagged():
             "tokens_per_s_all": [448.4, 18036.4, 19383.2, 16968.7]}
     notes = uneven_steps_notes([uneven, even, {**uneven, "status": "failed"}])
     assert len(notes) == 1 and "HF flex_attention (2b)" in notes[0] and "332-13,753" in notes[0]
+
+
+def test_unsloth_documents_are_cut_to_max_length_before_its_trainer_sees_them():
+    """Unsloth cuts an over-long batch's input_ids but not its labels, and its fused loss then indexed out of
+    bounds on the GPU: the Unsloth process cuts every document to max_length first."""
+    from datasets import Dataset
+
+    from benchmarks.unsloth_trl import truncate_documents
+
+    ds = Dataset.from_dict({"input_ids": [list(range(10)), list(range(3)), list(range(7))]})
+    cut, n = truncate_documents(ds, 5)
+    assert n == 2 and cut["input_ids"] == [list(range(5)), list(range(3)), list(range(5))]
+    same, n = truncate_documents(ds, 10)
+    assert n == 0 and same["input_ids"] == ds["input_ids"]
