@@ -10,6 +10,11 @@ shapes and fixed addresses, so:
 - the per-batch inputs (the layer input, the output gradient, and what the caller binds: rotary
   tables, masks) are copied into static buffers before each replay, and the outputs are copied out
   right after it, so every graph may share one memory pool and replays may come in any order;
+- for the same reason the static buffers are shared as far as they can be: every bucket's input
+  and output-gradient buffers are views of one storage (sized by the largest bucket seen first),
+  each output is written over its graph's own input buffer (the input is dead by then), and the
+  backward's parameter gradients land in buffers shared by every layer and bucket. Each replay's
+  results are copied out before the next replay, so nothing is overwritten while still needed;
 - each layer gets its own pair of graphs (its weights are baked into them), captured the first time
   it runs at a bucket length: a forward (the differentiable call, its autograd graph dropped), and a
   backward that recomputes the layer and differentiates it, which is gradient checkpointing: only
@@ -107,15 +112,31 @@ class _Recording:
         return self.outputs
 
 
-class _Buffers:
-    """Static tensors of one bucket, shared by every layer: the input, the output gradient and one output."""
+class _Storage:
+    """Flat static memory that the buffers of several buckets view: replays never overlap, and each one's
+    inputs are copied in right before it, so buckets may share it. Grows only by a new storage (a recorded
+    graph keeps the addresses it was recorded with)."""
 
-    def __init__(self, like: torch.Tensor, length: int):
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.input = torch.zeros(numel, dtype=dtype, device=device)
+        self.grad_out = torch.zeros(numel, dtype=dtype, device=device)
+
+    def holds(self, numel: int) -> bool:
+        return self.input.numel() >= numel
+
+
+class _Buffers:
+    """Static tensors of one bucket, shared by every layer: the input and the output gradient, as views of a
+    `_Storage` shared with other buckets. The output is written over the input buffer: by the end of the
+    recorded forward (and of the backward's recompute and differentiation) the input is no longer read."""
+
+    def __init__(self, like: torch.Tensor, length: int, storage: _Storage):
         shape = (like.shape[0], length, *like.shape[2:])
-        self.x = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        numel = math.prod(shape)
+        self.x = storage.input[:numel].view(shape)
         mark_dynamic(self.x)  # one compile of the body for every bucket
-        self.grad_out = torch.zeros_like(self.x)
-        self.out = torch.zeros_like(self.x)
+        self.grad_out = storage.grad_out[:numel].view(shape)
+        self.out = self.x
 
     @staticmethod
     def fill(target: torch.Tensor, value: torch.Tensor) -> None:
@@ -149,6 +170,8 @@ class GraphedLayers:
 
     def _reset(self):
         self._buffers: dict = {}   # (device, dtype, batch, length, features) -> _Buffers
+        self._storages: dict = {}  # (device, dtype) -> [_Storage], the buckets' buffers view the largest
+        self._grad_buffers: dict = {}  # (slot index, shape, dtype, device) -> a parameter gradient's buffer
         self._statics: dict = {}   # binder key -> (static, kwargs, loaded sources)
         self._layers: dict = {}    # (id(layer), binder key) -> _LayerGraphs
         self._stand_ins: dict = {}  # id(parameter) -> (parameter, its stand-in in recorded backwards)
@@ -161,8 +184,8 @@ class GraphedLayers:
     def __getstate__(self):
         # Graphs and static buffers belong to one process and one set of weights: a copy records its own.
         state = dict(self.__dict__)
-        for name in ("_buffers", "_statics", "_layers", "_stand_ins", "_lengths", "_pool", "_stream", "captures",
-                     "recordings_again"):
+        for name in ("_buffers", "_storages", "_grad_buffers", "_statics", "_layers", "_stand_ins", "_lengths",
+                     "_pool", "_stream", "captures", "recordings_again"):
             state.pop(name, None)
         return state
 
@@ -191,8 +214,23 @@ class GraphedLayers:
         """(key, buffers) for inputs shaped like `x` at `length` tokens."""
         key = (str(x.device), x.dtype, x.shape[0], length, tuple(x.shape[2:]))
         if key not in self._buffers:
-            self._buffers[key] = _Buffers(x, length)
+            numel = x.shape[0] * length * math.prod(x.shape[2:])
+            storages = self._storages.setdefault((str(x.device), x.dtype), [])
+            if not storages or not storages[-1].holds(numel):
+                storages.append(_Storage(numel, x.dtype, x.device))
+            self._buffers[key] = _Buffers(x, length, storages[-1])
         return key, self._buffers[key]
+
+    def _grad_buffers_for(self, slots) -> list:
+        """Static buffers for the recorded backward's parameter gradients, one per slot, shared by every layer
+        and bucket (each replay's gradients are copied out before the next replay)."""
+        out = []
+        for index, (_, _, parameter) in enumerate(slots):
+            key = (index, tuple(parameter.shape), parameter.dtype, str(parameter.device))
+            if key not in self._grad_buffers:
+                self._grad_buffers[key] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
+            out.append(self._grad_buffers[key])
+        return out
 
     def _bind(self, sources, length: int):
         """The static kwargs for `sources` at `length`, loaded with them (copied only when they changed)."""
@@ -239,6 +277,7 @@ class GraphedLayers:
             self._stream = torch.cuda.Stream(device)
 
         slots = plan.slots
+        grad_buffers = self._grad_buffers_for(slots)
 
         def differentiable_body():
             # Autograd on, over stand-ins that share the parameters' storage: autograd keeps one gradient
@@ -264,8 +303,13 @@ class GraphedLayers:
         def backward_call():
             x, stand_ins, y = differentiable_body()
             grads = torch.autograd.grad(y, (x, *stand_ins), buffers.grad_out, allow_unused=True)
-            buffers.out.copy_(grads[0])
-            return (buffers.out, *grads[1:])
+            with torch.no_grad():
+                buffers.out.copy_(grads[0])
+                for buffer, grad in zip(grad_buffers, grads[1:]):
+                    if grad is not None:
+                        buffer.copy_(grad)
+            # The gradients themselves are freed into the pool, for the next recording to reuse.
+            return (buffers.out, *(None if g is None else b for b, g in zip(grad_buffers, grads[1:])))
 
         started = time.perf_counter()
         if mode == "cuda":
