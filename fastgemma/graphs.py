@@ -201,23 +201,26 @@ class GraphedLayers:
         """What this call of `layer` is made of (its modules, trainable parameters and a signature)."""
         return LayerPlan(layer, self.layer_signature)
 
-    def __call__(self, layer, x: torch.Tensor, sources, length: int, plan: "LayerPlan" = None) -> torch.Tensor:
-        """The layer's output for `x` (batch, tokens, ...) at bucket `length` >= tokens."""
+    def __call__(self, layer, x: torch.Tensor, sources, length: int, plan: "LayerPlan" = None,
+                 capacity: int = 0) -> torch.Tensor:
+        """The layer's output for `x` (batch, tokens, ...) at bucket `length` >= tokens. `capacity`: the longest
+        bucket the caller expects; static buffers are sized for it, so that later, longer buckets share them."""
         plan = plan or self.plan(layer)
-        return _GraphedCall.apply(self, plan, sources, length, x, *plan.trainable)
+        return _GraphedCall.apply(self, plan, sources, (length, capacity), x, *plan.trainable)
 
     # -- static inputs ------------------------------------------------------------------
     def _mode(self, device):
         return _replays_on(device, self.replay_mode)
 
-    def _buffers_for(self, x: torch.Tensor, length: int):
-        """(key, buffers) for inputs shaped like `x` at `length` tokens."""
+    def _buffers_for(self, x: torch.Tensor, length: int, capacity: int = 0):
+        """(key, buffers) for inputs shaped like `x` at `length` tokens (a new storage holds `capacity` tokens)."""
         key = (str(x.device), x.dtype, x.shape[0], length, tuple(x.shape[2:]))
         if key not in self._buffers:
-            numel = x.shape[0] * length * math.prod(x.shape[2:])
+            per_token = x.shape[0] * math.prod(x.shape[2:])
+            numel = per_token * length
             storages = self._storages.setdefault((str(x.device), x.dtype), [])
             if not storages or not storages[-1].holds(numel):
-                storages.append(_Storage(numel, x.dtype, x.device))
+                storages.append(_Storage(per_token * max(length, capacity), x.dtype, x.device))
             self._buffers[key] = _Buffers(x, length, storages[-1])
         return key, self._buffers[key]
 
@@ -330,9 +333,9 @@ class GraphedLayers:
         self.captures += 1
         return graphs
 
-    def run_forward(self, plan, sources, length, x) -> tuple:
+    def run_forward(self, plan, sources, length, x, capacity: int = 0) -> tuple:
         """(output, the graphs that made it: its backward replays their backward)."""
-        shape, buffers = self._buffers_for(x, length)
+        shape, buffers = self._buffers_for(x, length, capacity)
         key, kwargs = self._bind(sources, length)
         graphs = self._graphs_for(plan, (shape, key, _autocast_state(x.device)), kwargs, buffers, x.device)
         if length not in self._lengths:
@@ -427,8 +430,9 @@ class _GraphedCall(torch.autograd.Function):
     backward replays the layer's backward graph for it."""
 
     @staticmethod
-    def forward(ctx, runner: GraphedLayers, plan: LayerPlan, sources, length: int, x: torch.Tensor, *trainable):
-        out, graphs = runner.run_forward(plan, sources, length, x)
+    def forward(ctx, runner: GraphedLayers, plan: LayerPlan, sources, lengths: tuple, x: torch.Tensor, *trainable):
+        length, capacity = lengths
+        out, graphs = runner.run_forward(plan, sources, length, x, capacity)
         ctx.runner, ctx.graphs, ctx.sources, ctx.length = runner, graphs, sources, length
         ctx.save_for_backward(x)
         return out

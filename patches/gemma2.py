@@ -438,8 +438,9 @@ def _graph_length(state, hidden_states) -> int:
 def _graphed_layer(layer, state, hidden_states, kwargs):
     cos, sin = kwargs["position_embeddings"]
     sources = (cos, sin, kwargs["attention_mask"])
+    longest = state.cache.max_seq_length
     return state.graphs(layer, hidden_states, sources, _graph_length(state, hidden_states),
-                        kwargs.pop("_fastgemma_plan", None))
+                        kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest))
 
 
 def _graphed_body(layer, x, position_embeddings, attention_mask):

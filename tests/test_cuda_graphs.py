@@ -54,6 +54,8 @@ def test_graphed_layers_train_like_hf_eager_over_lengths_and_buckets():
             assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
     assert state.graphs._lengths == {128, 256} and fastgemma.cuda_graph_lengths(patched) == [128, 256]
     assert state.graphs.captures == 4 * 2  # layers x buckets, whatever the number of steps
+    # the shorter bucket came first, and both view one storage sized for the masks' fixed length
+    assert [len(storages) for storages in state.graphs._storages.values()] == [1]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -279,3 +281,11 @@ def test_graphed_layers_share_static_buffers_across_buckets_and_layers():
             x = torch.randn(2, tokens, 8)
             torch.testing.assert_close(runner(layers[0], x, (scale,), length), torch.tanh(layers[0](x)) * scale)
     assert [s.input.numel() for s in runner._storages[("cpu", torch.float32)]] == [2 * 16 * 8, 2 * 32 * 8]
+    # told the longest bucket to expect (the model's glue passes its masks' fixed length), a short first bucket
+    # sizes the storage for it, and the longer one shares it
+    sized = graphs.GraphedLayers(lambda layer, x, scale: torch.tanh(layer(x)) * scale, _ScaleBinder())
+    with torch.no_grad():
+        for tokens, length in ((6, 8), (14, 16)):
+            x = torch.randn(2, tokens, 8)
+            torch.testing.assert_close(sized(layers[0], x, (scale,), length, capacity=16), torch.tanh(layers[0](x)) * scale)
+    assert [s.input.numel() for s in sized._storages[("cpu", torch.float32)]] == [2 * 16 * 8]
