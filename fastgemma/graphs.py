@@ -11,7 +11,8 @@ shapes and fixed addresses, so:
   tables, masks) are copied into static buffers before each replay, and the outputs are copied out
   right after it, so every graph may share one memory pool and replays may come in any order;
 - for the same reason the static buffers are shared as far as they can be: every bucket's input
-  and output-gradient buffers are views of one storage (sized by the largest bucket seen first),
+  and output-gradient buffers are views of one storage (sized for the longest bucket the caller
+  expects, else the first one seen; a longer one later gets a storage of its own),
   each output is written over its graph's own input buffer (the input is dead by then), and the
   backward's parameter gradients land in buffers shared by every layer and bucket. Each replay's
   results are copied out before the next replay, so nothing is overwritten while still needed;
