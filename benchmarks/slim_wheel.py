@@ -22,32 +22,33 @@ import tempfile
 import zipfile
 
 
+def _file_name(member: str) -> str:
+    return member.rsplit("/", 1)[-1]
+
+
 def slim(path: str, drop: str, keep: list[str]) -> tuple[int, int, list[str]]:
     """Rewrite the wheel at `path` without members whose file name matches `drop` but none of `keep`.
     Returns (bytes before, bytes after, names dropped)."""
     before = os.path.getsize(path)
     with zipfile.ZipFile(path) as source:
-        names = source.namelist()
-
-        def dropped(name: str) -> bool:
-            base = name.rsplit("/", 1)[-1]
-            return fnmatch.fnmatch(base, drop) and not any(fnmatch.fnmatch(base, k) for k in keep)
-
-        gone = [n for n in names if dropped(n)]
+        matching = [n for n in source.namelist() if fnmatch.fnmatch(_file_name(n), drop)]
+        kept = [n for n in matching if any(fnmatch.fnmatch(_file_name(n), k) for k in keep)]
+        gone = [n for n in matching if n not in kept]
         if not gone:
             return before, before, []
-        if all(fnmatch.fnmatch(n.rsplit("/", 1)[-1], drop) == (n in gone) for n in names):
+        if not kept:
             raise SystemExit(f"{path}: --keep {keep} matches no member; refusing to drop every {drop!r}")
+        gone_set = set(gone)
         handle, temporary = tempfile.mkstemp(suffix=".whl", dir=os.path.dirname(os.path.abspath(path)))
         os.close(handle)
         with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as target:
             for info in source.infolist():
-                if info.filename in gone:
+                if info.filename in gone_set:
                     continue
                 data = source.read(info)
                 if info.filename.endswith(".dist-info/RECORD"):
                     lines = data.decode().splitlines(keepends=True)
-                    data = "".join(line for line in lines if line.split(",", 1)[0] not in gone).encode()
+                    data = "".join(line for line in lines if line.split(",", 1)[0] not in gone_set).encode()
                 target.writestr(info, data)
     os.replace(temporary, path)
     return before, os.path.getsize(path), gone

@@ -603,3 +603,26 @@ def test_unsloth_documents_are_cut_to_max_length_before_its_trainer_sees_them():
     assert n == 2 and cut["input_ids"] == [list(range(5)), list(range(3)), list(range(5))]
     same, n = truncate_documents(ds, 10)
     assert n == 0 and same["input_ids"] == ds["input_ids"]
+
+
+def test_slim_wheel_drops_the_unloaded_libraries_and_their_record_lines(tmp_path):
+    import zipfile
+
+    from benchmarks.slim_wheel import slim
+
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    members = {"pkg/__init__.py": b"", "pkg/libpkg_cuda118.so": b"x" * 100, "pkg/libpkg_cuda130.so": b"y" * 100}
+    record = "".join(f"{name},sha256=0,{len(data)}\n" for name, data in members.items()) + "pkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        z.writestr("pkg-1.0.dist-info/RECORD", record)
+    with pytest.raises(SystemExit, match="matches no member"):
+        slim(str(wheel), "libpkg_*.so", ["libpkg_rocm.so"])
+    _, _, gone = slim(str(wheel), "libpkg_*.so", ["libpkg_cuda130.so"])
+    assert gone == ["pkg/libpkg_cuda118.so"]
+    with zipfile.ZipFile(wheel) as z:
+        assert sorted(z.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py", "pkg/libpkg_cuda130.so"]
+        assert "cuda118" not in z.read("pkg-1.0.dist-info/RECORD").decode()
+        assert z.read("pkg/libpkg_cuda130.so") == b"y" * 100
+    assert slim(str(wheel), "libpkg_*.so", ["libpkg_cuda130.so"])[2] == []  # slimmed already: left as it is
