@@ -421,9 +421,9 @@ json.dump({"status": "ok", "tokens_per_s": 1.0e9, "steps_done": 2, "peak_mib": 2
 '''
 
 
-def test_unsloth_row_joins_the_table_with_ratios(tmp_path, ckpt_dir, monkeypatch):
-    """A row from the Unsloth process (here a stand-in script taking the same command line) sits in the table
-    beside HF eager, with its ratio to HF eager taken like any contender's."""
+@pytest.fixture
+def fake_unsloth(tmp_path, monkeypatch):
+    """The Unsloth process replaced by FAKE_CHILD, a stand-in script taking the same command line."""
     import sys
 
     from benchmarks import suite_trl
@@ -432,6 +432,11 @@ def test_unsloth_row_joins_the_table_with_ratios(tmp_path, ckpt_dir, monkeypatch
     fake.write_text(FAKE_CHILD)
     real = suite_trl.unsloth_command
     monkeypatch.setattr(suite_trl, "unsloth_command", lambda *a, **k: [sys.executable, str(fake), *real(*a, **k)[3:]])
+
+
+def test_unsloth_row_joins_the_table_with_ratios(tmp_path, ckpt_dir, fake_unsloth):
+    """A row from the Unsloth process (here a stand-in script taking the same command line) sits in the table
+    beside HF eager, with its ratio to HF eager taken like any contender's."""
     payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--steps", "2", "--contenders",
                                     "hf-eager,unsloth")
     rows = {r["contender"]: r for r in raw["suites"]["trl"]["rows"]}
@@ -445,17 +450,9 @@ def test_unsloth_row_joins_the_table_with_ratios(tmp_path, ckpt_dir, monkeypatch
     assert "Unsloth rows ran on: unsloth 2026.10.9, transformers 5.17.0." in text
 
 
-def test_unsloth_asked_for_beside_the_lean_trainer_only_still_gets_its_row(tmp_path, ckpt_dir, monkeypatch):
+def test_unsloth_asked_for_beside_the_lean_trainer_only_still_gets_its_row(tmp_path, ckpt_dir, fake_unsloth):
     """``--trl-trainer lean`` with an Unsloth contender once dropped Unsloth without a row (it runs under TRL's
     trainer only): it now runs under TRL's, once, and a note says so."""
-    import sys
-
-    from benchmarks import suite_trl
-
-    fake = tmp_path / "fake_unsloth_trl.py"
-    fake.write_text(FAKE_CHILD)
-    real = suite_trl.unsloth_command
-    monkeypatch.setattr(suite_trl, "unsloth_command", lambda *a, **k: [sys.executable, str(fake), *real(*a, **k)[3:]])
     payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--steps", "2", "--trl-trainer", "lean",
                                     "--contenders", "hf-eager,unsloth")
     rows = raw["suites"]["trl"]["rows"]
