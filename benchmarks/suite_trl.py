@@ -102,7 +102,8 @@ def _make_trainer_cls(pad_token_id: int | None = None, trainer: str = "trl"):
             self.ends.append(time.perf_counter())
 
     class CountingSFTTrainer(SFTTrainer):
-        """SFTTrainer that records the real and the loss-bearing tokens of every micro-batch."""
+        """SFTTrainer that records the real, the loss-bearing and the computed (padded) tokens of every
+        micro-batch."""
 
         def training_step(self, *args, **kwargs):
             # The counts stay tensors until the run ends (summarize reads them): reading one here would make
@@ -118,7 +119,7 @@ def _make_trainer_cls(pad_token_id: int | None = None, trainer: str = "trl"):
                     real = ids.numel()
                 labels = inputs.get("labels")
                 loss_tokens = (labels != -100).sum() if labels is not None else None
-                self._bench_tokens.append((real, loss_tokens, int(ids.shape[-1])))
+                self._bench_tokens.append((real, loss_tokens, int(ids.shape[-1]), ids.numel()))
             return super().training_step(*args, **kwargs)
 
     class GpuBusyProbe(TrainerCallback):
@@ -268,7 +269,7 @@ def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_
     ends = clock.ends
     micro = [tuple(None if n is None else int(n) for n in counts) for counts in trainer._bench_tokens]
     # one entry per optimizer step: the sums over its `accum` micro-batches
-    toks = [tuple(sum(t[i] or 0 for t in micro[k:k + accum]) for i in range(3)) for k in range(0, len(micro), accum)]
+    toks = [tuple(sum(t[i] or 0 for t in micro[k:k + accum]) for i in range(4)) for k in range(0, len(micro), accum)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     starts = [clock.t_begin] + ends[:-1]
     durs = [e - s for s, e in zip(starts, ends)]
@@ -278,7 +279,10 @@ def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_
     steady = steady_rates(per_step, warm, profiled)
     busy = probe.busy
     if profiled is not None and profiled < len(toks):
-        busy = busy_over_unprofiled(probe.kernel_s, toks[profiled][0], steady) or busy
+        # the GPU's work follows the computed tokens, padding included: unpacked rows (Unsloth) pad each
+        # batch to its longest row, so real tokens per step would over- or under-state the kernel time
+        computed = steady_rates([t[3] / d for t, d in zip(toks, durs) if d > 0], warm, profiled)
+        busy = busy_over_unprofiled(probe.kernel_s, toks[profiled][3], computed) or busy
     return {
         "steps_done": len(ends),
         "load_s": t_loaded - t_load0,

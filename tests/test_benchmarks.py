@@ -236,6 +236,25 @@ def test_trl_steady_rate_leaves_out_the_profiled_step_and_rescales_gpu_busy():
     assert busy_over_unprofiled(None, 1000, [1000.0]) is None
 
 
+def test_trl_gpu_busy_follows_the_computed_tokens_of_padded_batches():
+    """Unpadded counts would misjudge a padded step's GPU work: a short-real-token profiled step must not make
+    the steady steps look busier than they are (it read 100% for Unsloth's unpacked batches)."""
+    from types import SimpleNamespace
+
+    from benchmarks.suite_trl import summarize
+
+    # three 1 s steps computing 4,000 padded tokens each; the profiled last one holds only 1,000 real tokens
+    # and 0.5 s of kernels: the GPU is busy half of each steady step whatever their real-token counts
+    clock = SimpleNamespace(t_begin=0.0, ends=[1.0, 2.0, 3.0])
+    probe = SimpleNamespace(step=2, busy=0.5, kernel_s=0.5, idle_gaps=None)
+    trainer = SimpleNamespace(_bench_tokens=[(3000, 2900, 1000, 4000), (3500, 3400, 1000, 4000),
+                                             (1000, 900, 1000, 4000)],
+                              state=SimpleNamespace(log_history=[{"loss": 1.0}]))
+    row = summarize(clock, probe, trainer, accum=1, warmup=1, t_load0=0.0, t_loaded=0.0, t_trainer=0.0, peak=None)
+    assert row["tokens_per_s"] == 3500.0  # real tokens per second, the profiled step left out
+    assert row["gpu_busy"] == pytest.approx(0.5)  # not min(1, 0.5 / 1000 * 3500)
+
+
 def test_idle_gaps_name_the_longest_kernel_free_stretches_and_what_the_host_ran():
     from benchmarks.suite_trl import idle_gaps
 
