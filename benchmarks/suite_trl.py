@@ -7,8 +7,8 @@ Measured per contender (hf-eager, hf-flex, fastgemma; liger opt-in):
   - steady tokens/s: median over the steps after warm-up of (real tokens of the step's batch) /
     (time between consecutive step ends), the last step left out when it is profiled; real tokens are
     counted from each batch in training_step;
-  - GPU busy: CUDA kernel time of the profiled last step per token over the unprofiled steps' wall
-    time per token;
+  - GPU busy: CUDA kernel time of the profiled last step per computed token (padding included) over the
+    unprofiled steps' wall time per computed token;
   - peak memory (torch.cuda.max_memory_allocated from before the load to the end of training).
 
 The random-init model is saved once (bf16 safetensors + an offline word-level tokenizer) and loaded
@@ -516,7 +516,8 @@ def run(args, device: torch.device) -> C.SuiteResult:
         "the start of from_pretrained. tokens/s: median over optimizer steps after the first "
         f"{args.trl_warmup}, the profiled last step left out, of real tokens / step time. Peak: max allocated "
         "from before the load to the end. GPU busy: CUDA kernel time (torch.profiler, CUDA activity only, "
-        "the last step) per token over the unprofiled steps' wall time per token. "
+        "the last step) per computed token (padding included) over the unprofiled steps' wall time per "
+        "computed token. "
         f"fastgemma backend: {M.fastgemma_backend(args, device)}."
     )
     if "lean" in trainers:
