@@ -79,3 +79,23 @@ def resumed_micro_batch(checkpoint, rows_per_step: int) -> MicroBatch | None:
     reason = (f"{batch} row(s) per micro-step x {rows_per_step // batch} accumulation step(s), as in the checkpoint "
               "being resumed")
     return MicroBatch(batch, rows_per_step // batch, reason)
+
+
+# Tokens per micro-step up to which `--cuda-graphs auto` replays the layers as CUDA graphs. At 1 row x 2048
+# (2B, H100) graphed layers ran 18.4K tokens/s against 3.2K op by op; at 4x4096 and 8x2048 the step is
+# GPU-bound and graphs only add their first-step recordings and ~8% memory (benchmarks/RESULTS.md).
+GRAPHS_MAX_TOKENS_PER_MICRO_STEP = 4096
+
+
+def cuda_graphs_pay_off(batch_size: int, max_seq_length: int, world_size: int) -> tuple[bool, str]:
+    """Whether `--cuda-graphs auto` turns the graphed layers on for this micro-batch, and why.
+
+    Only a small micro-step is bound by the host launching kernels, which is what the graphs remove; the
+    graphed layers are proven on one GPU, so a distributed run keeps the op-by-op path."""
+    tokens = batch_size * max_seq_length
+    shape = f"{batch_size} row(s) x {max_seq_length} tokens per micro-step"
+    if world_size > 1:
+        return False, f"off: {world_size} processes (CUDA-graphed layers are measured on one GPU only)"
+    if tokens > GRAPHS_MAX_TOKENS_PER_MICRO_STEP:
+        return False, f"off: {shape} keeps the GPU busy without them"
+    return True, f"on: {shape} would leave the GPU waiting on the host (the first steps record each layer)"

@@ -50,6 +50,7 @@ from pathlib import Path
 # (appended, so an installed fastgemma still wins). fastgemma itself is imported in run().
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from recipes import distributed  # noqa: E402  (torchrun / accelerate launch: recipes/distributed.py; stdlib only)
+from recipes.batch_sizing import GRAPHS_MAX_TOKENS_PER_MICRO_STEP, cuda_graphs_pay_off  # noqa: E402  (stdlib only)
 
 # ---------------------------------------------------------------------------------------
 # Knobs. Real Gemma 2 (--model given): the usual single-GPU QLoRA settings.
@@ -76,7 +77,7 @@ SEED = 42
 BACKEND = "auto"  # fastgemma: flex_attention on Ampere+ GPUs, torch.compile'd dense attention elsewhere
 FUSED_OPS = "auto"  # fastgemma: fused norms / RoPE / GeGLU / LoRA-in-GEMM while training, on CUDA
 COMPILE_LAYERS = False  # fastgemma: each decoder layer one compiled region (without graphs; see CUDA_GRAPHS)
-CUDA_GRAPHS = "off"  # fastgemma: compiled layers replayed as CUDA graphs (opt-in: see benchmarks/RESULTS.md)
+CUDA_GRAPHS = "auto"  # fastgemma: compiled layers replayed as CUDA graphs; auto: for small micro-steps on one GPU
 
 # ---------------------------------------------------------------------------------------
 # Knobs for the embedded tiny demo (no --model): sized to finish in minutes on 2 CPU cores.
@@ -223,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=CUDA_GRAPHS,
         choices=["auto", "on", "off"],
         help="replay each decoder layer's compiled forward and checkpointed backward as CUDA graphs while "
-        "training, so small micro-batches are not bound by the host launching kernels: auto = on a GPU with "
-        "fused ops and no LoRA dropout; on also runs the same path on a CPU (without capture); each new "
+        "training, so small micro-batches are not bound by the host launching kernels: auto = on one GPU with "
+        "fused ops and no LoRA dropout when a micro-step holds at most "
+        f"{GRAPHS_MAX_TOKENS_PER_MICRO_STEP} tokens (e.g. --batch-size 1); on also runs the same path on a "
+        "CPU (without capture); each new "
         "length bucket (up to 8) records every layer again, which makes the first steps slower "
         f"[{CUDA_GRAPHS}]",
     )
@@ -510,8 +513,9 @@ def check_device(args: argparse.Namespace, on_gpu: bool) -> None:
     if args.cuda_graphs == "on" and args.lora_dropout > 0:
         raise RecipeError(f"--cuda-graphs on cannot replay LoRA dropout (--lora-dropout {args.lora_dropout}): "
                           "a graph repeats one random draw; use --lora-dropout 0 or --cuda-graphs off")
-    args.cuda_graphs = args.cuda_graphs == "on" or (
-        args.cuda_graphs == "auto" and on_gpu and args.fused_ops != "off" and args.lora_dropout == 0)
+    # "auto" stays undecided until the micro-batch is known (run(), cuda_graphs_pay_off)
+    if args.cuda_graphs != "auto" or not (on_gpu and args.fused_ops != "off" and args.lora_dropout == 0):
+        args.cuda_graphs = args.cuda_graphs == "on"
     if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
     from transformers.training_args import OptimizerNames
@@ -1120,6 +1124,9 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
             choice = choose_micro_batch(rows_per_step, args.max_seq_length, free, model.config)
         args.batch_size, args.grad_accum, micro_batch = choice.batch_size, choice.grad_accum, choice.reason
         print(f"micro-batch  {choice.reason} (set --batch-size / --grad-accum to choose)")
+    if args.cuda_graphs == "auto":
+        args.cuda_graphs, why = cuda_graphs_pay_off(args.batch_size, args.max_seq_length, launch.world_size)
+        print(f"cuda graphs  {why} (--cuda-graphs on/off to choose)")
 
     # 3. fastgemma: swap in exact softcapped attention (per module instance, so PEFT
     #    wrapping by the trainer afterwards keeps it). Padding-free packing flattens the

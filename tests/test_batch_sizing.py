@@ -89,3 +89,33 @@ def test_a_resumed_run_keeps_its_checkpoints_micro_batch(tmp_path):
     assert (choice.batch_size, choice.grad_accum) == (4, 2) and "checkpoint" in choice.reason
     assert resumed_micro_batch(tmp_path, 6) is None  # 4 rows do not divide 6: choose afresh
     assert resumed_micro_batch(tmp_path / "missing", 8) is None
+
+
+@pytest.mark.parametrize("batch, length, world, graphs", [
+    (1, 2048, 1, True),    # the shape users run: host-bound op by op (3.2K against 18.4K tokens/s graphed, H100)
+    (2, 2048, 1, True),
+    (8, 2048, 1, False),   # the automatic micro-batch of an 80 GB card: GPU-bound already
+    (1, 8192, 1, False),
+    (1, 2048, 2, False),   # graphed layers are measured on one GPU only
+])
+def test_cuda_graphs_auto_only_for_small_micro_steps_on_one_gpu(batch, length, world, graphs):
+    from recipes.batch_sizing import cuda_graphs_pay_off
+
+    chosen, why = cuda_graphs_pay_off(batch, length, world)
+    assert chosen is graphs and why.startswith("on:" if graphs else "off:")
+
+
+@pytest.mark.parametrize("flags, on_gpu, resolved", [
+    ([], True, "auto"),                                   # decided in run(), once the micro-batch is known
+    (["--lora-dropout", "0.1"], True, False),             # a graph would replay one dropout draw
+    (["--fused-ops", "off"], True, False),                # the graphs replay the fused ops' compiled layers
+    ([], False, False),                                   # CPU
+    (["--cuda-graphs", "on", "--fused-ops", "on"], False, True),
+    (["--cuda-graphs", "off"], True, False),
+])
+def test_recipe_leaves_cuda_graphs_auto_undecided_only_where_they_can_run(flags, on_gpu, resolved):
+    recipe = _recipe()
+    argv = ["--model", "google/gemma-2-2b", "--no-load-in-4bit", *flags]
+    args = recipe.fill_in_defaults(recipe.build_parser().parse_args(argv), on_gpu=on_gpu)
+    recipe.check_device(args, on_gpu=on_gpu)
+    assert args.cuda_graphs == resolved and type(args.cuda_graphs) is type(resolved)
