@@ -813,15 +813,16 @@ def recipe_callbacks() -> dict:
     class StopOnInterrupt(TrainerCallback):
         """Ctrl-C sets a flag instead of raising KeyboardInterrupt in the middle of a step (and
         of an optimizer update): the step in flight finishes, then the trainer logs, saves a
-        checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt as usual. (Under torchrun
-        each rank gets the signal; ranks that could see it at different steps would need to
-        agree on the flag, e.g. with an all-reduce, before stopping.)"""
+        checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt as usual. Under a launcher
+        the ranks see the signal at different points of a step, so they agree (an all-reduce)
+        on whether anyone saw it before stopping."""
 
         def __init__(self):
-            self.interrupted = False
+            self.signalled = False  # set by the handler only, never cleared
+            self.interrupted = False  # every rank agreed to stop
 
         def handle(self, signum, frame):
-            self.interrupted = True
+            self.signalled = True
             if launch.distributed:
                 # [distributed] torchrun passes Ctrl-C on to every worker and then sends its own SIGINT (and
                 # SIGKILL 30 s later), so a second SIGINT here is not a second Ctrl-C: keep saving.
@@ -851,7 +852,10 @@ def recipe_callbacks() -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             # [distributed] Ctrl-C reaches the ranks at different points of a step: all stop after the same one.
-            self.interrupted = distributed.any_rank(launch, self.interrupted)
+            # The handler writes a flag of its own: a signal that lands while this rank waits in the
+            # all-reduce runs the handler before the result is stored, and would be overwritten.
+            if distributed.any_rank(launch, self.signalled):
+                self.interrupted = True
             if self.interrupted:
                 control.should_log = True
                 control.should_save = True

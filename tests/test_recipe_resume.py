@@ -130,3 +130,36 @@ def test_ctrl_c_at_the_terminal(tmp_path):
 
 def recipe_checkpoint_steps(output_dir: Path) -> list[int]:
     return [int(path.name.removeprefix("checkpoint-")) for path in output_dir.glob("checkpoint-*")]
+
+
+def test_a_ctrl_c_that_lands_during_the_ranks_all_reduce_is_not_lost(recipe, monkeypatch):
+    """Under torchrun a rank spends much of a step waiting in the all-reduce that agrees on the stop; a
+    signal that lands there runs the handler before that all-reduce's answer (from before the signal) is
+    stored. The stop must still come, one step later and on every rank, not be overwritten."""
+    from transformers import TrainerControl, TrainerState
+
+    monkeypatch.setattr(recipe.distributed, "detect_launch", lambda: recipe.distributed.Launch(rank=1, world_size=2))
+    stop = recipe.recipe_callbacks()["interrupt"]
+    ranks_saw = []
+
+    def all_reduce_with_a_ctrl_c_in_flight(launch, flag):
+        ranks_saw.append(flag)
+        if len(ranks_saw) == 1:
+            stop.handle(signal.SIGINT, None)  # Python runs the handler when the blocking C call returns
+        return flag  # the other rank saw nothing: the answer is this rank's flag as sent
+
+    monkeypatch.setattr(recipe.distributed, "any_rank", all_reduce_with_a_ctrl_c_in_flight)
+    state, controls = TrainerState(), []
+    for step in (1, 2):
+        state.global_step = step
+        control = TrainerControl()
+        stop.on_step_end(None, state, control)
+        controls.append(control)
+    assert ranks_saw == [False, True]
+    first, second = controls
+    assert stop.interrupted
+    assert not stop_requested(first) and stop_requested(second)
+
+
+def stop_requested(control) -> bool:
+    return control.should_training_stop and control.should_save and control.should_log
