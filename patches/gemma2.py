@@ -160,12 +160,31 @@ def _fused(module, x: torch.Tensor) -> bool:
     return setting is True or x.device.type == "cuda"
 
 
-def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+def pop_cache(kwargs: dict):
+    """Take the KV cache out of a forward's keyword arguments, under either of its names.
+
+    transformers 5.24 renamed it from ``past_key_values`` to ``cache`` throughout Gemma 2's forwards
+    (the old name still reaches HF's own forwards, with a deprecation warning); a forward that reads
+    only one name sees no cache while decoding on the other versions.
+    """
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+# What this transformers calls the cache in the forwards fastgemma hands on to (HF's own backbone forward).
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(modeling_gemma2.Gemma2Model.forward).parameters \
+    else "past_key_values"
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """Gemma2Attention.forward with fastgemma's softcapped attention core.
 
     Returns ``(output, weights)``: weights are None unless the caller asked for
     ``output_attentions``; then this layer runs the dense path, which can return them.
     """
+    legacy = pop_cache(kwargs)
+    cache = cache if cache is not None else legacy
     fused = _fused(self, hidden_states)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
@@ -178,8 +197,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         query, key = rotate_pairs(query, key, cos, sin)
     else:  # HF's own function, so anything that replaces it (a hub kernel, another patch) still applies
         query, key = modeling_gemma2.apply_rotary_pos_emb(query, key, cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
 
     dropout_p = self.attention_dropout if self.training else 0.0
     weights = None
@@ -247,11 +266,12 @@ def checkpointed_layer(self, hidden_states, *args, checkpoint=None, **kwargs):
     (the backward replay must not update it twice), and `hidden_states` passed positionally
     (reentrant checkpointing only tracks gradients of positional inputs).
     """
-    if self.gradient_checkpointing and self.training and hf_checkpoints_in_forward():
+    if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and hf_checkpoints_in_forward():
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
-        if not getattr(self, "_can_checkpoint_with_cache", False) and kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = None
+        cache = pop_cache(kwargs)
+        if getattr(self, "_can_checkpoint_with_cache", False):
+            kwargs["cache"] = cache
         return (checkpoint or self._gradient_checkpointing_func)(
             functools.partial(decoder_layer_body, self, *args, **kwargs), hidden_states
         )
@@ -259,8 +279,9 @@ def checkpointed_layer(self, hidden_states, *args, checkpoint=None, **kwargs):
 
 
 def decoder_layer_body(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
-                       past_key_values=None, **kwargs):
+                       **kwargs):
     """norm -> attention -> norm + add + norm -> MLP -> norm + add (Gemma 2's decoder layer)."""
+    cache = pop_cache(kwargs)
     fused = _fused(self, hidden_states)
     eps = self.input_layernorm.eps
     normed = rms_norm(hidden_states, self.input_layernorm.weight, eps, UNIT_OFFSET, fused=fused)
@@ -270,7 +291,7 @@ def decoder_layer_body(self, hidden_states, position_embeddings=None, attention_
         position_embeddings=position_embeddings,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
+        cache=cache,
         **kwargs,
     )
     stream, normed = norm_add_norm(
@@ -410,7 +431,7 @@ def _graphs_apply(layer, state, hidden_states, kwargs) -> bool:
         return _refuse_graphs("the layer was not handed its rotary tables (position_embeddings)", logging.INFO)
     # (Other keyword arguments, such as TRL's packed-sequence lengths for flash attention, are not read by
     # fastgemma's layer: the batch's masks were built from them already.)
-    if kwargs.get("past_key_values") is not None or kwargs.get("output_attentions"):
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or kwargs.get("output_attentions"):
         return _refuse_graphs("a KV cache or output_attentions is in use", logging.INFO)
     if _global_hooks():
         return _refuse_graphs("global module hooks are set, which a graph would not call")
@@ -563,7 +584,7 @@ def _fusable(module) -> bool:
 # --------------------------------------------------------------------------------------
 # The backbone forward: build the batch's masks once
 # --------------------------------------------------------------------------------------
-def build_mask_mapping(config, cache, batch, length, device, attention_mask, position_ids, past_key_values, extra,
+def build_mask_mapping(config, cache, batch, length, device, attention_mask, position_ids, kv_cache, extra,
                        deferred=None):
     """{"full_attention": AttentionMask, "sliding_attention": AttentionMask}, or None to leave masks to HF.
 
@@ -575,8 +596,8 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
     resets. Unlike HF 5.23, packing is detected with `use_cache=True` too (HF builds its
     cache before its masks there and so lets packed documents see each other).
     """
-    if past_key_values is not None and past_key_values.get_seq_length() > 0:
-        return None  # decoding: queries start after the cached keys
+    if kv_cache is not None and not _cache_is_plain(kv_cache, length, config):
+        return None  # decoding, or a static cache's fixed key length: HF's dense masks
     segments = None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
@@ -586,7 +607,7 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, length) = {(batch, length)}"
             )
         segments = segments_from_padding_mask(attention_mask.to(device))
-    elif past_key_values is None:
+    elif kv_cache is None:
         cu_seqlens = extra.get("cu_seq_lens_q")
         seq_idx = extra.get("seq_idx")
         if cu_seqlens is not None and batch == 1:
@@ -606,6 +627,16 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
     }
 
 
+def _cache_is_plain(kv_cache, length: int, config) -> bool:
+    """Whether every layer's attention will see exactly this call's `length` keys from position 0: an empty
+    dynamic cache does, a filled one (decoding) or a static one (keys padded to its capacity) does not."""
+    if kv_cache.get_seq_length() > 0:
+        return False
+    layer_types = getattr(config, "layer_types", None) or ()
+    first_of_each = {kind: layer_types.index(kind) for kind in set(layer_types)}.values() or (0,)
+    return all(tuple(kv_cache.get_mask_sizes(length, index)) == (length, 0) for index in first_of_each)
+
+
 @functools.lru_cache(maxsize=None)
 def _positional_parameters(forward) -> tuple:
     """Names a forward takes positionally (after self), to turn positional calls into keywords."""
@@ -623,6 +654,9 @@ def backbone_forward(self, *args, **kwargs):
     kwargs.update(zip(_positional_parameters(type(self).forward), args))
     if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
         kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
+    kv_cache = pop_cache(kwargs)
+    if kv_cache is not None:
+        kwargs[CACHE_ARGUMENT] = kv_cache
     attention_mask = kwargs.get("attention_mask")
     deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     if not isinstance(attention_mask, dict):
@@ -632,7 +666,7 @@ def backbone_forward(self, *args, **kwargs):
         if reference is not None:
             masks = build_mask_mapping(
                 self.config, state.cache, reference.shape[0], reference.shape[1], reference.device,
-                attention_mask, kwargs.get("position_ids"), kwargs.get("past_key_values"), kwargs, deferred,
+                attention_mask, kwargs.get("position_ids"), kv_cache, kwargs, deferred,
             )
             if masks is not None:
                 kwargs["attention_mask"] = masks
