@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from .self_check import ensure_exact
 from .attention import check_backend, check_kernel_options, check_softcap_tanh, flex_supported, resolve_softcap_tanh
 
 logger = logging.getLogger("fastgemma")
@@ -113,6 +114,7 @@ def patch_model(
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     patcher = _patcher_for(model)
+    ensure_exact(patcher)
     summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options, softcap_tanh,
                             compile_layers, cuda_graphs)
     device = _device_of(model)

@@ -1,30 +1,32 @@
-"""The torch and transformers versions fastgemma runs on, checked once when fastgemma is imported.
+"""The torch and transformers versions fastgemma runs on.
 
-fastgemma replaces forwards of transformers' Gemma 2 modules, so it depends on transformers 5.x
-internals that change between minor versions (between 5.17 and 5.23, gradient checkpointing moved
-from ``GradientCheckpointingLayer.__call__`` into a wrapped ``forward``). Outside what we test:
+fastgemma replaces forwards of transformers' Gemma 2 modules, so it depends on transformers internals
+that change between minor versions (5.24 renamed the KV cache argument of every forward). Policy:
 
-- transformers with another major version than 5, or torch older than 2.6 (no usable
-  flex_attention): ``ImportError`` naming the versions found and the ones needed;
-- a transformers 5.x minor version outside the tested range: one warning on the ``"fastgemma"``
-  logger, and fastgemma carries on.
+- ``import fastgemma`` raises ``ImportError`` for transformers of another major version than 5, or
+  torch older than the minimum: nothing there can work;
+- versions inside the tested ranges (``TESTED``; CI runs both ends of each) patch without a word;
+- any other version makes ``patch_model`` check itself once per process before patching
+  (``fastgemma.self_check``): stock against patched on a tiny random model. It refuses when they
+  disagree, and logs one line when they agree.
 
-The README's "Supported versions" table lists what CI and the GPU runs use.
+pyproject.toml caps transformers below the next untested minor version, so a fresh ``pip install``
+resolves a tested one.
 """
 
 from __future__ import annotations
 
-import logging
 from importlib import metadata
 
 from packaging.version import InvalidVersion, Version
 
 TRANSFORMERS_MAJOR = 5
-TRANSFORMERS_TESTED = ((5, 17), (5, 23))  # first and last tested minor versions, both included
 TORCH_MINIMUM = (2, 6)
-
-logger = logging.getLogger("fastgemma")
-_warned: set[str] = set()
+# First and last tested minor versions, both included. CI tests both transformers ends on the CPU;
+# the GPU runs use torch 2.11, CI torch 2.13.
+TESTED = {"transformers": ((5, 17), (5, 25)), "torch": ((2, 11), (2, 13))}
+# The command that installs the newest tested transformers.
+INSTALL_TESTED = 'pip install "transformers>=5.17,<5.26"'
 
 
 def installed_version(package: str) -> str:
@@ -43,12 +45,26 @@ def _release(version: str) -> tuple[int, ...] | None:
         return None
 
 
+def tested_range(package: str) -> str:
+    (a, b), (c, d) = TESTED[package]
+    return f"{a}.{b}-{c}.{d}"
+
+
+def untested_versions() -> dict[str, str]:
+    """{package: installed version} for torch / transformers outside the tested ranges (empty when both are in)."""
+    found = {}
+    for package, (first, last) in TESTED.items():
+        version = installed_version(package)
+        release = _release(version)
+        if release is None or not (first <= release[:2] <= last):
+            found[package] = version
+    return found
+
+
 def check_versions() -> None:
-    """Raise ImportError for an unsupported torch or transformers; warn once for an untested minor."""
+    """Raise ImportError for a torch or transformers that fastgemma cannot run on at all."""
     torch_version = installed_version("torch")
     transformers_version = installed_version("transformers")
-    first, last = TRANSFORMERS_TESTED
-    tested = f"{first[0]}.{first[1]}-{last[0]}.{last[1]}"
 
     torch_release = _release(torch_version)
     if torch_release is not None and torch_release[:2] < TORCH_MINIMUM:
@@ -60,21 +76,10 @@ def check_versions() -> None:
     release = _release(transformers_version)
     if release is not None and release[0] != TRANSFORMERS_MAJOR:
         raise ImportError(
-            f"fastgemma supports transformers {TRANSFORMERS_MAJOR}.x only (tested {tested}); found transformers "
-            f"{transformers_version}. It patches transformers' Gemma 2 internals, which differ between major "
-            f'versions. Install a supported one: pip install "transformers>={first[0]}.{first[1]},<{first[0] + 1}"'
+            f"fastgemma supports transformers {TRANSFORMERS_MAJOR}.x only (tested {tested_range('transformers')}); "
+            f"found transformers {transformers_version}. It patches transformers' Gemma 2 internals, which differ "
+            f"between major versions. Install a tested one: {INSTALL_TESTED}"
         )
-
-    if release is None or not (first <= release[:2] <= last):
-        if transformers_version not in _warned:
-            _warned.add(transformers_version)
-            logger.warning(
-                "fastgemma is tested with transformers %s; found %s. It patches transformers internals that "
-                "change between minor versions: if patching or training fails, or results differ from "
-                "attn_implementation='eager', use a tested version.",
-                tested,
-                transformers_version,
-            )
 
 
 check_versions()

@@ -5,8 +5,9 @@ pyproject.toml maps it into the package ([tool.setuptools] package-dir), for whe
 installs alike. Import it as ``fastgemma.patches``; the modules here import fastgemma absolutely.
 
 A patcher module provides: NAME, matches(model), patch(model, max_seq_length, backend, fused_ops,
-flex_kernel_options, softcap_tanh, compile_layers, cuda_graphs), unpatch(model), is_patched(model) and
-graph_lengths(model).
+flex_kernel_options, softcap_tanh, compile_layers, cuda_graphs), unpatch(model), is_patched(model),
+graph_lengths(model) and self_check() (stock against patched on a tiny model: a list of disagreements,
+run by fastgemma.self_check before patching on untested versions).
 """
 
 from . import gemma2

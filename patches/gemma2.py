@@ -52,6 +52,8 @@ from fastgemma.ops import (
     rotate_pairs,
 )
 
+from .gemma2_check import self_check  # noqa: F401  (the patcher's check for untested versions)
+
 logger = logging.getLogger("fastgemma")
 
 NAME = "Gemma 2"

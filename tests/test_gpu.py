@@ -65,7 +65,7 @@ def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, length, wi
     scale = scalar**-0.5
 
     out = softcap_attention(query, key, value, mask, scale=scale, softcap=50.0, backend="flex",
-                            kernel_options=kernels)
+                            kernel_options={"triton": "auto", "flash": "flash"}[kernels])
     out.backward(grad_out)
     grads = [t.grad.clone() for t in (query, key, value)]
 
