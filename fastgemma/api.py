@@ -49,7 +49,7 @@ def patch_model(
     flex_kernel_options="auto",
     softcap_tanh="auto",
     compile_layers: bool = False,
-    cuda_graphs: bool = False,
+    cuda_graphs="auto",
 ) -> torch.nn.Module:
     """Swap every attention forward of a Gemma 2 model for fastgemma's softcapped attention, in place.
 
@@ -85,14 +85,15 @@ def patch_model(
             small micro-batches, where launching the ops from Python bounds the step. Needs
             non-reentrant gradient checkpointing (or none); otherwise layers run as usual.
             Off by default.
-        cuda_graphs: compiled layers (implies `compile_layers`), each replayed as CUDA graphs while
-            training with gradient checkpointing: one graph per layer for its forward and one for its
-            checkpointed backward, recorded the first time the layer runs at a length. A batch runs at
-            a fixed bucket length (max_seq_length split into 8 steps; padding rows add nothing to the
-            results), so at most 8 lengths are recorded. For small micro-batches, where the host's
-            kernel launches bound the step. Needs gradient checkpointing on, fused ops, and LoRA
-            layers without dropout; otherwise layers run as compiled regions (with a warning). On a
-            CPU the same path runs without capture (what the CPU tests check).
+        cuda_graphs: replay each decoder layer's compiled forward and checkpointed backward as CUDA
+            graphs while training, so that short micro-steps are not bound by the host launching
+            kernels. "auto" (default): graphs for training micro-steps of at most
+            `fastgemma.graphs.AUTO_MAX_TOKENS` tokens on one CUDA GPU, with gradient checkpointing,
+            fused ops and LoRA without dropout; every other call runs op by op (the log says once
+            what was chosen and why). True: graphs wherever they can run (a CPU runs the same path
+            without capture), otherwise compiled regions, with a warning. False: op by op. A batch
+            runs at a fixed bucket length (max_seq_length split into 8 steps; padding rows add
+            nothing to the results), so at most 8 lengths are recorded, each the first time it comes.
 
     Returns the same model. Calling it again only updates the settings; `unpatch_model`
     restores the original forwards.
@@ -104,13 +105,16 @@ def patch_model(
         raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
     if not isinstance(compile_layers, bool):
         raise ValueError(f"compile_layers must be True or False, got {compile_layers!r}")
-    if not isinstance(cuda_graphs, bool):
-        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    if (compile_layers or cuda_graphs) and isinstance(flex_kernel_options, str) and flex_kernel_options == "flash":
+    if not (isinstance(cuda_graphs, bool) or (isinstance(cuda_graphs, str) and cuda_graphs == "auto")):
+        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+    flash = isinstance(flex_kernel_options, str) and flex_kernel_options == "flash"
+    if (compile_layers or cuda_graphs is True) and flash:
         raise ValueError("flex_kernel_options='flash' runs FlashAttention 4 from fastgemma's own flex call, not "
-                         "inside compiled decoder layers: use it without compile_layers / cuda_graphs")
-    if cuda_graphs and fused_ops is False:
+                         "inside compiled decoder layers: use it without compile_layers / cuda_graphs=True")
+    if cuda_graphs is True and fused_ops is False:
         raise ValueError("cuda_graphs=True replays the fused, compiled layers: it needs fused_ops 'auto' or True")
+    if cuda_graphs == "auto" and (fused_ops is False or flash):
+        cuda_graphs = False  # auto picks the path those settings allow: op by op
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     patcher = _patcher_for(model)
@@ -129,8 +133,9 @@ def patch_model(
         "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
         summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length, fused_ops,
         flex_kernel_options, f"{softcap_tanh} -> {resolve_softcap_tanh(softcap_tanh, device)} on {device.type}",
-        "; cuda_graphs=True (compiled decoder layers replayed as CUDA graphs while training)" if cuda_graphs
-        else "; compile_layers=True (one compiled region per decoder layer while training)" if compile_layers else "",
+        "; cuda_graphs=True (compiled decoder layers replayed as CUDA graphs while training)" if cuda_graphs is True
+        else "; cuda_graphs=auto (CUDA-graphed decoder layers for short micro-steps on one GPU while training)"
+        if cuda_graphs == "auto" else "; compile_layers=True (one compiled region per decoder layer while training)" if compile_layers else "",
     )
     return model
 

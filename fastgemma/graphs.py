@@ -44,6 +44,9 @@ from .ops.compile import mark_dynamic
 logger = logging.getLogger("fastgemma")
 
 MAX_BUCKETS = 8  # distinct lengths per run: each one captures every layer anew (seconds, and pool memory)
+# cuda_graphs="auto" graphs micro-steps of at most this many tokens: below it the host's kernel launches bound
+# a step of a 2B-9B layer stack, above it the GPU is busy without graphs (the 4 x 4096 step ran as fast op by op).
+AUTO_MAX_TOKENS = 4096
 BUCKET_MULTIPLE = 128
 
 

@@ -32,7 +32,7 @@ from fastgemma.attention import (
     dense_softcap_attention,
     softcap_attention,
 )
-from fastgemma.graphs import GraphedLayers, StaticBinder, bucket_length, copy_padded, static_like
+from fastgemma.graphs import AUTO_MAX_TOKENS, GraphedLayers, StaticBinder, bucket_length, copy_padded, static_like
 from fastgemma.masks import (
     AttentionMask,
     BlockMaskCache,
@@ -115,7 +115,8 @@ class PatchState:
     cache: BlockMaskCache
     original_attn_implementation: object
     patched: dict = field(default_factory=dict)  # module -> its own `forward` attribute before, or None
-    graphs: object = None  # fastgemma.graphs.GraphedLayers when cuda_graphs is on
+    graphs: object = None  # fastgemma.graphs.GraphedLayers when cuda_graphs is on or "auto"
+    graph_mode: object = False  # patch_model's cuda_graphs: "auto", True or False
 
 
 # The per-module settings `patch` sets (and `unpatch` removes) beside the patched forwards.
@@ -407,48 +408,85 @@ def _compiled_layer():
 # --------------------------------------------------------------------------------------
 # CUDA-graphed layers (patch_model's cuda_graphs): fastgemma.graphs around the compiled layer body
 # --------------------------------------------------------------------------------------
-_graph_refusals: set = set()
+_graph_choices: set = set()
 
 
-def _refuse_graphs(reason: str, level=logging.WARNING) -> bool:
-    """Say once per reason why a training call runs without graphs (a silent fallback hid one such case)."""
-    if reason not in _graph_refusals:
-        _graph_refusals.add(reason)
-        logger.log(level, "fastgemma: cuda_graphs: %s; those layers run as compiled regions instead", reason)
+def _say_once(key, level, message: str, *args) -> None:
+    """Log a choice of the graphed path once per kind of choice (a silent fallback hid one such case)."""
+    if key not in _graph_choices:
+        _graph_choices.add(key)
+        logger.log(level, message, *args)
+
+
+def _refuse_graphs(reason: str, level=logging.WARNING, auto: bool = False) -> bool:
+    if auto:  # the default: fall back to the op-by-op layers, which is what auto would pick where graphs don't help
+        _say_once(("auto", reason), logging.INFO, "fastgemma: cuda_graphs=auto: %s; those layers run op by op",
+                  reason)
+    else:
+        _say_once(reason, level, "fastgemma: cuda_graphs: %s; those layers run as compiled regions instead", reason)
     return False
+
+
+def auto_graphs_decline(device_type: str, tokens: int, processes: int) -> str | None:
+    """Why cuda_graphs="auto" leaves a training call op by op, or None: graphs pay off only where the host's
+    kernel launches bound the step (short micro-steps on a CUDA GPU)."""
+    if device_type != "cuda":
+        return "not on a CUDA GPU"
+    if processes > 1:
+        return "several processes (the graphed layers are measured on one GPU only)"
+    if tokens > AUTO_MAX_TOKENS:
+        return f"micro-steps of more than {AUTO_MAX_TOKENS} tokens keep the GPU busy without graphs"
+    return None
+
+
+def _auto_declines(hidden_states) -> str | None:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return auto_graphs_decline(hidden_states.device.type, hidden_states.shape[0] * hidden_states.shape[1],
+                               torch.distributed.get_world_size() if distributed else 1)
 
 
 def _graphs_apply(layer, state, hidden_states, kwargs) -> bool:
     """Training with gradient checkpointing (the graphs checkpoint: they keep each layer's input only),
-    fused ops, a batch fastgemma masks, and layers whose every call computes the same function."""
+    fused ops, a batch fastgemma masks, and layers whose every call computes the same function; under
+    cuda_graphs="auto", also only where the host would bind the step."""
     if not (layer.training and _fused(layer, hidden_states)):
         return False  # inference: the usual path
+    auto = state.graph_mode == "auto"
+    if auto:
+        declined = _auto_declines(hidden_states)
+        if declined is not None:
+            return _refuse_graphs(declined, auto=True)
+    refuse = functools.partial(_refuse_graphs, auto=auto)
     if not layer.gradient_checkpointing:
-        return _refuse_graphs("gradient checkpointing is off (the graphed backward recomputes each layer, as "
-                              "checkpointing does)", logging.INFO)
+        return refuse("gradient checkpointing is off (the graphed backward recomputes each layer, as "
+                      "checkpointing does)", logging.INFO)
     if hidden_states.dim() != 3 or not isinstance(kwargs.get("attention_mask"), AttentionMask):
-        return _refuse_graphs("the batch comes with a mask of its own (a 4D mask or BlockMask)", logging.INFO)
+        return refuse("the batch comes with a mask of its own (a 4D mask or BlockMask)", logging.INFO)
     rotary = kwargs.get("position_embeddings")
     if not (isinstance(rotary, tuple) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary)):
-        return _refuse_graphs("the layer was not handed its rotary tables (position_embeddings)", logging.INFO)
+        return refuse("the layer was not handed its rotary tables (position_embeddings)", logging.INFO)
     # (Other keyword arguments, such as TRL's packed-sequence lengths for flash attention, are not read by
     # fastgemma's layer: the batch's masks were built from them already.)
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or kwargs.get("output_attentions"):
-        return _refuse_graphs("a KV cache or output_attentions is in use", logging.INFO)
+        return refuse("a KV cache or output_attentions is in use", logging.INFO)
     if _global_hooks():
-        return _refuse_graphs("global module hooks are set, which a graph would not call")
+        return refuse("global module hooks are set, which a graph would not call")
     plan = state.graphs.plan(layer)
     if any(_own_hooks(module) or "_hf_hook" in module.__dict__ for module in plan.modules):
-        return _refuse_graphs("a module of the decoder layer has hooks, which a graph would not call")
+        return refuse("a module of the decoder layer has hooks, which a graph would not call")
     lora_state = (plan.signature[0], plan.signature[2])  # modules and adapter states
     if lora_state not in _PLAIN_LORA_STATES:  # checked once per such state, not per call
         if not all(plain_lora_parts(m) is not None for m in plan.modules if "lora_A" in m._modules):
-            return _refuse_graphs("a LoRA layer is not in its plain state (dropout, several adapters, DoRA or merged), "
-                                  "and a graph would replay one random draw")
+            return refuse("a LoRA layer is not in its plain state (dropout, several adapters, DoRA or merged), "
+                          "and a graph would replay one random draw")
         _PLAIN_LORA_STATES.add(lora_state)
     if not state.graphs.accepts_length(_graph_length(state, hidden_states)):
-        return _refuse_graphs(f"batches came at more than {state.graphs.max_buckets} bucket lengths")
+        return refuse(f"batches came at more than {state.graphs.max_buckets} bucket lengths")
     kwargs["_fastgemma_plan"] = plan
+    if auto:
+        _say_once("auto on", logging.INFO, "fastgemma: cuda_graphs=auto: training on %s with checkpointing and "
+                  "micro-steps of <= %d tokens: decoder layers run as CUDA graphs (the first steps record them)",
+                  hidden_states.device, AUTO_MAX_TOKENS)
     return True
 
 
@@ -722,6 +760,7 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
                                modeling_gemma2.Gemma2MLP: mlp_forward}.get(type(module), norm_forward)
                     _swap_forward(module, forward, state)
             backbone._fastgemma_state = state
+        state.graph_mode = cuda_graphs
         if cuda_graphs and state.graphs is None and attentions:
             state.graphs = GraphedLayers(_graphed_body, Gemma2GraphInputs(attentions[0]), _lora_states)
         elif not cuda_graphs:
@@ -729,7 +768,8 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
         for module in state.patched:
             module._fastgemma_fused = fused_ops
             if isinstance(module, modeling_gemma2.Gemma2DecoderLayer):
-                module._fastgemma_compile_layers = compile_layers or cuda_graphs
+                # Under "auto" a layer is graphed or op by op, never a compiled region without graphs.
+                module._fastgemma_compile_layers = compile_layers or cuda_graphs is True
                 module._fastgemma_graph_state = state if cuda_graphs else None
         for attention in attentions:
             attention._fastgemma_backend = backend

@@ -169,7 +169,7 @@ def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplo
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    glue._graph_refusals.clear()
+    glue._graph_choices.clear()
     with caplog.at_level(logging.WARNING, logger="fastgemma"):
         packed_loss(model, [30, 20], 0).backward()
     assert "LoRA layer is not in its plain state" in caplog.text
@@ -191,13 +191,13 @@ def test_graphed_models_block_masks_have_room_past_the_longest_bucket():
     model = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), max_seq_length=2048, cuda_graphs=True)
     state = graph_state(model)
     assert state.cache.length == 2048 + 128 and graphs.bucket_length(2048, state.cache.max_seq_length) == 2048
-    fastgemma.patch_model(model, max_seq_length=2048)
+    fastgemma.patch_model(model, max_seq_length=2048, cuda_graphs=False)
     assert graph_state(model).cache.length == 2048 and graph_state(model).graphs is None
 
 
 def test_cuda_graphs_setting_is_checked():
     model = random_gemma2(tiny_gemma2_config())
-    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+    with pytest.raises(ValueError, match="cuda_graphs must be 'auto', True or False"):
         fastgemma.patch_model(model, cuda_graphs="yes")
     with pytest.raises(ValueError, match="needs fused_ops"):
         fastgemma.patch_model(model, cuda_graphs=True, fused_ops=False)
@@ -289,3 +289,54 @@ def test_graphed_layers_share_static_buffers_across_buckets_and_layers():
             x = torch.randn(2, tokens, 8)
             torch.testing.assert_close(sized(layers[0], x, (scale,), length, capacity=16), torch.tanh(layers[0](x)) * scale)
     assert [s.input.numel() for s in sized._storages[("cpu", torch.float32)]] == [2 * 16 * 8]
+
+
+@pytest.mark.parametrize("device_type, tokens, processes, declined", [
+    ("cuda", 2048, 1, None),
+    ("cuda", 4096, 1, None),
+    ("cuda", 4097, 1, "micro-steps of more than 4096 tokens"),
+    ("cuda", 16384, 1, "micro-steps of more than 4096 tokens"),
+    ("cpu", 2048, 1, "not on a CUDA GPU"),
+    ("cuda", 2048, 2, "several processes"),
+])
+def test_auto_graphs_only_short_micro_steps_on_one_gpu(device_type, tokens, processes, declined):
+    why = glue.auto_graphs_decline(device_type, tokens, processes)
+    assert why == declined if declined is None else declined in why
+
+
+def test_auto_is_the_default_and_runs_op_by_op_where_graphs_would_not_help(caplog):
+    """patch_model's default cuda_graphs="auto": on a CPU the layers run op by op (no recording, no compiled
+    region), the op-by-op results, and the log says once why."""
+    base = random_gemma2(tiny_gemma2_config(window=16))
+    _, reference = lora_models(copy.deepcopy(base), True, cuda_graphs=False)
+    _, auto = lora_models(copy.deepcopy(base), True)
+    assert graph_state(auto).graph_mode == "auto"
+    glue._graph_choices.clear()
+    with caplog.at_level(logging.INFO, logger="fastgemma"):
+        for _ in range(2):
+            auto_loss = packed_loss(auto, [30, 20], 0)
+            auto_loss.backward()
+    reference_loss = packed_loss(reference, [30, 20], 0)
+    reference_loss.backward()
+    assert caplog.text.count("cuda_graphs=auto: not on a CUDA GPU; those layers run op by op") == 1
+    assert graph_state(auto).graphs.captures == 0 and fastgemma.cuda_graph_lengths(auto) == []
+    assert torch.equal(auto_loss, reference_loss)
+
+
+def test_auto_falls_back_op_by_op_where_a_graph_would_be_wrong(monkeypatch, caplog):
+    """Where auto would graph (pretended here on a CPU) but cannot (LoRA dropout), the layers run op by op,
+    not as compiled regions, and the log says why once."""
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(glue, "_auto_declines", lambda hidden_states: None)
+    monkeypatch.setattr(glue, "_compiled_layer", lambda: pytest.fail("ran a compiled region under auto"))
+    model = fastgemma.patch_model(random_gemma2(tiny_gemma2_config(window=16)), max_seq_length=128, fused_ops=True)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    glue._graph_choices.clear()
+    with caplog.at_level(logging.INFO, logger="fastgemma"):
+        packed_loss(model, [30, 20], 0).backward()
+    assert "cuda_graphs=auto: a LoRA layer is not in its plain state" in caplog.text
+    assert "those layers run op by op" in caplog.text
+    assert graph_state(model).graphs.captures == 0
