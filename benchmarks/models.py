@@ -9,7 +9,7 @@ import torch
 
 from . import common as C
 
-IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager",
+IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager", "fastgemma-ops": "eager",
         "fastgemma-attn": "eager", "fastgemma-layers": "eager", "fastgemma-graphs": "eager",
         "fastgemma-flash": "eager"}
 # patch_model's settings per fastgemma contender. fastgemma-attn: attention only, to measure what the fused
@@ -17,7 +17,8 @@ IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fas
 # fastgemma-graphs: those regions replayed as per-layer CUDA graphs (cuda_graphs=True); fastgemma-flash:
 # FlashAttention 4's kernels under flex_attention (flex_kernel_options="flash"; needs flash-attn-4).
 FASTGEMMA_PATCH = {
-    "fastgemma": {"fused_ops": "auto"},
+    "fastgemma": {},  # patch_model's defaults: what the README's snippet runs
+    "fastgemma-ops": {"cuda_graphs": False},  # the op-by-op layers, for the graphs' memory and speed
     "fastgemma-attn": {"fused_ops": False},
     "fastgemma-layers": {"fused_ops": "auto", "compile_layers": True},
     "fastgemma-graphs": {"fused_ops": "auto", "cuda_graphs": True},

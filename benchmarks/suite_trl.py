@@ -361,8 +361,21 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
     trainer.train()
     C.sync(device)
     out = summarize(clock, probe, trainer, accum, args.trl_warmup, t_load0, t_loaded, t_trainer, C.peak_mib(device))
+    # Reserved counts what allocated does not: CUDA graph pools, and blocks cached for other streams.
+    out["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+    out["graph_lengths"] = _graph_lengths(model)
     del trainer, model
     return out
+
+
+def _graph_lengths(model) -> list:
+    """The bucket lengths fastgemma recorded CUDA graphs at ([] when it ran op by op, or is not in use)."""
+    import fastgemma
+
+    try:
+        return fastgemma.cuda_graph_lengths(model)
+    except ValueError:  # not a fastgemma-patchable model (another contender's wrapper)
+        return []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -600,8 +613,8 @@ def run(args, device: torch.device) -> C.SuiteResult:
 
 def table(rows: list[dict]) -> str:
     headers = ["model", "micro-batch × accum", "contender", "status", "1st step from train() s",
-               "1st step from load s", "tokens/s", "GPU busy", "vs HF eager", "vs HF flex", "peak GiB", "steps",
-               "loss@1"]
+               "1st step from load s", "tokens/s", "GPU busy", "vs HF eager", "vs HF flex", "peak GiB",
+               "peak reserved GiB", "graphed lengths", "steps", "loss@1"]
     keyf = ("model", "config")
     out = []
     for r in rows:
@@ -618,6 +631,8 @@ def table(rows: list[dict]) -> str:
             C.fmt_ratio(C.ratio(r, rows, keyf, "tokens_per_s", "hf-eager", True)) if ok else "-",
             C.fmt_ratio(C.ratio(r, rows, keyf, "tokens_per_s", "hf-flex", True)) if ok else "-",
             C.fmt(r["peak_mib"] / 1024 if r.get("peak_mib") else None, 2),
+            C.fmt(r["peak_reserved_mib"] / 1024 if r.get("peak_reserved_mib") else None, 2),
+            ",".join(map(str, r["graph_lengths"])) if r.get("graph_lengths") else "-",
             r.get("steps_done", "-"),
             C.fmt(r.get("loss_first"), 4),
         ])
