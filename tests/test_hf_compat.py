@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+import transformers
 
 import fastgemma
 from conftest import padding_mask, random_gemma2, relative_error, tiny_gemma2_config
@@ -201,7 +202,10 @@ def test_generation_that_returns_attention_weights_runs(kind):
         kwargs["prompt_lookup_num_tokens"] = 3
     else:
         kwargs["assistant_model"] = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128)
-    expected = reference.generate(prompt, **kwargs)
+    try:
+        expected = reference.generate(prompt, **kwargs)
+    except RuntimeError as error:  # transformers 5.17: assisted decoding crops no sliding-window cache layer
+        pytest.skip(f"stock transformers {transformers.__version__} fails here too: {error}")
     actual = patched.generate(prompt, **kwargs)
     assert torch.equal(actual.sequences, expected.sequences)
     assert len(actual.attentions) == len(expected.attentions)
