@@ -405,6 +405,24 @@ def test_flash_calls_get_a_mask_its_tiles_divide(monkeypatch, hopper, choice, he
     assert attention.uses_flash(attention.FLASH_OPTIONS) and not attention.uses_flash({"bwd_num_warps": 8})
 
 
+def test_padded_batches_keep_triton_kernels_when_flash_is_asked_for(monkeypatch, hopper):
+    """A padded batch's score function (uniform rows) is checked on Triton's kernels only: it keeps them."""
+    from fastgemma import attention
+
+    class PaddedStandIn(_MaskStandIn):
+        def flex_inputs(self, device):
+            return {"query_ids": "query ids", "key_ids": "key ids"}
+
+    hopper(True)
+    calls = []
+    monkeypatch.setattr(attention, "flex_softcap_attention",
+                        lambda q, k, v, block_mask, scale, softcap, **kw: calls.append((block_mask, kw)) or "out")
+    query = _QueryOn("cuda", 256)
+    attention._flex_on_gpu(query, None, None, PaddedStandIn(), 1.0, 50.0, "flash", "auto")
+    assert calls == [("block mask, kv_block=None", {"kernel_options": tuned_flex_kernel_options(query),
+                                                    "softcap_tanh": "auto", "query_ids": "query ids"})]
+
+
 def test_flash_kernels_get_torch_tanh_in_their_score_function(monkeypatch):
     """The approximate tanh is a Triton-only op: FLASH calls get the exact score function and a compiled
     entry of their own, Triton calls keep the approximate one where it is asked for."""
