@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 
 from . import fast_tanh
-from .masks import AttentionMask
+from .masks import DENSE_UNIFORM, AttentionMask, uniform_rows
 
 logger = logging.getLogger("fastgemma")
 
@@ -136,8 +136,9 @@ def dense_softcap_attention(
 ):
     """Reference-style dense attention; scores and softmax in float32.
 
-    `mask` is None, a bool "allowed" tensor, or an additive float tensor, broadcastable
-    to (batch, 1, q_len, kv_len). GQA without copying keys: query heads are grouped
+    `mask` is None, a bool "allowed" tensor, an additive float tensor, or a padded batch's int8
+    mask (`AttentionMask.dense`: its DENSE_UNIFORM rows average their keys uniformly, as HF eager),
+    broadcastable to (batch, 1, q_len, kv_len). GQA without copying keys: query heads are grouped
     under their key head. A query with no allowed key outputs 0, never NaN.
     With `return_weights`, returns ``(output, weights)``, the (batch, heads, q_len, kv_len)
     probabilities in value's dtype, as Hugging Face's eager attention returns them.
@@ -152,6 +153,9 @@ def dense_softcap_attention(
     has_key = None
     if mask is not None:
         mask = mask.unsqueeze(2)  # broadcast over the group dimension
+        if mask.dtype == torch.int8:  # uniform rows: scores exactly 0, gradients kept (masks.uniform_rows)
+            scores = torch.where(mask == DENSE_UNIFORM, scores - scores.detach(), scores)
+            mask = mask != 0
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
             has_key = mask.any(-1, keepdim=True)
@@ -225,9 +229,13 @@ def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def flex_softcap_attention(
-    query, key, value, block_mask, scale, softcap, compiled=True, kernel_options=None, softcap_tanh="auto"
+    query, key, value, block_mask, scale, softcap, compiled=True, kernel_options=None, softcap_tanh="auto",
+    query_ids=None,
 ):
     """flex_attention with a softcap score function; inputs are padded to the block mask's length.
+
+    `query_ids`: a padded batch's (`AttentionMask.flex_inputs`), whose uniform rows the score function
+    then flattens (`masks.uniform_rows`); None otherwise.
 
     `kernel_options` go to flex_attention unchanged on the compiled (GPU) path: Triton options (block
     sizes, warps, stages; ``fwd_`` / ``bwd_`` prefixes address one direction), or `FLASH_OPTIONS`;
@@ -241,6 +249,8 @@ def flex_softcap_attention(
     approx = (compiled and not uses_flash(kernel_options)
               and resolve_softcap_tanh(softcap_tanh, query.device) == "approx")
     score_mod = None if softcap is None else tanh_softcap(float(softcap), approx=approx)
+    if query_ids is not None:
+        score_mod = uniform_rows(query_ids, score_mod)
     enable_gqa = query.shape[1] != key.shape[1]
     length, padded = query.shape[-2], block_mask.seq_lengths[0]
     query, key, value = (_pad_length(t, padded) for t in (query, key, value))
@@ -258,6 +268,8 @@ def flex_softcap_attention(
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
             # One compiled entry per score function and kernel family (Triton or FlashAttention 4).
             score_key = None if softcap is None else ("softcap", float(softcap), approx)
+            if query_ids is not None:
+                score_key = ("uniform rows", score_key)
             out = _compiled_flex(score_key, "flash" if uses_flash(kernel_options) else "triton")(
                 query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
                 kernel_options=kernel_options,
@@ -410,9 +422,13 @@ def resolve_backend(backend: str, query, key, mask, dropout_p: float = 0.0) -> s
 def _flex_on_gpu(query, key, value, mask: AttentionMask, scale, softcap, kernel_options, softcap_tanh):
     """Compiled flex_attention with the kernels `kernel_options` picks (`flex_kernel_options_for`)."""
     kernel_options = flex_kernel_options_for(kernel_options, query)
+    query_ids = mask.flex_inputs(query.device).get("query_ids")
+    if query_ids is not None and uses_flash(kernel_options):
+        kernel_options = tuned_flex_kernel_options(query)  # padded batches' score function is checked on Triton only
     kv_block = FLASH_KV_BLOCK.get(query.shape[-1]) if uses_flash(kernel_options) else None
     return flex_softcap_attention(query, key, value, mask.block_mask(query.device, kv_block=kv_block), scale,
-                                  softcap, kernel_options=kernel_options, softcap_tanh=softcap_tanh)
+                                  softcap, kernel_options=kernel_options, softcap_tanh=softcap_tanh,
+                                  query_ids=query_ids)
 
 
 def softcap_attention(
@@ -454,7 +470,8 @@ def softcap_attention(
         if chosen == "flex":
             if query.device.type != "cuda":  # uncompiled flex (CPU forward): no kernel options
                 return flex_softcap_attention(query, key, value, mask.block_mask(query.device), scale, softcap,
-                                              compiled=False, softcap_tanh=softcap_tanh)
+                                              compiled=False, softcap_tanh=softcap_tanh,
+                                              query_ids=mask.flex_inputs(query.device).get("query_ids"))
             return _flex_on_gpu(query, key, value, mask, scale, softcap, kernel_options, softcap_tanh)
         dense = mask.dense(query.device)
     else:

@@ -5,9 +5,11 @@ A mask is described once, by a *mask function* in the flex_attention signature
 backends: flex_attention evaluates it inside its kernel, and the dense backends
 evaluate it on broadcast index grids (``dense_mask``).
 
-Packed documents and padding are carried as *segment ids*: one integer per token,
-equal for tokens of the same document, ``PAD_SEGMENT`` (-1) for padding. A token
-sees a key only when both have the same non-negative segment id.
+Packed documents are carried as *segment ids*: one integer per token, equal for tokens
+of the same document. Padding (a 2D ``attention_mask``'s zeros) is carried apart, as a
+per-token flag, and follows Hugging Face eager exactly: it hides keys only. A padded query
+still sees the real keys before it (causal, within the window and its document); a query
+left with no real key at all averages every key of its row uniformly (see `padding_ids`).
 
 Model-agnostic: nothing here knows about Gemma 2.
 """
@@ -23,8 +25,16 @@ import torch
 
 logger = logging.getLogger("fastgemma")
 
-PAD_SEGMENT = -1
+PAD_SEGMENT = -1  # segment id of keys never seen: padding, and the fill past a batch's tokens
 BLOCK_SIZE = 128  # flex_attention's sparse block size
+
+# Ids of padded batches (`padding_ids`) beside documents (>= 0) and PAD_SEGMENT:
+UNIFORM_ROW = -3  # a query with no real key to see: it averages every key of its row uniformly
+_TAIL_KEY = -2  # a key past the batch's tokens (the fill to a block multiple): never seen
+_TAIL_QUERY = -4  # a query past the batch's tokens: sees nothing
+
+# Entries of a padded batch's dense mask (int8): hidden, allowed, or a key of a uniform row.
+DENSE_UNIFORM = 2
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,7 +60,7 @@ def sliding_window(window: int) -> MaskMod:
 
 
 def within_segments(segment_ids: torch.Tensor, inner: MaskMod) -> MaskMod:
-    """`inner`, restricted to pairs in the same segment (document); padding (-1) sees nothing.
+    """`inner`, restricted to pairs in the same segment (document); PAD_SEGMENT (-1) sees nothing.
 
     `segment_ids` is (batch, length) and must cover every index the kernel may ask about,
     so callers pad it to a multiple of BLOCK_SIZE with PAD_SEGMENT.
@@ -62,6 +72,37 @@ def within_segments(segment_ids: torch.Tensor, inner: MaskMod) -> MaskMod:
         return inner(b, h, q_idx, kv_idx) & (q_seg == kv_seg) & (kv_seg >= 0)
 
     return same_segment
+
+
+def real_keys(query_ids: torch.Tensor, key_ids: torch.Tensor, inner: MaskMod) -> MaskMod:
+    """`inner`, restricted to the real keys of the query's document; a UNIFORM_ROW query sees every key of its row.
+
+    `query_ids` and `key_ids` come from `padding_ids`: padded keys (PAD_SEGMENT) match no query's document.
+    The uniform rows' keys are all those before the tail, future ones included, as in HF eager's softmax
+    over a row of equal scores; `uniform_rows` makes those scores equal.
+    """
+
+    def real_keys_of_the_document(b, h, q_idx, kv_idx):
+        q_id, kv_id = query_ids[b, q_idx], key_ids[b, kv_idx]
+        return (inner(b, h, q_idx, kv_idx) & (q_id == kv_id)) | ((q_id == UNIFORM_ROW) & (kv_id >= PAD_SEGMENT))
+
+    return real_keys_of_the_document
+
+
+def uniform_rows(query_ids: torch.Tensor, score_mod=None):
+    """`score_mod` (or the raw score), with every score of a UNIFORM_ROW query set to exactly 0, gradients kept.
+
+    ``s - s.detach()`` is 0, so the row's softmax is exactly uniform, while its derivative is 1: the
+    backward is that of HF eager's ``softmax(s + finfo.min)``, whose sum rounds to one value for every key
+    but passes gradients through the scores unchanged. (Checked on compiled flex_attention's GPU backward.)
+    """
+
+    def uniform_row_scores(score, b, h, q_idx, kv_idx):
+        if score_mod is not None:
+            score = score_mod(score, b, h, q_idx, kv_idx)
+        return torch.where(query_ids[b, q_idx] == UNIFORM_ROW, score - score.detach(), score)
+
+    return uniform_row_scores
 
 
 def causal_mask_mod(window: Optional[int]) -> MaskMod:
@@ -142,17 +183,52 @@ class DeferredCheck:
             raise ValueError(self.message() if callable(self.message) else self.message)
 
 
-def segments_from_padding_mask(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """Segment ids for a 2D keep-mask (1 = real token), or None when the batch is right-padded.
+def real_tokens_from_padding_mask(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The real tokens (bool) of a 2D padding mask (1 = real token), or None when no token is padding.
 
-    Right padding needs no mask beyond causal: real tokens come first, so causality alone
-    keeps them from seeing the padding after them, and padded positions carry no loss.
-    Anything else (left padding, holes) gets per-token segments: real tokens 0, padding -1.
+    Padding on any side needs its own mask: padded queries still attend to the real keys before them,
+    as in HF eager, so not even right padding reduces to plain causal attention.
     """
-    keep = attention_mask.bool()
-    if bool((keep[:, 1:] <= keep[:, :-1]).all()):  # every row is 1...1 0...0
+    real = attention_mask.bool()
+    if bool(real.all()):
         return None
-    return torch.where(keep, 0, PAD_SEGMENT)
+    return real
+
+
+def padding_ids(real_tokens: torch.Tensor, segment_ids: Optional[torch.Tensor], window: Optional[int],
+                length: Optional[int] = None):
+    """(query_ids, key_ids): what a padded batch's mask reads, each (batch, length) int32.
+
+    key_ids: the key's document, or PAD_SEGMENT for padding (hidden from every query). query_ids: the
+    query's document, or UNIFORM_ROW when it sees no real key: causality (and the window) leaves it only
+    padding, as for left padding before the first real token. HF eager then adds finfo.min to every score
+    of that row, and the softmax averages all of the row's keys uniformly, future ones included; fastgemma
+    computes exactly that, gradients included (`real_keys`, `uniform_rows`), rather than an output of 0,
+    so that every position (the last left pad predicts the first real token) matches HF eager. It costs
+    attention over the whole row for those queries only. Past the batch's tokens, up to `length`, the ids
+    are _TAIL_QUERY and _TAIL_KEY: nothing there is seen.
+
+    Documents (`segment_ids`, None for one per row) are contiguous runs of tokens.
+    """
+    batch, tokens = real_tokens.shape
+    device = real_tokens.device
+    positions = torch.arange(tokens, device=device)
+    documents = torch.zeros(batch, tokens, dtype=torch.int32, device=device) if segment_ids is None \
+        else segment_ids.to(device=device, dtype=torch.int32)
+    key_ids = torch.where(real_tokens, documents, PAD_SEGMENT)
+    # The nearest real key a query may see is the last real token at or before it.
+    last_real = torch.cummax(torch.where(real_tokens, positions, -1), dim=-1).values
+    sees_a_key = last_real >= 0
+    if segment_ids is not None:
+        sees_a_key &= documents.gather(-1, last_real.clamp_min(0)) == documents
+    if window is not None:
+        sees_a_key &= positions - last_real < window
+    query_ids = torch.where(sees_a_key, documents, UNIFORM_ROW)
+    missing = (length or tokens) - tokens
+    if missing > 0:
+        key_ids = torch.nn.functional.pad(key_ids, (0, missing), value=_TAIL_KEY)
+        query_ids = torch.nn.functional.pad(query_ids, (0, missing), value=_TAIL_QUERY)
+    return query_ids.to(torch.int32), key_ids.to(torch.int32)
 
 
 def pad_segments(segment_ids: torch.Tensor, length: int) -> torch.Tensor:
@@ -195,6 +271,26 @@ def _block_grids(num_blocks, valid_length, window, segment_ids, device):
         partial = partial & overlap[:, None]
         full = full & one_segment[:, None]
     return partial, full
+
+
+def _padded_block_grids(num_blocks, window, query_ids, key_ids, device):
+    """`_block_grids` for a padded batch (`padding_ids`): documents from the real keys and the queries that see one,
+    plus, for query tiles holding a UNIFORM_ROW query, every key tile before the tail (future ones included)."""
+    partial, full = _block_grids(num_blocks, num_blocks * BLOCK_SIZE, window, None, device)
+    batch = query_ids.shape[0]
+    q_tiles = query_ids.view(batch, num_blocks, BLOCK_SIZE)
+    kv_tiles = key_ids.view(batch, num_blocks, BLOCK_SIZE)
+    beyond = torch.iinfo(torch.int32).max
+    # document ranges of the queries that see real keys, and of the real keys (negative ids left out)
+    q_lo, q_hi = torch.where(q_tiles >= 0, q_tiles, beyond).amin(-1), q_tiles.amax(-1)
+    kv_lo, kv_hi = torch.where(kv_tiles >= 0, kv_tiles, beyond).amin(-1), kv_tiles.amax(-1)
+    overlap = ((q_hi[:, :, None] >= 0) & (kv_hi[:, None, :] >= 0)
+               & (kv_lo[:, None, :] <= q_hi[:, :, None]) & (q_lo[:, :, None] <= kv_hi[:, None, :]))
+    # full: every query and every key of the tile in one document (so no padding, no uniform row)
+    one_document = ((q_tiles.amin(-1) == q_hi)[:, :, None] & (kv_tiles.amin(-1) == kv_hi)[:, None, :]
+                    & (q_hi[:, :, None] == kv_hi[:, None, :]) & (kv_hi[:, None, :] >= 0))
+    uniform = (q_tiles == UNIFORM_ROW).any(-1)[:, :, None] & (kv_tiles >= PAD_SEGMENT).any(-1)[:, None, :]
+    return (partial & overlap[:, None]) | uniform[:, None], full & one_document[:, None]
 
 
 def _to_block_indices(blocks: torch.Tensor):
@@ -329,7 +425,7 @@ class BlockMaskCache:
                 self._grids[grid_key] = _block_grids(padded // BLOCK_SIZE, padded, window, None, device)
             partial, full = self._grids[grid_key]
             valid = torch.arange(padded // BLOCK_SIZE, device=device) < math.ceil(length / BLOCK_SIZE)
-            valid_rows = valid[:, None]  # tiles of padding queries: nothing to compute
+            valid_rows = valid[:, None]  # query tiles past the batch's tokens: nothing to compute
             mask = make_block_mask(partial & valid_rows, full & valid_rows, causal_mask_mod(window), padded)
             if len(self._masks) >= self.MAX_KEPT:
                 self._masks.pop(next(iter(self._masks)))
@@ -340,14 +436,25 @@ class BlockMaskCache:
 # --------------------------------------------------------------------------------------
 # The mask object handed to attention layers
 # --------------------------------------------------------------------------------------
+def flex_mask_mod(inputs: dict, window: Optional[int]) -> MaskMod:
+    """The mask function over `AttentionMask.flex_inputs`-style tensors: plain, packed, or padded."""
+    inner = causal_mask_mod(window)
+    if "query_ids" in inputs:
+        return real_keys(inputs["query_ids"], inputs["key_ids"], inner)
+    if "segments" in inputs:
+        return within_segments(inputs["segments"], inner)
+    return inner
+
+
 @dataclass(eq=False)
 class AttentionMask:
     """Everything an attention layer needs to know about one batch's mask, for one layer type.
 
     Queries and keys both start at position 0 (training, or a prefill with an empty cache).
-    `segment_ids` is None for a plain causal batch (no packing, no padding that matters),
-    else (batch, length) ids per document with -1 for padding. Block and dense masks are
-    built lazily, once, and shared by every layer this object is handed to.
+    `segment_ids` is None for one document per row, else (batch, length) document ids (>= 0,
+    each document a contiguous run). `real_tokens` is None without padding, else (batch, length)
+    bool, False for padding (see `padding_ids` for what padded positions see). Block and dense
+    masks are built lazily, once, and shared by every layer this object is handed to.
     """
 
     q_len: int
@@ -355,15 +462,26 @@ class AttentionMask:
     window: Optional[int] = None
     segment_ids: Optional[torch.Tensor] = None
     cache: Optional[BlockMaskCache] = None
+    real_tokens: Optional[torch.Tensor] = None
     _block_mask: object = field(default=None, repr=False)
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
     _narrow_block_masks: dict = field(default_factory=dict, repr=False)  # kv_block -> BlockMask
+    _flex_inputs: Optional[dict] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.q_len != self.kv_len:
             raise ValueError(f"AttentionMask needs q_len == kv_len, got {self.q_len} and {self.kv_len}")
-        if self.segment_ids is not None and (self.segment_ids.dim() != 2 or self.segment_ids.shape[-1] != self.kv_len):
-            raise ValueError(f"segment_ids must be (batch, {self.kv_len}), got {tuple(self.segment_ids.shape)}")
+        for name in ("segment_ids", "real_tokens"):
+            tensor = getattr(self, name)
+            if tensor is not None and (tensor.dim() != 2 or tensor.shape[-1] != self.kv_len):
+                raise ValueError(f"{name} must be (batch, {self.kv_len}), got {tuple(tensor.shape)}")
+
+    @property
+    def kind(self) -> str:
+        """"plain", "packed" or "padded": which mask function (and compiled kernel) the batch needs."""
+        if self.real_tokens is not None or "query_ids" in (self._flex_inputs or {}):
+            return "padded"
+        return "packed" if self.segment_ids is not None or self._flex_inputs else "plain"
 
     @property
     def padded_length(self) -> int:
@@ -373,9 +491,29 @@ class AttentionMask:
     def _segments(self, device, length):
         return pad_segments(self.segment_ids.to(device=device, dtype=torch.int32), length)
 
+    def _padding_ids(self, device, length):
+        real = self.real_tokens.to(device=device, dtype=torch.bool)
+        segments = None if self.segment_ids is None else self.segment_ids.to(device)
+        return padding_ids(real, segments, self.window, length)
+
+    def flex_inputs(self, device) -> dict:
+        """The batch's tensors the flex mask and score functions read, at `padded_length`: {} (plain),
+        {"segments"} (packed) or {"query_ids", "key_ids"} (padded)."""
+        if self._flex_inputs is None:
+            if self.real_tokens is not None:
+                query_ids, key_ids = self._padding_ids(device, self.padded_length)
+                self._flex_inputs = {"query_ids": query_ids, "key_ids": key_ids}
+            elif self.segment_ids is not None:
+                self._flex_inputs = {"segments": self._segments(device, self.padded_length)}
+            else:
+                self._flex_inputs = {}
+        return self._flex_inputs
+
     def mask_mod(self, device) -> MaskMod:
-        """This batch's mask as a mask function (what the dense backends evaluate)."""
+        """This batch's mask as a mask function (uniform rows of a padded batch see their whole row)."""
         inner = causal_mask_mod(self.window)
+        if self.real_tokens is not None:
+            return real_keys(*self._padding_ids(device, round_up(self.kv_len)), inner)
         if self.segment_ids is None:
             return inner
         return within_segments(self._segments(device, round_up(self.kv_len)), inner)
@@ -385,6 +523,7 @@ class AttentionMask:
 
         `kv_block`: key blocks of that many keys (a divisor of BLOCK_SIZE) instead of BLOCK_SIZE, for
         kernels whose tiles span fewer keys (`split_kv_blocks`); built from the same mask, kept apart.
+        A padded batch's flex call also needs `uniform_rows` over its query ids (flex_inputs).
         """
         if kv_block is not None and kv_block != BLOCK_SIZE:
             if kv_block not in self._narrow_block_masks:
@@ -392,19 +531,31 @@ class AttentionMask:
             return self._narrow_block_masks[kv_block]
         if self._block_mask is None:
             length = self.padded_length
-            if self.segment_ids is None:
+            inputs = self.flex_inputs(device)
+            if not inputs:
                 cache = self.cache or BlockMaskCache(length)
                 self._block_mask = cache.get(self.kv_len, self.window, device)
             else:
-                segments = self._segments(device, length)
-                partial, full = _block_grids(length // BLOCK_SIZE, length, self.window, segments, device)
-                mask_mod = within_segments(segments, causal_mask_mod(self.window))
-                self._block_mask = make_block_mask(partial, full, mask_mod, length)
+                if "query_ids" in inputs:
+                    partial, full = _padded_block_grids(length // BLOCK_SIZE, self.window, inputs["query_ids"],
+                                                        inputs["key_ids"], device)
+                else:
+                    partial, full = _block_grids(length // BLOCK_SIZE, length, self.window, inputs["segments"], device)
+                self._block_mask = make_block_mask(partial, full, flex_mask_mod(inputs, self.window), length)
         return self._block_mask
 
     def dense(self, device) -> torch.Tensor:
-        """A (batch or 1, 1, q_len, kv_len) bool mask for the dense backends."""
+        """A (batch or 1, 1, q_len, kv_len) mask for the dense backends: bool (allowed), or for a padded
+        batch int8: 1 allowed, 0 hidden, DENSE_UNIFORM for every key of a uniform row (see `padding_ids`)."""
         if self._dense is None:
-            batch = 1 if self.segment_ids is None else self.segment_ids.shape[0]
-            self._dense = dense_mask(self.mask_mod(device), batch, self.q_len, self.kv_len, device)
+            if self.real_tokens is not None:
+                query_ids, key_ids = self._padding_ids(device, self.kv_len)
+                batch = query_ids.shape[0]
+                inner = causal_mask_mod(self.window)
+                allowed = dense_mask(real_keys(query_ids, key_ids, inner), batch, self.q_len, self.kv_len, device)
+                uniform = (query_ids == UNIFORM_ROW)[:, None, :, None]
+                self._dense = torch.where(uniform, DENSE_UNIFORM, allowed.to(torch.int8)).to(torch.int8)
+            else:
+                batch = 1 if self.segment_ids is None else self.segment_ids.shape[0]
+                self._dense = dense_mask(self.mask_mod(device), batch, self.q_len, self.kv_len, device)
         return self._dense

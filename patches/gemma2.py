@@ -10,7 +10,7 @@ independent; each patched module gets its own ``forward`` attribute, a ``Patched
   and keeps HF's gradient checkpointing (wherever this transformers version runs it); with
   ``compile_layers`` the whole layer, checkpointing included, is one compiled region while training;
 - ``Gemma2Model.forward`` first describes the batch's masks as ``AttentionMask`` objects
-  (causal / sliding, with packed documents or padding as segment ids) and hands them to
+  (causal / sliding, with packed documents as segment ids, padding as real-token flags) and hands them to
   HF's forward as a prepared mask mapping, so HF never materialises its dense
   (batch, 1, T, T) masks. While decoding with a filled KV cache it leaves masks to HF.
 """
@@ -36,11 +36,11 @@ from fastgemma.graphs import AUTO_MAX_TOKENS, GraphedLayers, StaticBinder, bucke
 from fastgemma.masks import (
     AttentionMask,
     BlockMaskCache,
+    flex_mask_mod,
+    real_tokens_from_padding_mask,
     segments_from_cu_seqlens,
-    segments_from_padding_mask,
     segments_from_position_ids,
 )
-from fastgemma.masks import causal_mask_mod, within_segments
 from fastgemma.ops.lora import plain_lora_parts
 from fastgemma.ops import (
     gelu_tanh_gate,
@@ -550,9 +550,10 @@ class Gemma2GraphInputs(StaticBinder):
         cos, sin, mask = sources
         if _reads_block_masks(self.attention, cos.device):
             block = mask.block_mask(cos.device)
-            kind = ("flex", mask.segment_ids is not None, tuple(block.kv_indices.shape), block.seq_lengths)
+            kind = ("flex", mask.kind, tuple(block.kv_indices.shape), block.seq_lengths)
         else:
-            kind = ("dense", tuple(mask.dense(cos.device).shape[:2]))
+            dense = mask.dense(cos.device)
+            kind = ("dense", tuple(dense.shape[:2]), dense.dtype)  # int8 for padded batches (uniform rows)
         return (mask.window, kind, tuple(cos.shape[:1]), cos.shape[-1], cos.dtype, str(cos.device), length)
 
     def make(self, sources, length):
@@ -569,11 +570,13 @@ class Gemma2GraphInputs(StaticBinder):
                 tensor = getattr(block, name)
                 if tensor is not None:
                     setattr(block, name, tensor.clone())
-            if mask.segment_ids is not None:  # the mask function reads the batch's segments: static ones
-                static["segments"] = mask._segments(device, block.seq_lengths[0]).clone()
-                block.mask_mod = within_segments(static["segments"], causal_mask_mod(mask.window))
+            # the mask (and a padded batch's score) function reads the batch's segments: static copies
+            static["flex_inputs"] = {name: t.clone() for name, t in mask.flex_inputs(device).items()}
+            if static["flex_inputs"]:
+                block.mask_mod = flex_mask_mod(static["flex_inputs"], mask.window)
             static["block"] = block
-            static_mask = AttentionMask(length, length, window=mask.window, _block_mask=block)
+            static_mask = AttentionMask(length, length, window=mask.window, _block_mask=block,
+                                        _flex_inputs=static["flex_inputs"])
         else:
             dense = mask.dense(device)
             static["dense"] = static_like(dense, length, dims=(2, 3), fill=False)
@@ -591,8 +594,9 @@ class Gemma2GraphInputs(StaticBinder):
                 target = getattr(static["block"], name)
                 if target is not None:
                     target.copy_(getattr(block, name))
-            if "segments" in static:
-                static["segments"].copy_(mask._segments(cos.device, static["segments"].shape[-1]))
+            inputs = mask.flex_inputs(cos.device)
+            for name, target in static["flex_inputs"].items():
+                target.copy_(inputs[name])
         else:
             copy_padded(static["dense"], mask.dense(cos.device), dims=(2, 3), fill=False)
 
@@ -638,7 +642,7 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
     """
     if kv_cache is not None and not _cache_is_plain(kv_cache, length, config):
         return None  # decoding, or a static cache's fixed key length: HF's dense masks
-    segments = None
+    segments = real_tokens = None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             return None  # a custom 4D mask or BlockMask: HF passes it through
@@ -646,7 +650,7 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, length) = {(batch, length)}"
             )
-        segments = segments_from_padding_mask(attention_mask.to(device))
+        real_tokens = real_tokens_from_padding_mask(attention_mask.to(device))
     elif kv_cache is None:
         cu_seqlens = extra.get("cu_seq_lens_q")
         seq_idx = extra.get("seq_idx")
@@ -661,7 +665,7 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
     return {
         layer_type: AttentionMask(
             length, length, window=config.sliding_window if layer_type == "sliding_attention" else None,
-            segment_ids=segments, cache=cache,
+            segment_ids=segments, cache=cache, real_tokens=real_tokens,
         )
         for layer_type in ("full_attention", "sliding_attention")
     }

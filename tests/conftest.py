@@ -39,16 +39,23 @@ def random_gemma2(config, seed=0, dtype=torch.float32, device="cpu"):
 
 
 def reference_attention(query, key, value, allowed, scale, softcap):
-    """Softcapped attention in float64, straight from the definition. `allowed` is bool (B|1, 1, Q, K)."""
+    """Softcapped attention in float64, as HF eager computes it. `allowed` is bool (B|1, 1, Q, K), or a padded
+    batch's int8 dense mask (only its 1s are allowed pairs).
+
+    HF eager adds finfo.min to the scores of hidden keys: a query with no allowed key then averages every
+    key of its row uniformly (the sums round to one value), with gradients through its scores.
+    """
+    if allowed.dtype == torch.int8:
+        allowed = allowed == 1
     q, k, v = (t.double() for t in (query, key, value))
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = q @ k.transpose(-1, -2) * scale
     scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no key outputs 0
-    return probs @ v
+    hidden = torch.tensor(torch.finfo(torch.float64).min, dtype=torch.float64, device=scores.device)
+    scores = scores + torch.where(allowed, 0.0, hidden)
+    return torch.softmax(scores, dim=-1) @ v
 
 
 def relative_error(actual, expected):

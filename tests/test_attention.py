@@ -16,7 +16,7 @@ from fastgemma.attention import (
     softcap_attention,
     tuned_flex_kernel_options,
 )
-from fastgemma.masks import PAD_SEGMENT, AttentionMask
+from fastgemma.masks import DENSE_UNIFORM, AttentionMask
 
 FP32_TOLERANCE = 1e-4  # float32 against float64; inputs are fresh each run (hash-seeded), and 1e-5 was once exceeded (1.7e-5)
 
@@ -30,28 +30,40 @@ def random_qkv(heads, kv_heads, length, head_dim, seed, batch=1):
     return [t.requires_grad_() for t in (query, key, value)]
 
 
-def packed_segments(lengths, pad=0):
-    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    return torch.cat([ids, torch.full((pad,), PAD_SEGMENT)])[None]
+def packed_segments(lengths):
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+
+
+def padded_rows(length, rows):
+    """(len(rows), length) real-token flags; each row a list of padded (start, stop) ranges."""
+    real = torch.ones(len(rows), length, dtype=torch.bool)
+    for row, ranges in enumerate(rows):
+        for start, stop in ranges:
+            real[row, start:stop] = False
+    return real
 
 
 CASES = {
     "causal-gqa2": dict(heads=4, kv_heads=2, length=200, head_dim=32, window=None, segments=None),
     "sliding-gqa4": dict(heads=8, kv_heads=2, length=300, head_dim=16, window=77, segments=None),
     "packed-sliding": dict(heads=4, kv_heads=1, length=260, head_dim=32, window=50, segments=[100, 30, 130]),
-    "left-padded": dict(heads=4, kv_heads=2, length=140, head_dim=16, window=None, segments="left"),
+    "left-padded": dict(heads=4, kv_heads=2, length=140, head_dim=16, window=None, padding=[[(0, 13)], [(0, 70)]]),
+    # right padding past the window, and a row of padding only: queries with no real key in reach
+    "right-padded-sliding": dict(heads=4, kv_heads=2, length=150, head_dim=16, window=40,
+                                 padding=[[(90, 150)], [(0, 150)], []]),
+    "holes-packed-sliding": dict(heads=8, kv_heads=2, length=300, head_dim=16, window=50, segments=[120, 180],
+                                 padding=[[(0, 5), (60, 130), (250, 300)]]),
 }
 
 
 def build(case, seed):
     spec = CASES[case]
-    tensors = random_qkv(spec["heads"], spec["kv_heads"], spec["length"], spec["head_dim"], seed)
-    segments = spec["segments"]
-    if segments == "left":
-        segments = torch.cat([torch.full((13,), PAD_SEGMENT), torch.zeros(spec["length"] - 13, dtype=torch.long)])[None]
-    elif segments is not None:
-        segments = packed_segments(segments)
-    mask = AttentionMask(spec["length"], spec["length"], window=spec["window"], segment_ids=segments)
+    padding = spec.get("padding")
+    batch = 1 if padding is None else len(padding)
+    tensors = random_qkv(spec["heads"], spec["kv_heads"], spec["length"], spec["head_dim"], seed, batch=batch)
+    segments = None if spec.get("segments") is None else packed_segments(spec["segments"])
+    real = None if padding is None else padded_rows(spec["length"], padding)
+    mask = AttentionMask(spec["length"], spec["length"], window=spec["window"], segment_ids=segments, real_tokens=real)
     return tensors, mask, spec["head_dim"] ** -0.5
 
 
@@ -65,11 +77,14 @@ def test_forward_and_backward_match_float64(case, backend):
     leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
     expected = reference_attention(*leaves, mask.dense("cpu"), scale, 50.0)
     expected.backward(grad_out.double())
-    valid = expected.abs().sum(-1) > 0  # left padding: query rows with no key
     assert not torch.isnan(out).any()
-    assert relative_error(out[valid], expected[valid]) < FP32_TOLERANCE
+    assert relative_error(out, expected) < FP32_TOLERANCE
     for tensor, leaf in zip((query, key, value), leaves):
         assert relative_error(tensor.grad, leaf.grad) < 1e-4
+    if mask.real_tokens is not None:  # the case has queries with no real key: their rows, alone, match too
+        uniform = (mask.dense("cpu") == DENSE_UNIFORM).all(-1)[:, 0]  # (B, Q)
+        assert uniform.any()
+        assert relative_error(out.transpose(1, 2)[uniform], expected.transpose(1, 2)[uniform]) < FP32_TOLERANCE
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -99,7 +114,7 @@ def test_dense_mask_from_the_caller_for_decoding():
 
 def test_fully_masked_rows_give_no_nan():
     query, key, value = random_qkv(2, 2, 20, 16, seed=1)
-    mask = AttentionMask(20, 20, segment_ids=torch.full((1, 20), PAD_SEGMENT))
+    mask = AttentionMask(20, 20, real_tokens=torch.zeros(1, 20, dtype=torch.bool))
     for backend in ("eager", "compiled"):
         out = softcap_attention(query, key, value, mask, scale=0.25, softcap=50.0, backend=backend)
         out.sum().backward()
@@ -370,6 +385,9 @@ class _MaskStandIn:
     def block_mask(self, device, kv_block=None):
         return f"block mask, kv_block={kv_block}"
 
+    def flex_inputs(self, device):
+        return {}
+
 
 @pytest.mark.parametrize("choice,head_dim,kv_block", [("flash", 128, None), ("flash", 256, 64), ("auto", 256, None)])
 def test_flash_calls_get_a_mask_its_tiles_divide(monkeypatch, hopper, choice, head_dim, kv_block):
@@ -382,8 +400,27 @@ def test_flash_calls_get_a_mask_its_tiles_divide(monkeypatch, hopper, choice, he
     query = _QueryOn("cuda", head_dim)
     assert attention._flex_on_gpu(query, None, None, _MaskStandIn(), 1.0, 50.0, choice, "auto") == "out"
     options = attention.FLASH_OPTIONS if choice == "flash" else tuned_flex_kernel_options(query)
-    assert calls == [(f"block mask, kv_block={kv_block}", {"kernel_options": options, "softcap_tanh": "auto"})]
+    assert calls == [(f"block mask, kv_block={kv_block}",
+                      {"kernel_options": options, "softcap_tanh": "auto", "query_ids": None})]
     assert attention.uses_flash(attention.FLASH_OPTIONS) and not attention.uses_flash({"bwd_num_warps": 8})
+
+
+def test_padded_batches_keep_triton_kernels_when_flash_is_asked_for(monkeypatch, hopper):
+    """A padded batch's score function (uniform rows) is checked on Triton's kernels only: it keeps them."""
+    from fastgemma import attention
+
+    class PaddedStandIn(_MaskStandIn):
+        def flex_inputs(self, device):
+            return {"query_ids": "query ids", "key_ids": "key ids"}
+
+    hopper(True)
+    calls = []
+    monkeypatch.setattr(attention, "flex_softcap_attention",
+                        lambda q, k, v, block_mask, scale, softcap, **kw: calls.append((block_mask, kw)) or "out")
+    query = _QueryOn("cuda", 256)
+    attention._flex_on_gpu(query, None, None, PaddedStandIn(), 1.0, 50.0, "flash", "auto")
+    assert calls == [("block mask, kv_block=None", {"kernel_options": tuned_flex_kernel_options(query),
+                                                    "softcap_tanh": "auto", "query_ids": "query ids"})]
 
 
 def test_flash_kernels_get_torch_tanh_in_their_score_function(monkeypatch):

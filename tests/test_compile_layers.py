@@ -166,8 +166,8 @@ def test_a_hooked_submodule_is_called_through_its_hooks():
     assert seen == [model.model.layers[1].mlp]
 
 
-@pytest.mark.parametrize("segments", [False, True], ids=["causal-sliding", "packed-sliding"])
-def test_flex_attention_inside_a_larger_compiled_region_needs_no_break(segments):
+@pytest.mark.parametrize("kind", ["causal-sliding", "packed-sliding", "padded-sliding"])
+def test_flex_attention_inside_a_larger_compiled_region_needs_no_break(kind):
     """On a GPU the compiled layers call flex_attention inside their region: fastgemma's flex wrapper
     (padding to the block mask's length, score function, kernel options) must trace whole
     (fullgraph=True). Checked with the CPU's compiled flex forward, against the dense path."""
@@ -177,12 +177,19 @@ def test_flex_attention_inside_a_larger_compiled_region_needs_no_break(segments)
     torch._dynamo.reset()
     generator = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, n, 200, 32, generator=generator) * 3 for n in (4, 2, 2))
-    segment_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([70, 90, 40]))[None] if segments else None
-    mask = AttentionMask(200, 200, window=64, segment_ids=segment_ids)
+    segment_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([70, 90, 40]))[None] if kind == "packed-sliding" \
+        else None
+    real_tokens = None
+    if kind == "padded-sliding":  # left padding and a hole past the window: uniform rows too
+        real_tokens = torch.ones(1, 200, dtype=torch.bool)
+        real_tokens[0, :20] = real_tokens[0, 100:180] = False
+    mask = AttentionMask(200, 200, window=64, segment_ids=segment_ids, real_tokens=real_tokens)
     block_mask = mask.block_mask(q.device)
+    query_ids = mask.flex_inputs(q.device).get("query_ids")
 
     def region(q, k, v):
-        return flex_softcap_attention(q * 1.0, k, v, block_mask, 32**-0.5, 50.0, compiled=True) + 0.0
+        return flex_softcap_attention(q * 1.0, k, v, block_mask, 32**-0.5, 50.0, compiled=True,
+                                      query_ids=query_ids) + 0.0
 
     with torch.no_grad():
         actual = torch.compile(region, fullgraph=True)(q, k, v)

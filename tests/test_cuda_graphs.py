@@ -7,6 +7,7 @@ before their backwards, recapture when weights change, and the fallbacks. The GP
 """
 
 import copy
+import functools
 import logging
 
 import pytest
@@ -193,6 +194,44 @@ def test_graphed_models_block_masks_have_room_past_the_longest_bucket():
     assert state.cache.length == 2048 + 128 and graphs.bucket_length(2048, state.cache.max_seq_length) == 2048
     fastgemma.patch_model(model, max_seq_length=2048, cuda_graphs=False)
     assert graph_state(model).cache.length == 2048 and graph_state(model).graphs is None
+
+
+@pytest.mark.parametrize("kind", ["packed", "padded"])
+def test_static_flex_masks_follow_each_batch(kind):
+    """A graphed layer's flex mask is a static copy, loaded per batch: block lists, and the tensors its mask and
+    score functions read (a padded batch's uniform rows included). Flex forward on CPU, past-the-batch
+    positions holding junk as in a bucket, against each batch's own mask."""
+    from fastgemma.attention import softcap_attention
+    from fastgemma.masks import AttentionMask, BlockMaskCache
+
+    class FlexAttention:
+        _fastgemma_backend, attention_dropout, training, head_dim = "flex", 0.0, False, 16
+
+    binder = glue.Gemma2GraphInputs(FlexAttention())
+    cache, tokens, bucket = BlockMaskCache(256), 150, 200
+    generator = torch.Generator().manual_seed(4)
+
+    def batch_mask(seed):
+        if kind == "packed":
+            cuts = torch.sort(torch.randint(1, tokens, (3,), generator=generator)).values
+            return AttentionMask(tokens, tokens, window=24, cache=cache,
+                                 segment_ids=torch.bucketize(torch.arange(tokens), cuts, right=True)[None].repeat(2, 1))
+        real = torch.ones(2, tokens, dtype=torch.bool)
+        real[0, : 10 + seed * 30] = False  # left padding
+        real[1, 100 - seed * 20:] = False  # right padding past the window
+        return AttentionMask(tokens, tokens, window=24, cache=cache, real_tokens=real)
+
+    rotary = torch.zeros(2, tokens, 16)
+    static, kwargs = binder.make((rotary, rotary, batch_mask(0)), bucket)
+    for seed in range(2):
+        mask = batch_mask(seed)
+        binder.load(static, (rotary, rotary, mask))
+        q, k, v = (torch.randn(2, n, bucket, 16, generator=generator) * 3 for n in (4, 2, 2))
+        attend = functools.partial(softcap_attention, scale=0.25, softcap=50.0, backend="flex")
+        with torch.no_grad():
+            graphed = attend(q, k, v, kwargs["attention_mask"])[:, :, :tokens]
+            expected = attend(q[:, :, :tokens], k[:, :, :tokens], v[:, :, :tokens], mask)
+        assert torch.equal(graphed, expected), seed
 
 
 def test_cuda_graphs_setting_is_checked():

@@ -17,7 +17,7 @@ from fastgemma.attention import (
     resolve_softcap_tanh,
     softcap_attention,
 )
-from fastgemma.masks import PAD_SEGMENT, AttentionMask
+from fastgemma.masks import AttentionMask
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,10 +58,11 @@ def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, length, wi
     value = torch.randn(shape_kv, generator=generator).to(device, torch.bfloat16).requires_grad_()
     grad_out = torch.randn(shape_q, generator=generator).to(device, torch.bfloat16)
     segments = random_documents(length, generator).to(device) if packed else None
-    if rows == "left-padded":  # padding sees nothing and is seen by nothing
-        segments = torch.zeros(1, length, dtype=torch.long, device=device)
-        segments[:, : length // 5] = PAD_SEGMENT
-    mask = AttentionMask(length, length, window=window, segment_ids=segments)
+    real_tokens = None
+    if rows == "left-padded":  # padding is never seen; the queries before the first real token average their row
+        real_tokens = torch.ones(1, length, dtype=torch.bool, device=device)
+        real_tokens[:, : length // 5] = False
+    mask = AttentionMask(length, length, window=window, segment_ids=segments, real_tokens=real_tokens)
     scale = scalar**-0.5
 
     out = softcap_attention(query, key, value, mask, scale=scale, softcap=50.0, backend="flex",
@@ -331,7 +332,7 @@ def test_varying_lengths_compile_a_bounded_number_of_times():
     graphs = graphs_after[19]
     print(f"\ncompiled graphs over 20 varying-length steps: {graphs} (after step 10: {graphs_after[9]}); "
           "step times (s): " + ", ".join(f"{t:.3f}" for t in step_times))
-    # flex: plain/packed x sliding/global; fused ops: 5 graphs, for one row and for several rows
+    # flex: packed/padded x sliding/global; fused ops: 5 graphs, for one row and for several rows
     assert graphs <= 16, f"{graphs} compiled graphs over 20 steps: recompiling per length"
     assert graphs_after[19] == graphs_after[9], "new graphs after step 10: recompiling per length"
     assert max(step_times[-10:]) < 1.0, "late steps are still compiling"

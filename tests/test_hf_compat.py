@@ -178,16 +178,16 @@ def test_output_attentions_from_config_and_on_a_padded_batch():
     reference = random_gemma2(tiny_gemma2_config())
     reference.config.output_attentions = True
     patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
-    ids = torch.randint(0, 97, (2, 30))
+    ids = torch.randint(0, 97, (3, 30))
     mask = torch.ones_like(ids)
     mask[1, 20:] = 0
+    mask[2, :6] = 0  # rows with no real key: weights uniform over the whole row, as HF's
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask, use_cache=False).attentions
         actual = patched(input_ids=ids, attention_mask=mask, use_cache=False).attentions
     assert len(actual) == len(expected) == reference.config.num_hidden_layers
-    real = mask.bool()[:, None, :, None].expand_as(actual[0])  # rows of real queries
     for got, want in zip(actual, expected):
-        assert relative_error(got[real], want[real]) < 1e-4
+        assert relative_error(got, want) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["prompt_lookup", "assisted"])
@@ -281,9 +281,7 @@ def test_classification_heads_match_hf_eager(kind, side):
         results.append((out.logits.detach(), out.loss.detach(),
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
-    if kind == "token":
-        ref_logits, logits = ref_logits[mask.bool()], logits[mask.bool()]
-    assert relative_error(logits, ref_logits) < 1e-4
+    assert relative_error(logits, ref_logits) < 1e-4  # token logits at padded positions too
     assert relative_error(loss, ref_loss) < 1e-4
     for name in ref_grads:
         assert relative_error(grads[name], ref_grads[name]) < GRAD_TOLERANCE, name
@@ -329,19 +327,39 @@ def test_packed_documents_stay_apart_with_use_cache_true():
 
 
 def test_padded_positions_follow_the_documented_rule():
-    """README, "Padding": right-padded positions attend causally over their row (padding included);
-    left padding and holes are masked out of every query, and a padded query's attention output is 0."""
+    """README, "Padding": as HF eager, padding hides keys only. A padded query sees the real keys before it
+    (right padding included); one with none (left padding) averages its whole row uniformly."""
+    from fastgemma.masks import DENSE_UNIFORM
     from fastgemma.patches.gemma2 import build_mask_mapping
 
     config = tiny_gemma2_config()
     right = torch.tensor([[1, 1, 1, 0, 0]])
     left = torch.tensor([[0, 0, 1, 1, 1]])
-    for mask, expect_plain in ((right, True), (left, False)):
-        mapping = build_mask_mapping(config, None, 1, 5, "cpu", mask, None, None, {})
-        full = mapping["full_attention"]
-        assert (full.segment_ids is None) == expect_plain
-        dense = full.dense("cpu")[0, 0]
-        if expect_plain:
-            assert torch.equal(dense, torch.ones(5, 5, dtype=torch.bool).tril())
-        else:
-            assert not dense[:2].any() and not dense[:, :2].any()  # padding sees nothing and is never seen
+    plain = build_mask_mapping(config, None, 1, 5, "cpu", torch.ones_like(right), None, None, {})["full_attention"]
+    assert plain.kind == "plain" and torch.equal(plain.dense("cpu")[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+    dense = build_mask_mapping(config, None, 1, 5, "cpu", right, None, None, {})["full_attention"].dense("cpu")[0, 0]
+    assert dense.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    dense = build_mask_mapping(config, None, 1, 5, "cpu", left, None, None, {})["full_attention"].dense("cpu")[0, 0]
+    assert (dense[:2] == DENSE_UNIFORM).all()
+    assert dense[2:].tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+
+
+def test_left_padding_compatibility_as_hf_tests_it():
+    """transformers' test_left_padding_compatibility: rows of a tril attention mask (most of them right-padded,
+    so the last position is a padded query), then the same rows behind 32 tokens of left padding, with position
+    ids from the mask; the last position's logits agree, and agree with stock's."""
+    reference = random_gemma2(tiny_gemma2_config())
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
+    ids = torch.randint(1, 97, (3, 7))
+    mask = torch.ones_like(ids).tril()[:3]
+
+    def last_logits(model, ids, mask):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+
+    unpadded = last_logits(patched, ids, mask)
+    padded_ids = torch.cat([torch.zeros(3, 32, dtype=ids.dtype), ids], dim=1)
+    padded = last_logits(patched, padded_ids, torch.cat([torch.zeros(3, 32, dtype=mask.dtype), mask], dim=1))
+    torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unpadded, last_logits(reference, ids, mask), rtol=1e-5, atol=1e-5)

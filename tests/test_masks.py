@@ -8,12 +8,12 @@ import torch
 
 from fastgemma.masks import (
     BLOCK_SIZE,
-    PAD_SEGMENT,
+    DENSE_UNIFORM,
     AttentionMask,
     BlockMaskCache,
     DeferredCheck,
+    real_tokens_from_padding_mask,
     segments_from_cu_seqlens,
-    segments_from_padding_mask,
     segments_from_position_ids,
 )
 
@@ -31,29 +31,56 @@ def tiles_of(block_mask, num_q_blocks, num_kv_blocks):
     return partial[..., :num_q_blocks, :], full[..., :num_q_blocks, :]
 
 
-def random_segments(batch, length, generator, with_padding):
+def random_segments(batch, length, generator):
     rows = []
     for _ in range(batch):
         cuts = torch.sort(torch.randint(1, max(length, 2), (3,), generator=generator)).values
-        row = torch.bucketize(torch.arange(length), cuts, right=True)
-        if with_padding:
-            row[torch.rand(length, generator=generator) < 0.1] = PAD_SEGMENT
-        rows.append(row)
+        rows.append(torch.bucketize(torch.arange(length), cuts, right=True))
+    return torch.stack(rows)
+
+
+def random_padding(batch, length, generator, kind):
+    """(batch, length) real-token flags: "right" / "left" padding of random length (whole rows included), or
+    "holes" (random runs of padding, and one row padded at both ends)."""
+    rows = []
+    for row in range(batch):
+        real = torch.ones(length, dtype=torch.bool)
+        pad = int(torch.randint(0, length + 1, (1,), generator=generator)) if row else length // 2
+        if kind == "right":
+            real[length - pad:] = False
+        elif kind == "left":
+            real[:pad] = False
+        else:
+            starts = torch.rand(length, generator=generator) < 0.03
+            runs = torch.randint(1, 150, (length,), generator=generator)
+            for start in starts.nonzero().flatten().tolist():
+                real[start:start + int(runs[start])] = False
+            if row == 0:
+                real[: length // 4] = False
+                real[-(length // 4):] = False
+        rows.append(real)
     return torch.stack(rows)
 
 
 @pytest.mark.parametrize("length", [1, 127, 128, 300, 777])
 @pytest.mark.parametrize("window", [None, 1, 100, 128, 200])
-@pytest.mark.parametrize("kind", ["plain", "packed", "holes"])
+@pytest.mark.parametrize("kind", ["plain", "packed", "right", "left", "holes", "packed-holes"])
 def test_block_mask_tiles_agree_with_the_mask_function(length, window, kind):
-    """Every tile with an allowed pair is visited; a tile marked full has every pair allowed."""
+    """Every tile with an allowed pair is visited (padded queries' tiles included); a tile marked full
+    has every pair allowed."""
     generator = torch.Generator().manual_seed(length * 7 + (window or 0))
-    segments = None if kind == "plain" else random_segments(2, length, generator, with_padding=kind == "holes")
-    mask = AttentionMask(length, length, window=window, segment_ids=segments)
+    segments = random_segments(2, length, generator) if kind.startswith("packed") else None
+    real = random_padding(2, length, generator, kind.split("-")[-1]) if kind not in ("plain", "packed") else None
+    mask = AttentionMask(length, length, window=window, segment_ids=segments, real_tokens=real)
     block_mask = mask.block_mask("cpu")
     n = math.ceil(length / BLOCK_SIZE)
     partial, full = tiles_of(block_mask, n, n)
-    allowed = mask.dense("cpu")  # (B, 1, L, L)
+    allowed = mask.dense("cpu") != 0  # (B, 1, L, L); a uniform row's keys are all of its row
+    if real is not None:  # and agrees with the block mask's own mask function
+        from torch.nn.attention.flex_attention import create_mask
+
+        pairs = create_mask(block_mask.mask_mod, 2, 1, n * BLOCK_SIZE, n * BLOCK_SIZE, device="cpu")
+        assert torch.equal(pairs[..., :length, :length], allowed) and not pairs[..., length:, :].any()
     padded = torch.zeros(allowed.shape[0], 1, n * BLOCK_SIZE, n * BLOCK_SIZE, dtype=torch.bool)
     padded[..., :length, :length] = allowed
     tiles = padded.view(allowed.shape[0], 1, n, BLOCK_SIZE, n, BLOCK_SIZE)
@@ -69,13 +96,36 @@ def test_block_mask_tiles_agree_with_the_mask_function(length, window, kind):
 @pytest.mark.parametrize("window", [None, 64])
 def test_dense_mask_follows_the_definition(window):
     length = 150
-    segments = torch.tensor([[0] * 50 + [1] * 60 + [PAD_SEGMENT] * 40])
+    segments = torch.tensor([[0] * 50 + [1] * 100])
     allowed = AttentionMask(length, length, window=window, segment_ids=segments).dense("cpu")[0, 0]
     for q in range(length):
         for k in range(length):
-            expected = k <= q and (window is None or q - k < window)
-            expected = expected and segments[0, q] == segments[0, k] and segments[0, k] >= 0
+            expected = k <= q and (window is None or q - k < window) and segments[0, q] == segments[0, k]
             assert bool(allowed[q, k]) == expected, (q, k)
+
+
+@pytest.mark.parametrize("window", [None, 30])
+@pytest.mark.parametrize("packed", [False, True])
+def test_padded_dense_mask_is_hf_eager_s(window, packed):
+    """HF eager (masking_utils.sdpa_mask + padding_mask_function): padding hides keys only, so a padded query
+    sees the real keys before it; a query with none sees all of its row's keys, uniformly (DENSE_UNIFORM)."""
+    length = 150
+    segments = torch.tensor([[0] * 70 + [1] * 80]) if packed else None
+    real = torch.ones(1, length, dtype=torch.bool)
+    real[0, :12] = False  # left padding
+    real[0, 40:80] = False  # a hole longer than the window, across the document boundary
+    real[0, 120:] = False  # right padding
+    dense = AttentionMask(length, length, window=window, segment_ids=segments, real_tokens=real).dense("cpu")[0, 0]
+    assert dense.dtype == torch.int8
+    documents = segments[0] if packed else torch.zeros(length, dtype=torch.long)
+    for q in range(length):
+        expected = [k <= q and (window is None or q - k < window) and documents[q] == documents[k] and bool(real[0, k])
+                    for k in range(length)]
+        if any(expected):
+            assert dense[q].tolist() == [int(e) for e in expected], q
+        else:
+            assert (dense[q] == DENSE_UNIFORM).all(), q
+    assert (dense[:12] == DENSE_UNIFORM).all() and (dense[12] != DENSE_UNIFORM).all()
 
 
 def test_cache_builds_grids_once_and_masks_the_tail():
@@ -151,11 +201,12 @@ def test_deferred_check_raises_only_when_run_and_only_if_false():
         failing.raise_if_failed()
 
 
-def test_segments_from_padding_mask():
-    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    assert segments_from_padding_mask(right) is None  # right padding needs nothing beyond causal
+def test_real_tokens_from_padding_mask():
+    assert real_tokens_from_padding_mask(torch.ones(2, 4, dtype=torch.long)) is None  # no padding: plain causal
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])  # right padding is padding too: padded queries see real keys
+    assert real_tokens_from_padding_mask(right).tolist() == [[True, True, True, False], [True] * 4]
     left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    assert segments_from_padding_mask(left).tolist() == [[-1, 0, 0, 0], [0, 0, 0, 0]]
+    assert real_tokens_from_padding_mask(left).tolist() == [[False, True, True, True], [True] * 4]
 
 
 def test_attention_mask_rejects_bad_shapes():
@@ -163,6 +214,8 @@ def test_attention_mask_rejects_bad_shapes():
         AttentionMask(5, 6)
     with pytest.raises(ValueError, match="segment_ids"):
         AttentionMask(5, 5, segment_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="real_tokens"):
+        AttentionMask(5, 5, real_tokens=torch.ones(1, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_seq_length"):
         BlockMaskCache(0)
 

@@ -57,30 +57,61 @@ def test_compiled_backend_matches_hf_eager():
     assert_same_training_step(reference, patched, input_ids=ids, labels=ids)
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_padding_matches_hf_eager_on_real_tokens(side):
-    reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="eager")
-    ids = torch.randint(0, 97, (3, 90))
-    mask = padding_mask(90, [0, 17, 60], side)
-    # no loss on padding, nor on a prediction made at a padded position (HF's and ours differ there)
-    predicted_from_pad = torch.nn.functional.pad(mask[:, :-1] == 0, (1, 0))
-    labels = ids.masked_fill((mask == 0) | predicted_from_pad, -100)
-    assert_same_training_step(reference, patched, real=mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+PADDED_CONFIGS = {
+    "hd32-gqa2": CONFIGS["hd32-gqa2"],
+    "hd128-gqa2": dict(head_dim=128, heads=4, kv_heads=2),
+    "hd256-gqa4-qpas144": dict(head_dim=256, query_pre_attn_scalar=144, heads=4, kv_heads=1),
+}
 
 
-def test_flex_forward_on_cpu_matches_hf_eager():
-    reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="flex")
-    ids = torch.randint(0, 97, (2, 130))
+def padded_batch(length, padding, seed):
+    """Random ids and a 2D attention mask: "right" / "left" padding (one row all padding but its first or last
+    token), or "holes" (a run longer than the sliding window, and padding at both ends of a row)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (3, length), generator=generator)
+    if padding in ("right", "left"):
+        pads = [0, int(torch.randint(30, length - 30, (1,), generator=generator)), length - 1]
+        return ids, padding_mask(length, pads, padding)
     mask = torch.ones_like(ids)
-    mask[1, :9] = 0
+    start = int(torch.randint(5, length - 60, (1,), generator=generator))
+    mask[0, start:start + 50] = 0  # past the window (24) of the sliding layers
+    mask[1, :7] = mask[1, -11:] = 0
+    mask[2, 1::3] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "holes"])
+@pytest.mark.parametrize("config_name", list(PADDED_CONFIGS))
+def test_every_position_of_a_padded_batch_matches_hf_eager(config_name, padding):
+    """Padded positions included: logits everywhere, and a loss over every position (labels never -100, so
+    the predictions made at padded positions train too) with its gradients."""
+    length = 150 if padding == "holes" else 90  # not multiples of 128; longer than the window (24)
+    reference = random_gemma2(tiny_gemma2_config(**PADDED_CONFIGS[config_name]), seed=length)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="eager")
+    ids, mask = padded_batch(length, padding, seed=hash((config_name, padding)) % 1000)
+    assert_same_training_step(reference, patched, input_ids=ids, attention_mask=mask, labels=ids)
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "holes"])
+def test_compiled_backend_matches_hf_eager_on_every_padded_position(padding):
+    reference = random_gemma2(tiny_gemma2_config(**CONFIGS["hd16-qpas144-gqa4"]))
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="compiled")
+    ids, mask = padded_batch(150, padding, seed=hash(padding) % 1000)
+    labels = ids.masked_fill(mask == 0, -100)  # the usual labels: the last left pad still predicts a real token
+    assert_same_training_step(reference, patched, input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("padding", [None, "right", "left", "holes"])
+def test_flex_forward_on_cpu_matches_hf_eager(padding):
+    """Every position, padded ones included (flex tiles of padded queries only, uniform rows)."""
+    reference = random_gemma2(tiny_gemma2_config(**PADDED_CONFIGS["hd128-gqa2"]))
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="flex")
+    ids, mask = padded_batch(150 if padding == "holes" else 230, padding or "right", seed=5)
+    batch = {"input_ids": ids} if padding is None else {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
-        for batch in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
-            expected = reference(**batch, use_cache=False).logits
-            actual = patched(**batch, use_cache=False).logits
-            real = batch.get("attention_mask", torch.ones_like(ids)).bool()
-            assert relative_error(actual[real], expected[real]) < VALUE_TOLERANCE
+        expected = reference(**batch, use_cache=False).logits
+        actual = patched(**batch, use_cache=False).logits
+    assert relative_error(actual, expected) < VALUE_TOLERANCE
 
 
 def test_patched_model_never_calls_hf_attention(monkeypatch):
@@ -99,16 +130,24 @@ def test_patched_model_never_calls_hf_attention(monkeypatch):
         reference(input_ids=ids, use_cache=False)  # the spy is live: the unpatched model trips it
 
 
-def test_greedy_generation_with_kv_cache_is_unchanged():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_greedy_generation_from_padded_prompts_is_unchanged(side, cache):
+    """Stock's tokens and scores. A right-padded prompt's first new token comes from a padded position."""
     reference = random_gemma2(tiny_gemma2_config(window=16))
     patched = fastgemma.patch_model(copy.deepcopy(reference))  # auto
-    prompt = torch.randint(0, 97, (2, 11))
-    mask = torch.ones_like(prompt)
-    mask[1, :4] = 0  # left-padded prompt, as generate expects
-    kwargs = dict(max_new_tokens=25, do_sample=False, pad_token_id=0)  # 36 tokens: past the window
+    prompt = torch.randint(1, 97, (3, 11))
+    mask = padding_mask(11, [0, 4, 9], side)
+    kwargs = dict(max_new_tokens=25, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)  # 36 tokens: past the window
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
     expected = reference.generate(prompt, attention_mask=mask, **kwargs)
     actual = patched.generate(prompt, attention_mask=mask, **kwargs)
-    assert torch.equal(actual, expected)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert len(actual.scores) == len(expected.scores) == 25
+    for got, want in zip(actual.scores, expected.scores):
+        assert relative_error(got, want) < VALUE_TOLERANCE
 
 
 def test_peft_lora_gradients_flow_and_match():
