@@ -1,20 +1,16 @@
 """Hugging Face's own Gemma 2 tests, run stock and with every Gemma 2 model patched by fastgemma.
 
-Runs transformers' tests/models/gemma2/test_modeling_gemma2.py for the installed transformers twice, on
-CPU and offline (slow, GPU and Hub tests skip themselves): stock, then with conftest.py's plugin, which
-passes every Gemma 2 model the tests build through `fastgemma.patch_model(model, backend="auto")`. It
-prints both runs' counts and the tests that pass stock but fail patched. Pass = that list is empty
-(exit status 0; 1 otherwise, 2 when a run could not start).
+Runs transformers' tests/models/gemma2/test_modeling_gemma2.py (CPU, offline; slow, GPU and Hub tests
+skip themselves) twice with the Python that runs this script: stock, then with conftest.py's plugin,
+which passes every Gemma 2 model the tests build through `fastgemma.patch_model(model, backend="auto")`.
+Prints both runs' counts and the tests that pass stock but fail patched. Pass = none do (exit status 0).
 
     python tests/hf_suite/run.py --hf-checkout PATH/TO/transformers [-- EXTRA PYTEST ARGS]
 
-The Python that runs this is the one tested (its transformers and torch; fastgemma from this checkout).
-Test files: the top-level tests/test_*.py mixins come from the transformers sdist of the installed
-version (pip download); the rest (tests/models/gemma2/, causal_lm_tester.py, generation/, utils/,
-exporters/, ...) from the transformers checkout: a work tree, or a git directory (then --hf-ref,
-default tag v<version>), ideally at the installed version's tag. Also settable as $HF_CHECKOUT. Everything
-is assembled under --work (default: a new temporary folder), with test-only packages the environment
-lacks (parameterized, httpx, ...) pip-installed there; both runs' outcomes (JSON) and logs stay there.
+Test files: the top-level tests/test_*.py mixins from the installed version's sdist (pip download), the
+rest from the transformers checkout (a work tree, or a git directory at --hf-ref, default tag
+v<version>; $HF_CHECKOUT works too), best at the same version. All is assembled under --work (default:
+a new temporary folder), where both runs' outcomes (JSON) and logs stay.
 """
 
 from __future__ import annotations
