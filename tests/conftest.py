@@ -7,6 +7,9 @@ import torch
 
 RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "sft_gemma2.py"
 
+# tests/hf_suite/ runs Hugging Face's Gemma 2 tests through its own run.py; plain pytest skips it.
+collect_ignore = ["hf_suite"]
+
 
 def tiny_gemma2_config(head_dim=16, query_pre_attn_scalar=None, heads=4, kv_heads=2, layers=4, window=24, vocab=97):
     from transformers import Gemma2Config
