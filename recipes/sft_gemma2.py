@@ -77,8 +77,7 @@ SEED = 42
 BACKEND = "auto"  # fastgemma: flex_attention on Ampere+ GPUs, torch.compile'd dense attention elsewhere
 FUSED_OPS = "auto"  # fastgemma: fused norms / RoPE / GeGLU / LoRA-in-GEMM while training, on CUDA
 COMPILE_LAYERS = False  # fastgemma: each decoder layer one compiled region (without graphs; see CUDA_GRAPHS)
-CUDA_GRAPHS = "off"  # fastgemma: compiled layers replayed as CUDA graphs; auto: for small micro-steps on one GPU
-# (off by default until auto has run through this recipe on a GPU; the graphed layers pass the GPU tests)
+CUDA_GRAPHS = "auto"  # fastgemma: compiled layers replayed as CUDA graphs; auto: for small micro-steps on one GPU
 
 # ---------------------------------------------------------------------------------------
 # Knobs for the embedded tiny demo (no --model): sized to finish in minutes on 2 CPU cores.

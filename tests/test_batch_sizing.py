@@ -106,8 +106,8 @@ def test_cuda_graphs_auto_only_for_small_micro_steps_on_one_gpu(batch, length, w
 
 
 @pytest.mark.parametrize("flags, on_gpu, resolved", [
-    ([], True, False),                                    # the default
-    (["--cuda-graphs", "auto"], True, "auto"),            # decided in run(), once the micro-batch is known
+    ([], True, "auto"),                                   # the default: decided in run(), once the micro-batch is known
+    (["--cuda-graphs", "auto"], True, "auto"),
     (["--lora-dropout", "0.1"], True, False),             # a graph would replay one dropout draw
     (["--fused-ops", "off"], True, False),                # the graphs replay the fused ops' compiled layers
     ([], False, False),                                   # CPU
