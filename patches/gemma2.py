@@ -175,7 +175,7 @@ def pop_cache(kwargs: dict):
     return cache if cache is not None else legacy
 
 
-# What this transformers calls the cache in the forwards fastgemma hands on to (HF's own backbone forward).
+# What this transformers calls the KV cache in Gemma 2's forwards.
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(modeling_gemma2.Gemma2Model.forward).parameters \
     else "past_key_values"
 
@@ -698,9 +698,8 @@ def backbone_forward(self, *args, **kwargs):
     kwargs.update(zip(_positional_parameters(type(self).forward), args))
     if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
         kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
-    kv_cache = pop_cache(kwargs)
-    if kv_cache is not None:
-        kwargs[CACHE_ARGUMENT] = kv_cache
+    # Read under either name, handed on as the caller named it (HF's own forward warns about the old name).
+    kv_cache = pop_cache(dict(kwargs))
     attention_mask = kwargs.get("attention_mask")
     deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     if not isinstance(attention_mask, dict):

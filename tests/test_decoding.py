@@ -82,3 +82,24 @@ def test_generating_from_a_model_in_training_mode_with_checkpointing_uses_the_ca
     actual = patched.generate(prompt, **kwargs)
     assert torch.equal(actual.sequences, expected.sequences)
     assert relative_error(torch.stack(actual.scores), torch.stack(expected.scores)) < TOLERANCE
+
+
+def test_the_cache_reaches_hf_under_the_name_the_caller_used():
+    """Whatever name a caller passes the cache under, HF's own forward sees it, and warns as it does stock."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    reference = random_gemma2(tiny_gemma2_config(window=8))
+    patched = fastgemma.patch_model(copy.deepcopy(reference))
+    ids = torch.randint(0, 97, (1, 6))
+    caught = {}
+    for name, model in (("stock", reference), ("patched", patched)):
+        with warnings.catch_warnings(record=True) as caught[name], torch.no_grad():
+            warnings.simplefilter("always")
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 6, name
+    deprecated = {name: any("`past_key_values` is deprecated" in str(w.message) for w in found)
+                  for name, found in caught.items()}
+    assert deprecated["patched"] == deprecated["stock"]
