@@ -160,17 +160,23 @@ def test_graphed_layers_record_again_when_weights_change_and_copies_record_their
     assert not any("_fastgemma_graph_state" in m.__dict__ for m in graphed.modules())
 
 
-def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplog):
-    """LoRA dropout (a graph would replay one random draw): a warning, and the layers run as compiled regions,
-    with the op-by-op results. Inference and training without checkpointing never record."""
+def lora_dropout_model(base, **patch):
+    """`base` patched (fused ops), with LoRA dropout, checkpointing and train mode; the graph choices' log reset."""
     from peft import LoraConfig, get_peft_model
 
-    base = random_gemma2(tiny_gemma2_config(window=16))
-    model = fastgemma.patch_model(copy.deepcopy(base), max_seq_length=128, fused_ops=True, cuda_graphs=True)
+    model = fastgemma.patch_model(base, max_seq_length=128, fused_ops=True, **patch)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     glue._graph_choices.clear()
+    return model
+
+
+def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplog):
+    """LoRA dropout (a graph would replay one random draw): a warning, and the layers run as compiled regions,
+    with the op-by-op results. Inference and training without checkpointing never record."""
+    base = random_gemma2(tiny_gemma2_config(window=16))
+    model = lora_dropout_model(copy.deepcopy(base), cuda_graphs=True)
     with caplog.at_level(logging.WARNING, logger="fastgemma"):
         packed_loss(model, [30, 20], 0).backward()
     assert "LoRA layer is not in its plain state" in caplog.text
@@ -393,15 +399,9 @@ def test_auto_is_the_default_and_runs_op_by_op_where_graphs_would_not_help(caplo
 def test_auto_falls_back_op_by_op_where_a_graph_would_be_wrong(monkeypatch, caplog):
     """Where auto would graph (pretended here on a CPU) but cannot (LoRA dropout), the layers run op by op,
     not as compiled regions, and the log says why once."""
-    from peft import LoraConfig, get_peft_model
-
     monkeypatch.setattr(glue, "_auto_declines", lambda hidden_states: None)
     monkeypatch.setattr(glue, "_compiled_layer", lambda: pytest.fail("ran a compiled region under auto"))
-    model = fastgemma.patch_model(random_gemma2(tiny_gemma2_config(window=16)), max_seq_length=128, fused_ops=True)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    glue._graph_choices.clear()
+    model = lora_dropout_model(random_gemma2(tiny_gemma2_config(window=16)))
     with caplog.at_level(logging.INFO, logger="fastgemma"):
         packed_loss(model, [30, 20], 0).backward()
     assert "cuda_graphs=auto: a LoRA layer is not in its plain state" in caplog.text
