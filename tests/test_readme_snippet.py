@@ -36,6 +36,7 @@ def tiny_model_dir(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator:UserWarning")  # a CPU run
 def test_the_readme_trl_snippet_trains(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     code = readme_snippet()
