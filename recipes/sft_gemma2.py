@@ -270,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def negative_numbers_as_values(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` as `--lr=-1e-3`: argparse takes a word starting with '-' that is not a plain
+    integer or decimal (1e-3 form, inf) for a flag, and stops at "expected one argument"."""
+    joined, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        value = argv[index + 1] if index + 1 < len(argv) else None
+        if arg.startswith("--") and "=" not in arg and value is not None and value.startswith("-"):
+            with contextlib.suppress(ValueError):
+                float(value)
+                joined.append(f"{arg}={value}")
+                index += 2
+                continue
+        joined.append(arg)
+        index += 1
+    return joined
+
+
 def fill_in_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespace:
     """Replace the unset (None) knobs with the tiny-demo or real-model defaults."""
     tiny = args.model is None
@@ -531,9 +549,9 @@ def check_model_type(config: object, where: str) -> None:
         )
 
 
-def check_model_source(name: str) -> None:
+def check_model_source(name: str) -> dict:
     """A local model directory (config, weights, tokenizer), or a Gemma 2 repository on the hub.
-    Reads config.json only."""
+    Reads config.json only, and returns it."""
     if is_hub_name(name):
         check_hub_repo(name, "model", "--model")
         from huggingface_hub import constants, hf_hub_download
@@ -550,8 +568,9 @@ def check_model_source(name: str) -> None:
             raise RecipeError(f"--model {name!r} has no config.json on the hub: not a transformers model") from None
         except Exception as error:
             raise RecipeError(f"--model {name!r}: cannot read its config.json ({first_line(error)})") from None
-        check_model_type(json.loads(Path(config_file).read_text()), repr(name))
-        return
+        config = json.loads(Path(config_file).read_text())
+        check_model_type(config, repr(name))
+        return config
 
     path = Path(name).expanduser()
     if not path.exists():
@@ -571,6 +590,18 @@ def check_model_source(name: str) -> None:
         raise RecipeError(f"--model {name} has a config but no weights (*.safetensors or *.bin)")
     if not any((path / file).is_file() for file in MODEL_TOKENIZER_FILES):
         raise RecipeError(f"--model {name} has no tokenizer ({' or '.join(MODEL_TOKENIZER_FILES)})")
+    return config
+
+
+def check_max_seq_length(args: argparse.Namespace, config: dict) -> None:
+    """No longer than the model's positions (RoPE and the sliding window are set up for those)."""
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and args.max_seq_length > limit:
+        model = args.model or "the tiny demo model"
+        raise RecipeError(
+            f"--max-seq-length {args.max_seq_length} is longer than {model} handles: its config's "
+            f"max_position_embeddings is {limit}; use --max-seq-length {limit} or less"
+        )
 
 
 def dataset_is_local(name: str) -> bool:
@@ -634,7 +665,9 @@ def check_and_complete(args: argparse.Namespace) -> bool:
     check_resume(args)
     check_new_run(args)
     if args.model is not None:
-        check_model_source(args.model)
+        config = check_model_source(args.model)
+    else:
+        config = json.loads((TINY_MODEL_DIR / "config.json").read_text())
     if args.dataset is not None:
         check_dataset_source(args.dataset)
     import torch
@@ -644,6 +677,7 @@ def check_and_complete(args: argparse.Namespace) -> bool:
     if (problem := distributed.check_arguments(args, distributed.detect_launch(), on_gpu)) is not None:
         raise RecipeError(problem)
     fill_in_defaults(args, on_gpu)
+    check_max_seq_length(args, config)
     check_device(args, on_gpu)
     return on_gpu
 
@@ -1461,7 +1495,7 @@ def resume_command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(negative_numbers_as_values(argv))
     with console_settings(), distributed.console_for_this_rank():  # [distributed] only rank 0 prints
         try:
             on_gpu = check_and_complete(args)

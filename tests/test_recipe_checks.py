@@ -65,6 +65,11 @@ def refuse(recipe, monkeypatch, tmp_path, capsys):
         (["--lr", "0"], "--lr must be a number above 0"),
         (["--lr", "-0.001"], "--lr must be a number above 0"),
         (["--lr", "nan"], "--lr must be a number above 0, got nan"),
+        (["--lr", "-1e-3"], "--lr must be a number above 0, got -0.001"),  # argparse alone: "expected one argument"
+        (["--lr", "-inf"], "--lr must be a number above 0, got -inf"),
+        (["--epochs", "-2.5e0"], "--epochs must be a number above 0, got -2.5"),
+        (["--max-seq-length", "4096"], "--max-seq-length 4096 is longer than the tiny demo model handles: its "
+                                       "config's max_position_embeddings is 2048"),
         (["--epochs", "0"], "--epochs must be a number above 0"),
         (["--epochs", "-1"], "--epochs must be a number above 0"),
         (["--max-steps", "0"], "--max-steps must be at least 1 (or -1"),
@@ -349,3 +354,18 @@ def test_overwrite_deletes_only_the_recipes_own_files(recipe, tmp_path):
     assert (output_dir / "README.md").is_file()
     args = recipe.build_parser().parse_args(["--output-dir", str(output_dir)])
     recipe.check_new_run(args)  # what is left is no earlier run
+
+
+def test_max_seq_length_beyond_a_local_models_positions(refuse, tmp_path):
+    model = tmp_path / "short_gemma2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma2", "max_position_embeddings": 256}))
+    (model / "model.safetensors").write_text("not read before the check")
+    (model / "tokenizer.json").write_text("{}")
+    error = refuse("--model", str(model))  # the real-model default, 2048
+    assert f"--max-seq-length 2048 is longer than {model} handles" in error and "256 or less" in error
+
+
+def test_negative_numbers_parse_as_values(recipe):
+    assert recipe.negative_numbers_as_values(["--lr", "-1e-3", "--packing", "--resume", "--seed", "7"]) == [
+        "--lr=-1e-3", "--packing", "--resume", "--seed", "7"]
