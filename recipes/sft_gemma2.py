@@ -1478,13 +1478,13 @@ def console_settings():
 
 
 def resume_command(argv: list[str]) -> str:
-    """This run's command line with --resume (replacing any earlier --resume)."""
+    """This run's command line with --resume (replacing any earlier --resume, and without --overwrite)."""
     kept, skip_value = [], False
     for index, arg in enumerate(argv):
         if skip_value:
             skip_value = False
             continue
-        if arg.startswith("--resume="):
+        if arg.startswith("--resume=") or arg == "--overwrite":  # continuing must not delete what it continues
             continue
         if arg == "--resume":
             skip_value = index + 1 < len(argv) and not argv[index + 1].startswith("-")

@@ -280,6 +280,7 @@ def test_resume_command_keeps_the_flags(recipe):
     command = recipe.resume_command(["--max-steps", "50", "--resume", "out/checkpoint-20", "--lr", "1e-3"])
     assert command.endswith("sft_gemma2.py --max-steps 50 --lr 1e-3 --resume")
     assert recipe.resume_command(["--resume"]).endswith("sft_gemma2.py --resume")
+    assert recipe.resume_command(["--overwrite", "--max-steps", "50"]).endswith("sft_gemma2.py --max-steps 50 --resume")
 
 
 # ---------------------------------------------------------------------------------------
