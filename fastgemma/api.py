@@ -61,6 +61,10 @@ def patch_model(
             (doubling, one recompile, a warning).
         backend: "auto" (flex on CUDA GPUs of compute capability >= 8.0, compiled dense
             elsewhere, eager while decoding with a KV cache), or force "flex", "compiled", "eager".
+            "flex" is refused (ValueError) unless the model's parameters are on a CUDA GPU of compute
+            capability >= 8.0 (`fastgemma.attention.flex_supported`): torch's flex_attention has no
+            CPU backward, so a CPU flex model could only run inference, which "auto" runs exactly too.
+            Move the model to such a GPU before patching, or use "auto" / "compiled".
         fused_ops: fuse the elementwise work around attention while training: RMSNorms with
             their residual adds, RoPE, the GeGLU gate (each one torch.compile'd kernel per
             direction), and LoRA adapters added inside their GEMMs. "auto" fuses on CUDA;
@@ -118,10 +122,16 @@ def patch_model(
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     patcher = _patcher_for(model)
+    device = _device_of(model)
+    if backend == "flex" and not flex_supported(device):
+        where = f"a {device.type} device" if device.type != "cuda" else f"GPU {device} (compute capability < 8.0)"
+        raise ValueError(
+            f"backend='flex' needs the model on a CUDA GPU of compute capability >= 8.0, and its parameters are on "
+            f"{where}: use backend='auto' (flex where it can run, compiled elsewhere) or 'compiled'"
+        )
     ensure_exact(patcher)
     summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options, softcap_tanh,
                             compile_layers, cuda_graphs)
-    device = _device_of(model)
     if backend == "auto":
         resolved = "flex" if flex_supported(device) else "compiled"
         how = f"auto -> {resolved} on {device.type} (eager while decoding with a KV cache)"
@@ -155,5 +165,9 @@ def cuda_graph_lengths(model: torch.nn.Module) -> list:
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    """Whether `model` currently runs fastgemma's attention."""
-    return _patcher_for(model).is_patched(model)
+    """Whether `model` currently runs fastgemma's attention (False for anything that is not a Gemma 2 model)."""
+    try:
+        patcher = _patcher_for(model)
+    except ValueError:
+        return False
+    return patcher.is_patched(model)

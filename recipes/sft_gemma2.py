@@ -248,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run from the latest checkpoint-N in --output-dir, or from the CHECKPOINT "
         "directory given; pass the run's other flags unchanged",
     )
+    saving.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --output-dir that holds an earlier one, first deleting that run's checkpoints "
+        "and outputs (the recipe's own files only; a new run into such a folder is refused otherwise)",
+    )
 
     report = parser.add_argument_group("reporting")
     report.add_argument(
@@ -262,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     distributed.add_arguments(parser)  # [distributed] --fsdp
     return parser
+
+
+def negative_numbers_as_values(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` as `--lr=-1e-3`: argparse takes a word starting with '-' that is not a plain
+    integer or decimal (1e-3 form, inf) for a flag, and stops at "expected one argument"."""
+    joined, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        value = argv[index + 1] if index + 1 < len(argv) else None
+        if arg.startswith("--") and "=" not in arg and value is not None and value.startswith("-"):
+            with contextlib.suppress(ValueError):
+                float(value)
+                joined.append(f"{arg}={value}")
+                index += 2
+                continue
+        joined.append(arg)
+        index += 1
+    return joined
 
 
 def fill_in_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespace:
@@ -328,6 +352,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise RecipeError(f"--show-generations must be 0 or more, got {args.show_generations}")
     if not 0 <= args.seed < 2**32:  # numpy's seed range
         raise RecipeError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    if args.overwrite and args.resume is not None:
+        raise RecipeError("--overwrite starts a new run and --resume continues the earlier one: give one of them")
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -357,21 +383,112 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(checkpoints, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
 
 
+# What the recipe (through the Trainer and PEFT) writes into --output-dir, besides checkpoint-N folders.
+RUN_OUTPUT_FILES = [
+    "trainer_state.json", "recipe_summary.json", "adapter_model.safetensors", "adapter_config.json",
+    "training_args.bin", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja",
+]
+EARLIER_RUN_MARKERS = ["trainer_state.json", "recipe_summary.json", "adapter_model.safetensors", "adapter_config.json"]
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    return sorted(path for path in output_dir.glob("checkpoint-*")
+                  if path.is_dir() and path.name.removeprefix("checkpoint-").isdigit())
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+    """The names in output_dir that show an earlier run of the recipe (empty when there is none)."""
+    if not output_dir.is_dir():
+        return []
+    return [path.name for path in checkpoint_dirs(output_dir)] + [
+        name for name in EARLIER_RUN_MARKERS if (output_dir / name).is_file()
+    ]
+
+
+def remove_earlier_run(output_dir: Path) -> list[Path]:
+    """--overwrite: delete the recipe's own checkpoints and outputs from output_dir, nothing else."""
+    import shutil
+
+    removed = [*checkpoint_dirs(output_dir), *(output_dir / name for name in RUN_OUTPUT_FILES)]
+    removed.append(output_dir / "tiny_base_model")
+    card = output_dir / "README.md"  # PEFT's model card; a README of the user's stays
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if card.is_file() and "library_name: peft" in card.read_text(encoding="utf-8"):
+            removed.append(card)
+    removed = [path for path in removed if path.exists()]
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return removed
+
+
+def check_new_run(args: argparse.Namespace) -> None:
+    """A new run never mixes its checkpoints and outputs with an earlier run's in one folder."""
+    if args.resume is not None or args.overwrite:
+        return
+    if found := earlier_run(Path(args.output_dir)):
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise RecipeError(
+            f"--output-dir {args.output_dir} holds an earlier run ({shown}): continue it with --resume, or start "
+            "over with --overwrite (deletes that run's checkpoints and outputs), or give another --output-dir"
+        )
+
+
+class RecipeFinished(Exception):
+    """--resume on a run that already reached its planned steps: one line, nothing trained, exit status 0."""
+
+
+def read_state(path: Path) -> dict | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
+def planned_end(args: argparse.Namespace, state: dict) -> str | None:
+    """Why a run in `state` has nothing left to train under these flags (None when it has)."""
+    max_steps = args.max_steps
+    if max_steps is None:  # fill_in_defaults' choice, known before it runs
+        max_steps = TINY_MAX_STEPS if args.model is None and args.epochs is None else -1
+    step = state["global_step"]
+    if max_steps > 0:
+        return f"step {step} of --max-steps {max_steps}" if step >= max_steps else None
+    epochs = args.epochs if args.epochs is not None else EPOCHS
+    state_steps, epoch = state.get("max_steps") or 0, state.get("epoch") or 0.0
+    # The Trainer's epoch counter can end a hair below a whole epoch when the last accumulation is short.
+    if 0 < state_steps <= step and epoch >= epochs - 0.01:
+        return f"step {step}, the end of --epochs {epochs:g}"
+    return None
+
+
 def check_resume(args: argparse.Namespace) -> None:
-    """Turn --resume into a checkpoint directory that exists."""
+    """Turn --resume into a checkpoint directory that exists and has steps left to train."""
     if args.resume is None:
         return
+    output_dir = Path(args.output_dir)
     if args.resume == "latest":
-        checkpoint = latest_checkpoint(Path(args.output_dir))
-        if checkpoint is None:
-            raise RecipeError(
-                f"--resume: no checkpoint-N directory in {args.output_dir} to continue from (one is saved on "
-                "Ctrl-C and every --save-steps); give the run's --output-dir, or a checkpoint: --resume DIR"
-            )
+        checkpoint = latest_checkpoint(output_dir)
+        # The folder's own trainer_state.json (saved at the end) can be past the last periodic checkpoint.
+        candidates = [output_dir, *([checkpoint] if checkpoint else [])]
     else:
         checkpoint = Path(args.resume)
         if not (checkpoint / "trainer_state.json").is_file():
             raise RecipeError(f"--resume {args.resume} is not a training checkpoint (no trainer_state.json in it)")
+        candidates = [checkpoint]
+    states = [(state, where) for where in candidates if (state := read_state(where / "trainer_state.json"))]
+    if states:
+        state, where = max(states, key=lambda pair: pair[0]["global_step"])
+        if (end := planned_end(args, state)) is not None:
+            raise RecipeFinished(
+                f"the run in {display_path(where)} already finished ({end}): nothing to resume; raise --max-steps "
+                "or --epochs to train further, or start over with --overwrite"
+            )
+    if checkpoint is None:
+        raise RecipeError(
+            f"--resume: no checkpoint-N directory in {args.output_dir} to continue from (one is saved on "
+            "Ctrl-C and every --save-steps); give the run's --output-dir, or a checkpoint: --resume DIR"
+        )
     args.resume = str(checkpoint)
 
 
@@ -432,9 +549,9 @@ def check_model_type(config: object, where: str) -> None:
         )
 
 
-def check_model_source(name: str) -> None:
+def check_model_source(name: str) -> dict:
     """A local model directory (config, weights, tokenizer), or a Gemma 2 repository on the hub.
-    Reads config.json only."""
+    Reads config.json only, and returns it."""
     if is_hub_name(name):
         check_hub_repo(name, "model", "--model")
         from huggingface_hub import constants, hf_hub_download
@@ -451,8 +568,9 @@ def check_model_source(name: str) -> None:
             raise RecipeError(f"--model {name!r} has no config.json on the hub: not a transformers model") from None
         except Exception as error:
             raise RecipeError(f"--model {name!r}: cannot read its config.json ({first_line(error)})") from None
-        check_model_type(json.loads(Path(config_file).read_text()), repr(name))
-        return
+        config = json.loads(Path(config_file).read_text())
+        check_model_type(config, repr(name))
+        return config
 
     path = Path(name).expanduser()
     if not path.exists():
@@ -472,6 +590,18 @@ def check_model_source(name: str) -> None:
         raise RecipeError(f"--model {name} has a config but no weights (*.safetensors or *.bin)")
     if not any((path / file).is_file() for file in MODEL_TOKENIZER_FILES):
         raise RecipeError(f"--model {name} has no tokenizer ({' or '.join(MODEL_TOKENIZER_FILES)})")
+    return config
+
+
+def check_max_seq_length(args: argparse.Namespace, config: dict) -> None:
+    """No longer than the model's positions (RoPE and the sliding window are set up for those)."""
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and args.max_seq_length > limit:
+        model = args.model or "the tiny demo model"
+        raise RecipeError(
+            f"--max-seq-length {args.max_seq_length} is longer than {model} handles: its config's "
+            f"max_position_embeddings is {limit}; use --max-seq-length {limit} or less"
+        )
 
 
 def dataset_is_local(name: str) -> bool:
@@ -533,8 +663,11 @@ def check_and_complete(args: argparse.Namespace) -> bool:
     check_flags(args)
     check_output_dir(Path(args.output_dir))
     check_resume(args)
+    check_new_run(args)
     if args.model is not None:
-        check_model_source(args.model)
+        config = check_model_source(args.model)
+    else:
+        config = json.loads((TINY_MODEL_DIR / "config.json").read_text())
     if args.dataset is not None:
         check_dataset_source(args.dataset)
     import torch
@@ -544,6 +677,7 @@ def check_and_complete(args: argparse.Namespace) -> bool:
     if (problem := distributed.check_arguments(args, distributed.detect_launch(), on_gpu)) is not None:
         raise RecipeError(problem)
     fill_in_defaults(args, on_gpu)
+    check_max_seq_length(args, config)
     check_device(args, on_gpu)
     return on_gpu
 
@@ -1097,6 +1231,11 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         heldout = dataset.select([])  # plain text has no expected answer to compare with
     print(f"dataset      {shown_name}: {len(dataset):,} {data_format} examples ({len(heldout)} held out)")
 
+    if args.overwrite and launch.is_main:  # every check has passed: only now is the earlier run deleted
+        if removed := remove_earlier_run(output_dir):
+            print(f"overwrite    deleted the earlier run's {', '.join(path.name for path in removed)} "
+                  f"from {display_path(output_dir)}")
+
     # 2. Base model. The tiny demo's random weights go through the same loading path.
     precision = "4-bit NF4" if args.load_in_4bit else str(compute_dtype(on_gpu))
     if tiny:
@@ -1199,9 +1338,6 @@ def run(args: argparse.Namespace, on_gpu: bool) -> dict:
         print(f"resuming     from {display_path(args.resume)}")
     every = f"every {args.save_steps} step{'s' * (args.save_steps > 1)} and " if args.save_steps else ""
     print(f"checkpoints  {every}on Ctrl-C, in {display_path(output_dir)}/checkpoint-N (--resume continues)")
-    earlier = latest_checkpoint(output_dir)
-    if earlier and not args.resume:
-        print(f"             (this run starts afresh: --resume would continue the earlier {display_path(earlier)})")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -1342,13 +1478,13 @@ def console_settings():
 
 
 def resume_command(argv: list[str]) -> str:
-    """This run's command line with --resume (replacing any earlier --resume)."""
+    """This run's command line with --resume (replacing any earlier --resume, and without --overwrite)."""
     kept, skip_value = [], False
     for index, arg in enumerate(argv):
         if skip_value:
             skip_value = False
             continue
-        if arg.startswith("--resume="):
+        if arg.startswith("--resume=") or arg == "--overwrite":  # continuing must not delete what it continues
             continue
         if arg == "--resume":
             skip_value = index + 1 < len(argv) and not argv[index + 1].startswith("-")
@@ -1359,7 +1495,7 @@ def resume_command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(negative_numbers_as_values(argv))
     with console_settings(), distributed.console_for_this_rank():  # [distributed] only rank 0 prints
         try:
             on_gpu = check_and_complete(args)
@@ -1367,6 +1503,9 @@ def main(argv: list[str] | None = None) -> int:
         except RecipeError as error:
             print(f"{RECIPE_NAME}: error: {error}", file=sys.stderr)
             return 2
+        except RecipeFinished as finished:
+            print(f"{RECIPE_NAME}: {finished}")
+            return 0
         except RecipeInterrupted as stop:
             how_to_go_on = f"; continue with: {resume_command(argv)}" if stop.resumable else ""
             print(f"{RECIPE_NAME}: {stop}{how_to_go_on}", file=sys.stderr)

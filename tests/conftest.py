@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "sft_gemma2.py"
@@ -83,3 +84,12 @@ def load_recipe(name="sft_gemma2"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def flex_forward_on_cpu(monkeypatch):
+    """patch_model refuses backend="flex" on a CPU (no flex backward there), but torch runs flex_attention's
+    forward on CPUs: tests that check flex's masks and score functions there step past that refusal."""
+    import fastgemma.api
+
+    monkeypatch.setattr(fastgemma.api, "flex_supported", lambda device: True)

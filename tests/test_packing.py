@@ -20,7 +20,7 @@ def packed_batch(lengths, vocab=97, seed=0):
 
 
 @pytest.mark.parametrize("backend", ["eager", "flex"])
-def test_packed_logits_equal_documents_alone_and_hf_eager(backend):
+def test_packed_logits_equal_documents_alone_and_hf_eager(backend, flex_forward_on_cpu):
     reference = random_gemma2(tiny_gemma2_config())
     patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend=backend)
     ids, positions = packed_batch(DOCUMENT_LENGTHS)

@@ -102,7 +102,7 @@ def test_compiled_backend_matches_hf_eager_on_every_padded_position(padding):
 
 
 @pytest.mark.parametrize("padding", [None, "right", "left", "holes"])
-def test_flex_forward_on_cpu_matches_hf_eager(padding):
+def test_flex_forward_on_cpu_matches_hf_eager(padding, flex_forward_on_cpu):
     """Every position, padded ones included (flex tiles of padded queries only, uniform rows)."""
     reference = random_gemma2(tiny_gemma2_config(**PADDED_CONFIGS["hd128-gqa2"]))
     patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="flex")
@@ -269,7 +269,29 @@ def test_bad_arguments_are_refused():
     assert not fastgemma.is_patched(model)
 
 
-def test_batch_longer_than_max_seq_length_is_still_exact(caplog):
+def test_is_patched_is_false_for_a_model_that_is_not_gemma2():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert fastgemma.is_patched(llama) is False
+    assert fastgemma.is_patched(torch.nn.Linear(2, 2)) is False
+    with pytest.raises(ValueError, match="supports"):  # patching it is still an error
+        fastgemma.patch_model(llama)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and fastgemma.attention.flex_supported(torch.device("cuda")),
+                    reason="checks a device without flex support")
+def test_flex_backend_is_refused_at_patch_time_where_flex_cannot_train():
+    model = random_gemma2(tiny_gemma2_config())  # on the CPU
+    with pytest.raises(ValueError, match=r"backend='flex' needs .*cpu device: use backend='auto' .* or 'compiled'"):
+        fastgemma.patch_model(model, backend="flex")
+    assert not fastgemma.is_patched(model)
+    fastgemma.patch_model(model, backend="auto")  # what runs there instead
+    assert fastgemma.is_patched(model)
+
+
+def test_batch_longer_than_max_seq_length_is_still_exact(caplog, flex_forward_on_cpu):
     reference = random_gemma2(tiny_gemma2_config())
     patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="flex")
     ids = torch.randint(0, 97, (1, 300))

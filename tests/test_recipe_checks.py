@@ -65,6 +65,11 @@ def refuse(recipe, monkeypatch, tmp_path, capsys):
         (["--lr", "0"], "--lr must be a number above 0"),
         (["--lr", "-0.001"], "--lr must be a number above 0"),
         (["--lr", "nan"], "--lr must be a number above 0, got nan"),
+        (["--lr", "-1e-3"], "--lr must be a number above 0, got -0.001"),  # argparse alone: "expected one argument"
+        (["--lr", "-inf"], "--lr must be a number above 0, got -inf"),
+        (["--epochs", "-2.5e0"], "--epochs must be a number above 0, got -2.5"),
+        (["--max-seq-length", "4096"], "--max-seq-length 4096 is longer than the tiny demo model handles: its "
+                                       "config's max_position_embeddings is 2048"),
         (["--epochs", "0"], "--epochs must be a number above 0"),
         (["--epochs", "-1"], "--epochs must be a number above 0"),
         (["--max-steps", "0"], "--max-steps must be at least 1 (or -1"),
@@ -275,3 +280,93 @@ def test_resume_command_keeps_the_flags(recipe):
     command = recipe.resume_command(["--max-steps", "50", "--resume", "out/checkpoint-20", "--lr", "1e-3"])
     assert command.endswith("sft_gemma2.py --max-steps 50 --lr 1e-3 --resume")
     assert recipe.resume_command(["--resume"]).endswith("sft_gemma2.py --resume")
+    assert recipe.resume_command(["--overwrite", "--max-steps", "50"]).endswith("sft_gemma2.py --max-steps 50 --resume")
+
+
+# ---------------------------------------------------------------------------------------
+# Runs never mix in one --output-dir
+# ---------------------------------------------------------------------------------------
+def fake_checkpoint(directory: Path, step: int, max_steps: int, epoch: float = 0.5) -> Path:
+    directory.mkdir(parents=True)
+    state = {"global_step": step, "max_steps": max_steps, "epoch": epoch, "num_train_epochs": 1, "log_history": []}
+    (directory / "trainer_state.json").write_text(json.dumps(state))
+    return directory
+
+
+def test_resume_of_a_finished_run_trains_nothing(recipe, monkeypatch, tmp_path, capsys):
+    for name in ["build_tiny_gemma2", "save_tiny_base_model", "load_base_model", "run"]:
+        monkeypatch.setattr(recipe, name, lambda *a, **k: pytest.fail("a finished run was trained again"))
+    output_dir = tmp_path / "out"
+    fake_checkpoint(output_dir / "checkpoint-50", 50, 60)
+    fake_checkpoint(output_dir / "checkpoint-60", 60, 60)
+    capsys.readouterr()
+    assert recipe.main(["--max-steps", "60", "--resume", "--output-dir", str(output_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and len(out.strip().splitlines()) == 1
+    assert "already finished (step 60 of --max-steps 60)" in out and "--overwrite" in out
+    assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-50", "checkpoint-60"]
+    # An explicit checkpoint, and an epoch-based run whose state reached its planned steps
+    assert recipe.main(["--max-steps", "60", "--resume", str(output_dir / "checkpoint-60"),
+                        "--output-dir", str(output_dir)]) == 0
+    done = fake_checkpoint(tmp_path / "epochs" / "checkpoint-9", 9, 9, epoch=1.0)
+    assert recipe.main(["--epochs", "1", "--resume", "--output-dir", str(done.parent)]) == 0
+    assert "the end of --epochs 1" in capsys.readouterr().out
+
+
+def test_resume_with_steps_left_goes_on(recipe, tmp_path):
+    output_dir = tmp_path / "out"
+    fake_checkpoint(output_dir / "checkpoint-60", 60, 60)
+    args = recipe.build_parser().parse_args(["--max-steps", "100", "--resume", "--output-dir", str(output_dir)])
+    recipe.check_resume(args)
+    assert args.resume == str(output_dir / "checkpoint-60")
+
+
+@pytest.mark.parametrize("earlier", ["checkpoint-7", "trainer_state.json", "adapter_model.safetensors",
+                                     "adapter_config.json", "recipe_summary.json"])
+def test_new_run_into_an_earlier_runs_folder_is_refused(refuse, tmp_path, earlier):
+    output_dir = tmp_path / "out"
+    if earlier.startswith("checkpoint-"):
+        fake_checkpoint(output_dir / earlier, 7, 60)
+    else:
+        output_dir.mkdir()
+        (output_dir / earlier).write_text("{}")
+    error = refuse(output_dir=output_dir)
+    assert f"holds an earlier run ({earlier})" in error and "--resume" in error and "--overwrite" in error
+    assert (output_dir / earlier).exists()
+
+
+def test_overwrite_and_resume_together_are_refused(refuse):
+    assert "--overwrite starts a new run and --resume continues" in refuse("--overwrite", "--resume")
+
+
+def test_overwrite_deletes_only_the_recipes_own_files(recipe, tmp_path):
+    output_dir = tmp_path / "out"
+    fake_checkpoint(output_dir / "checkpoint-3", 3, 3)
+    (output_dir / "tiny_base_model").mkdir()
+    for name in ["trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "recipe_summary.json",
+                 "training_args.bin", "tokenizer.json", "notes.txt"]:
+        (output_dir / name).write_text("x")
+    (output_dir / "README.md").write_text("---\nlibrary_name: peft\n---\n")
+    (output_dir / "checkpoint-best").mkdir()  # not a checkpoint-N of the Trainer's
+    recipe.remove_earlier_run(output_dir)
+    assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-best", "notes.txt"]
+    (output_dir / "README.md").write_text("my own notes")
+    recipe.remove_earlier_run(output_dir)
+    assert (output_dir / "README.md").is_file()
+    args = recipe.build_parser().parse_args(["--output-dir", str(output_dir)])
+    recipe.check_new_run(args)  # what is left is no earlier run
+
+
+def test_max_seq_length_beyond_a_local_models_positions(refuse, tmp_path):
+    model = tmp_path / "short_gemma2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma2", "max_position_embeddings": 256}))
+    (model / "model.safetensors").write_text("not read before the check")
+    (model / "tokenizer.json").write_text("{}")
+    error = refuse("--model", str(model))  # the real-model default, 2048
+    assert f"--max-seq-length 2048 is longer than {model} handles" in error and "256 or less" in error
+
+
+def test_negative_numbers_parse_as_values(recipe):
+    assert recipe.negative_numbers_as_values(["--lr", "-1e-3", "--packing", "--resume", "--seed", "7"]) == [
+        "--lr=-1e-3", "--packing", "--resume", "--seed", "7"]
