@@ -143,11 +143,18 @@ def patch_model(
         "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
         summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length, fused_ops,
         flex_kernel_options, f"{softcap_tanh} -> {resolve_softcap_tanh(softcap_tanh, device)} on {device.type}",
-        "; cuda_graphs=True (compiled decoder layers replayed as CUDA graphs while training)" if cuda_graphs is True
-        else "; cuda_graphs=auto (CUDA-graphed decoder layers for short micro-steps on one GPU while training)"
-        if cuda_graphs == "auto" else "; compile_layers=True (one compiled region per decoder layer while training)" if compile_layers else "",
+        _layers_note(compile_layers, cuda_graphs),
     )
     return model
+
+
+def _layers_note(compile_layers: bool, cuda_graphs) -> str:
+    """How the decoder layers train, for patch_model's log line ("" for op by op)."""
+    if cuda_graphs is True:
+        return "; cuda_graphs=True (compiled decoder layers replayed as CUDA graphs while training)"
+    if cuda_graphs == "auto":
+        return "; cuda_graphs=auto (CUDA-graphed decoder layers for short micro-steps on one GPU while training)"
+    return "; compile_layers=True (one compiled region per decoder layer while training)" if compile_layers else ""
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -496,27 +496,25 @@ class AttentionMask:
         segments = None if self.segment_ids is None else self.segment_ids.to(device)
         return padding_ids(real, segments, self.window, length)
 
+    def _inputs(self, device, length) -> dict:
+        """The batch's tensors a mask function reads, padded to `length`: {} (plain), {"segments"} (packed)
+        or {"query_ids", "key_ids"} (padded)."""
+        if self.real_tokens is not None:
+            query_ids, key_ids = self._padding_ids(device, length)
+            return {"query_ids": query_ids, "key_ids": key_ids}
+        if self.segment_ids is not None:
+            return {"segments": self._segments(device, length)}
+        return {}
+
     def flex_inputs(self, device) -> dict:
-        """The batch's tensors the flex mask and score functions read, at `padded_length`: {} (plain),
-        {"segments"} (packed) or {"query_ids", "key_ids"} (padded)."""
+        """`_inputs` at `padded_length`, built once: what the flex mask and score functions read."""
         if self._flex_inputs is None:
-            if self.real_tokens is not None:
-                query_ids, key_ids = self._padding_ids(device, self.padded_length)
-                self._flex_inputs = {"query_ids": query_ids, "key_ids": key_ids}
-            elif self.segment_ids is not None:
-                self._flex_inputs = {"segments": self._segments(device, self.padded_length)}
-            else:
-                self._flex_inputs = {}
+            self._flex_inputs = self._inputs(device, self.padded_length)
         return self._flex_inputs
 
     def mask_mod(self, device) -> MaskMod:
         """This batch's mask as a mask function (uniform rows of a padded batch see their whole row)."""
-        inner = causal_mask_mod(self.window)
-        if self.real_tokens is not None:
-            return real_keys(*self._padding_ids(device, round_up(self.kv_len)), inner)
-        if self.segment_ids is None:
-            return inner
-        return within_segments(self._segments(device, round_up(self.kv_len)), inner)
+        return flex_mask_mod(self._inputs(device, round_up(self.kv_len)), self.window)
 
     def block_mask(self, device, kv_block: Optional[int] = None):
         """The flex_attention BlockMask at `padded_length` (batch 1 and broadcast when plain).
@@ -548,14 +546,11 @@ class AttentionMask:
         """A (batch or 1, 1, q_len, kv_len) mask for the dense backends: bool (allowed), or for a padded
         batch int8: 1 allowed, 0 hidden, DENSE_UNIFORM for every key of a uniform row (see `padding_ids`)."""
         if self._dense is None:
-            if self.real_tokens is not None:
-                query_ids, key_ids = self._padding_ids(device, self.kv_len)
-                batch = query_ids.shape[0]
-                inner = causal_mask_mod(self.window)
-                allowed = dense_mask(real_keys(query_ids, key_ids, inner), batch, self.q_len, self.kv_len, device)
-                uniform = (query_ids == UNIFORM_ROW)[:, None, :, None]
-                self._dense = torch.where(uniform, DENSE_UNIFORM, allowed.to(torch.int8)).to(torch.int8)
-            else:
-                batch = 1 if self.segment_ids is None else self.segment_ids.shape[0]
-                self._dense = dense_mask(self.mask_mod(device), batch, self.q_len, self.kv_len, device)
+            inputs = self._inputs(device, self.kv_len)
+            batch = next(iter(inputs.values())).shape[0] if inputs else 1
+            allowed = dense_mask(flex_mask_mod(inputs, self.window), batch, self.q_len, self.kv_len, device)
+            if "query_ids" in inputs:
+                uniform = (inputs["query_ids"] == UNIFORM_ROW)[:, None, :, None]
+                allowed = torch.where(uniform, DENSE_UNIFORM, allowed.to(torch.int8)).to(torch.int8)
+            self._dense = allowed
         return self._dense

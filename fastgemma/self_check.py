@@ -19,7 +19,6 @@ from . import versions
 logger = logging.getLogger("fastgemma")
 
 ALLOW_UNTESTED = "FASTGEMMA_ALLOW_UNTESTED"
-INSTALL = {"transformers": versions.INSTALL_TESTED, "torch": 'pip install "torch>=2.11,<2.14"'}
 
 _verdicts: dict = {}  # (patcher name, versions checked) -> list of disagreements
 
@@ -51,7 +50,7 @@ def ensure_exact(patcher) -> None:
     problems = _verdicts[key]
     if not problems:
         return
-    install = " and ".join(INSTALL[package] for package in untested)
+    install = " and ".join(versions.install_command(package) for package in untested)
     message = (f"fastgemma: {found}: patched {patcher.NAME} differs from stock there: {problems[0]}"
                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                + f". Install a tested version: {install}")

@@ -25,8 +25,6 @@ TORCH_MINIMUM = (2, 6)
 # First and last tested minor versions, both included. CI tests both transformers ends on the CPU;
 # the GPU runs use torch 2.11, CI torch 2.13.
 TESTED = {"transformers": ((5, 17), (5, 25)), "torch": ((2, 11), (2, 13))}
-# The command that installs the newest tested transformers.
-INSTALL_TESTED = 'pip install "transformers>=5.17,<5.26"'
 
 
 def installed_version(package: str) -> str:
@@ -48,6 +46,16 @@ def _release(version: str) -> tuple[int, ...] | None:
 def tested_range(package: str) -> str:
     (a, b), (c, d) = TESTED[package]
     return f"{a}.{b}-{c}.{d}"
+
+
+def install_command(package: str) -> str:
+    """The pip command that installs a tested version of `package`."""
+    (a, b), (c, d) = TESTED[package]
+    return f'pip install "{package}>={a}.{b},<{c}.{d + 1}"'
+
+
+# The command that installs the newest tested transformers.
+INSTALL_TESTED = install_command("transformers")
 
 
 def untested_versions() -> dict[str, str]:

@@ -163,16 +163,23 @@ def _fused(module, x: torch.Tensor) -> bool:
     return setting is True or x.device.type == "cuda"
 
 
-def pop_cache(kwargs: dict):
-    """Take the KV cache out of a forward's keyword arguments, under either of its names.
+def cache_in(kwargs: dict):
+    """The KV cache in a forward's keyword arguments, under either of its names, or None.
 
     transformers 5.24 renamed it from ``past_key_values`` to ``cache`` throughout Gemma 2's forwards
     (the old name still reaches HF's own forwards, with a deprecation warning); a forward that reads
     only one name sees no cache while decoding on the other versions.
     """
-    cache = kwargs.pop("cache", None)
-    legacy = kwargs.pop("past_key_values", None)
-    return cache if cache is not None else legacy
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def pop_cache(kwargs: dict):
+    """`cache_in(kwargs)`, with both names removed from `kwargs`."""
+    cache = cache_in(kwargs)
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    return cache
 
 
 # What this transformers calls the KV cache in Gemma 2's forwards.
@@ -467,7 +474,7 @@ def _graphs_apply(layer, state, hidden_states, kwargs) -> bool:
         return refuse("the layer was not handed its rotary tables (position_embeddings)", logging.INFO)
     # (Other keyword arguments, such as TRL's packed-sequence lengths for flash attention, are not read by
     # fastgemma's layer: the batch's masks were built from them already.)
-    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or kwargs.get("output_attentions"):
+    if cache_in(kwargs) is not None or kwargs.get("output_attentions"):
         return refuse("a KV cache or output_attentions is in use", logging.INFO)
     if _global_hooks():
         return refuse("global module hooks are set, which a graph would not call")
@@ -699,7 +706,7 @@ def backbone_forward(self, *args, **kwargs):
     if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
         kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
     # Read under either name, handed on as the caller named it (HF's own forward warns about the old name).
-    kv_cache = pop_cache(dict(kwargs))
+    kv_cache = cache_in(kwargs)
     attention_mask = kwargs.get("attention_mask")
     deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     if not isinstance(attention_mask, dict):
