@@ -140,7 +140,8 @@ def dense_softcap_attention(
     to (batch, 1, q_len, kv_len). GQA without copying keys: query heads are grouped
     under their key head. A query with no allowed key outputs 0, never NaN.
     With `return_weights`, returns ``(output, weights)``, the (batch, heads, q_len, kv_len)
-    probabilities in value's dtype, as Hugging Face's eager attention returns them.
+    probabilities in value's dtype (after dropout), as Hugging Face's eager attention returns them:
+    the very tensor the output is computed from, so a gradient retained on it is the output's.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -163,9 +164,15 @@ def dense_softcap_attention(
     probs = probs.to(value.dtype)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    weights = None
+    if return_weights:
+        # The product reads the returned tensor through a view, not the other way round: a view
+        # handed back would sit off the path to the output and get no gradient.
+        weights = probs.reshape(batch, heads, q_len, probs.shape[-1])
+        probs = weights.view(probs.shape)
     out = torch.matmul(probs, value.unsqueeze(2)).view(batch, heads, q_len, head_dim)
     if return_weights:
-        return out, probs.reshape(batch, heads, q_len, probs.shape[-1])
+        return out, weights
     return out
 
 

@@ -108,6 +108,23 @@ def test_fully_masked_rows_give_no_nan():
         assert not torch.isnan(softcap_attention(query, key, value, mask, scale=0.25, softcap=50.0, backend="flex")).any()
 
 
+def test_returned_weights_are_what_multiplies_the_values_and_get_its_gradient():
+    """With dropout too: the output is the returned weights times V (per key head), and a gradient retained
+    on the weights is d(loss)/d(weights) = grad_out · Vᵀ."""
+    query, key, value = random_qkv(4, 2, 20, 16, seed=3)
+    mask = AttentionMask(20, 20, window=8).dense(query.device)
+    torch.manual_seed(0)
+    out, weights = attention.dense_softcap_attention(query, key, value, mask, 0.25, 50.0, dropout_p=0.3,
+                                                     return_weights=True)
+    assert weights.shape == (1, 4, 20, 20) and (weights == 0).any()
+    repeated = value.repeat_interleave(2, dim=1)
+    assert relative_error(out, weights @ repeated) < 1e-6
+    weights.retain_grad()
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert relative_error(weights.grad, grad_out @ repeated.transpose(-1, -2)) < 1e-6
+
+
 def test_auto_backend_choice_on_cpu():
     query, key, _ = random_qkv(2, 2, 8, 16, seed=0)
     mask = AttentionMask(8, 8)

@@ -173,6 +173,26 @@ def test_output_attentions_returns_hf_eager_weights():
     assert relative_error(actual.logits, expected.logits) < 1e-4
 
 
+def test_returned_attention_weights_carry_the_gradient_hf_eager_gives_them():
+    """As Hugging Face's test_retain_grad_hidden_states_attentions: a gradient retained on the returned
+    weights (and hidden states) is HF eager's, so the weights are the tensor the output was computed from."""
+    reference = random_gemma2(tiny_gemma2_config(window=16))
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128)
+    ids = torch.randint(0, 97, (2, 40))
+    projection = torch.randn(2, 40, 97)
+    results = []
+    for model in (reference, patched):
+        out = model(input_ids=ids, output_attentions=True, output_hidden_states=True, use_cache=False)
+        for tensor in (*out.attentions, out.hidden_states[0]):
+            tensor.retain_grad()
+        (out.logits * projection).sum().backward(retain_graph=True)
+        results.append(out)
+    expected, actual = results
+    for got, want in zip((*actual.attentions, actual.hidden_states[0]), (*expected.attentions, expected.hidden_states[0])):
+        assert got.grad is not None and relative_error(got, want) < 1e-4
+        assert relative_error(got.grad, want.grad) < GRAD_TOLERANCE
+
+
 def test_output_attentions_from_config_and_on_a_padded_batch():
     reference = random_gemma2(tiny_gemma2_config())
     reference.config.output_attentions = True
