@@ -440,10 +440,40 @@ class _GraphedCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        # ctx keeps the graphs and sources afterwards: backward(retain_graph=True) replays them again.
         (x,) = ctx.saved_tensors
-        grad_x, grad_params = ctx.runner.run_backward(ctx.graphs, ctx.sources, ctx.length, x, grad_out.contiguous())
-        ctx.sources = ctx.graphs = None
-        return (None, None, None, None, grad_x if ctx.needs_input_grad[4] else None, *grad_params)
+        with torch.no_grad():  # create_graph=True runs this with grad mode on; a replay records nothing anyway
+            grad_x, grad_params = ctx.runner.run_backward(ctx.graphs, ctx.sources, ctx.length, x, grad_out.contiguous())
+        grads = [grad_x if ctx.needs_input_grad[4] else None, *grad_params]
+        if torch.is_grad_enabled():
+            grads = _not_differentiable_again(grads)
+        return (None, None, None, None, *grads)
+
+
+NO_DOUBLE_BACKWARD = ("fastgemma: CUDA-graphed layers (cuda_graphs=True) have no double backward: their gradients "
+                      "cannot be differentiated again; patch_model(..., backend='eager', fused_ops=False) can")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Gradients that a graphed backward replayed, as they are; differentiating them raises NO_DOUBLE_BACKWARD."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(grad.view_as(grad) for grad in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+
+
+def _not_differentiable_again(grads: list) -> list:
+    """Under create_graph=True: `grads` on a node that raises if a second backward reaches it (as torch's
+    once_differentiable, with fastgemma's message), instead of constants that would silently drop those terms."""
+    present = [index for index, grad in enumerate(grads) if grad is not None]
+    wrapped = _NoDoubleBackward.apply(*(grads[index].detach().requires_grad_() for index in present))
+    for index, grad in zip(present, wrapped):
+        grads[index] = grad
+    return grads
 
 
 def static_like(tensor: Optional[torch.Tensor], length: int, dims=(1,), fill=0) -> Optional[torch.Tensor]:

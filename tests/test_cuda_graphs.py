@@ -249,6 +249,49 @@ def test_graphed_layers_core_matches_autograd_on_a_small_stack():
     assert runner.captures == 4  # three layers, and the first once more under autocast
 
 
+def test_graphed_layers_take_retained_graphs_and_refuse_double_backward_in_one_line():
+    """backward(retain_graph=True) replays a layer's backward again (twice the gradients, as autograd's);
+    create_graph=True gives the first-order gradients, and differentiating them again raises fastgemma's
+    one line (a replay records no graph: its gradients would otherwise count as constants)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8) for _ in range(2)]
+    runner = graphs.GraphedLayers(lambda layer, x, scale: torch.tanh(layer(x)) * scale, _ScaleBinder())
+    x, scale = torch.randn(2, 5, 8, requires_grad=True), torch.rand(8)
+    weights = [x, *(p for layer in layers for p in layer.parameters())]
+    expected, actual = x, x
+    for layer in layers:
+        expected = torch.tanh(layer(expected)) * scale
+        actual = runner(layer, actual, (scale,), 16)
+    once = torch.autograd.grad(expected.square().sum(), weights, retain_graph=True)
+    loss = actual.square().sum()
+    loss.backward(retain_graph=True)
+    first = [w.grad.clone() for w in weights]
+    loss.backward(retain_graph=True)
+    for w, f, e in zip(weights, first, once):
+        torch.testing.assert_close(f, e)
+        torch.testing.assert_close(w.grad, 2 * e)
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
+    for ours, theirs in zip(grads, once):
+        torch.testing.assert_close(ours, theirs)
+    with pytest.raises(RuntimeError, match=r"^fastgemma: CUDA-graphed layers \(cuda_graphs=True\) have no double backward"):
+        sum(g.square().sum() for g in grads).backward()
+
+
+def test_graphed_model_takes_retained_graphs():
+    """A model with graphed (compiled) layers: a second backward through a retained graph adds HF eager + PEFT's
+    gradients again."""
+    from conftest import assert_same_gradients, gradients_after_backwards
+
+    reference, graphed = lora_models(random_gemma2(tiny_gemma2_config(layers=2, window=16)), True, cuda_graphs=True)
+    positions = torch.cat([torch.arange(n) for n in (30, 10)])[None]
+    ids = torch.randint(0, 97, (1, 40))
+    inputs = dict(input_ids=ids, position_ids=positions, labels=ids)
+    gradients_after_backwards(graphed, times=1, **inputs)
+    assert graph_state(graphed).graphs.captures == 2
+    expected = gradients_after_backwards(reference, **inputs)
+    assert_same_gradients(gradients_after_backwards(graphed, **inputs), expected)
+
+
 def test_graphed_layers_share_static_buffers_across_buckets_and_layers():
     """The buffers a graph reads and writes are shared (a 12% higher peak at 4×4096 on an H200 came from a set per
     bucket, and every layer's own gradient outputs): buckets view one storage when the first was the largest,
