@@ -33,6 +33,10 @@ CACHE_KEY_TAG = "fastgemma-keeps-saved-tensors"
 
 
 def _own_cache_keys():
+    if not hasattr(getattr(torch.compiler, "config", None), "cache_key_tag"):  # older torch: no tag, no cache
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(fx_graph_cache=False)
     tag = torch.compiler.config.cache_key_tag
     if CACHE_KEY_TAG not in tag.split("|"):
         tag = f"{tag}|{CACHE_KEY_TAG}" if tag else CACHE_KEY_TAG
