@@ -28,6 +28,7 @@ import torch
 
 from . import fast_tanh
 from .masks import DENSE_UNIFORM, AttentionMask, uniform_rows
+from .ops.compile import compile_function
 
 logger = logging.getLogger("fastgemma")
 
@@ -183,7 +184,7 @@ def dense_softcap_attention(
 @functools.lru_cache(maxsize=None)
 def _compiled_dense():
     # dynamic=True: one graph for every sequence length, so varying batches don't recompile.
-    return torch.compile(dense_softcap_attention, dynamic=True)
+    return compile_function(dense_softcap_attention, dynamic=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _compiled_flex(score_key=None, kernels="triton"):
     # Static shapes: every batch arrives padded to the block mask's fixed length, so one
     # kernel serves all lengths. (With dynamic shapes, torch 2.11 fell back to unfused
     # flex_attention, or failed in the backward, once the mask function captured tensors.)
-    return torch.compile(entry, dynamic=False)
+    return compile_function(entry, dynamic=False)
 
 
 def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from fastgemma.masks import (
     segments_from_cu_seqlens,
     segments_from_position_ids,
 )
+from fastgemma.ops.compile import compile_function
 from fastgemma.ops.lora import plain_lora_parts
 from fastgemma.ops import (
     gelu_tanh_gate,
@@ -409,7 +410,7 @@ def recompute_everything_checkpoint(checkpoint):
 def _compiled_layer():
     # One compiled function for every layer: torch.compile treats each layer's parameters as inputs, so
     # layers of one kind (sliding or global: their masks differ) share a graph; token counts are dynamic.
-    return torch.compile(checkpointed_layer)
+    return compile_function(checkpointed_layer)
 
 
 # --------------------------------------------------------------------------------------
@@ -522,7 +523,7 @@ def _graphed_body(layer, x, position_embeddings, attention_mask):
 @functools.lru_cache(maxsize=None)
 def _compiled_body():
     # The layer without checkpointing: the graphed backward recomputes it itself.
-    return torch.compile(decoder_layer_body)
+    return compile_function(decoder_layer_body)
 
 
 _PLAIN_LORA_STATES: set = set()  # adapter states (_lora_states) whose LoRA layers were all found plain

@@ -67,6 +67,21 @@ def relative_error(actual, expected):
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+def gradients_after_backwards(model, times=2, create_graph=False, **inputs):
+    """Parameter gradients (by name) after `times` backwards of one loss through its retained graph."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs, use_cache=False).loss
+    for i in range(times):
+        loss.backward(retain_graph=i < times - 1, create_graph=create_graph)
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(actual, expected, tolerance=1e-3):
+    assert actual.keys() == expected.keys() and actual
+    for name in expected:
+        assert relative_error(actual[name], expected[name]) < tolerance, name
+
+
 def padding_mask(length, pads, side):
     """A (len(pads), length) attention mask with pads[i] padding tokens on the `side` ("right"/"left") of row i."""
     mask = torch.ones(len(pads), length, dtype=torch.long)

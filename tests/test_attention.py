@@ -140,6 +140,47 @@ def test_returned_weights_are_what_multiplies_the_values_and_get_its_gradient():
     assert relative_error(weights.grad, grad_out @ repeated.transpose(-1, -2)) < 1e-6
 
 
+def _transposed_qkv(seed):
+    """Query, key and value as the attention layers hand them over (transposed views), whose compiled
+    backward overwrites a saved tensor when it may (donated buffers)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 20, heads, 16, generator=generator).transpose(1, 2) * 3 for heads in (4, 2, 2)]
+
+
+def _grads_after_backwards(fn, qkv, mask, times):
+    inputs = [t.detach().clone().requires_grad_() for t in qkv]
+    out = fn(*inputs, mask, 0.25, 50.0)
+    for i in range(times):
+        out.backward(torch.ones_like(out), retain_graph=i < times - 1)
+    return [t.grad for t in inputs]
+
+
+def test_compiled_backward_runs_again_through_a_retained_graph_whatever_the_caches_hold():
+    """backward(retain_graph=True) twice through the compiled dense attention gives the eager gradients twice,
+    also when torch's compile caches hold this graph's backward compiled with donated buffers (here by a
+    stock torch.compile; another process or an older fastgemma leaves the same): torch keys a backward
+    without its donations, so one compiled without them must not share keys with one compiled with them."""
+    from fastgemma.ops.compile import compile_function
+
+    qkv, mask = _transposed_qkv(seed=5), AttentionMask(20, 20, window=8).dense("cpu")
+    torch._dynamo.reset()
+    _grads_after_backwards(torch.compile(attention.dense_softcap_attention, dynamic=True), qkv, mask, 1)
+    torch._dynamo.reset()
+    ours = compile_function(attention.dense_softcap_attention, dynamic=True)
+    _grads_after_backwards(ours, qkv, mask, 1)  # a plain backward compiles the backward the next one reuses
+    expected = _grads_after_backwards(attention.dense_softcap_attention, qkv, mask, 2)
+    for got, want in zip(_grads_after_backwards(ours, qkv, mask, 2), expected):
+        assert relative_error(got, want) < 1e-5
+    # create_graph=True: first-order gradients as eager's; differentiating them again is torch's one-line refusal
+    inputs = [t.detach().clone().requires_grad_() for t in qkv]
+    out = ours(*inputs, mask, 0.25, 50.0)
+    got = torch.autograd.grad(out, inputs, torch.ones_like(out), create_graph=True)
+    assert all(relative_error(g, w / 2) < 1e-5 for g, w in zip(got, expected))
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        sum(g.square().sum() for g in got).backward()
+    torch._dynamo.reset()
+
+
 def test_auto_backend_choice_on_cpu():
     query, key, _ = random_qkv(2, 2, 8, 16, seed=0)
     mask = AttentionMask(8, 8)

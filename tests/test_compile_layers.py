@@ -151,6 +151,27 @@ def test_reentrant_checkpointing_and_inference_run_the_layers_as_usual(monkeypat
     assert calls  # the non-reentrant kind does take the region
 
 
+def test_compiled_layers_take_retained_graphs_and_create_graph():
+    """Checkpointed compiled layers: a second backward through a retained graph adds HF eager + PEFT's gradients
+    again; create_graph=True gives them once, and differentiating them again is torch's one-line refusal."""
+    from conftest import assert_same_gradients, gradients_after_backwards
+
+    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(layers=2, window=16)), True,
+                                     compile_layers=True)
+    positions = torch.cat([torch.arange(n) for n in (30, 10)])[None]
+    ids = torch.randint(0, 97, (1, 40))
+    inputs = dict(input_ids=ids, position_ids=positions, labels=ids)
+    gradients_after_backwards(patched, times=1, **inputs)  # compiles the backward the next steps reuse
+    expected = gradients_after_backwards(reference, **inputs)
+    assert_same_gradients(gradients_after_backwards(patched, **inputs), expected)
+    weights = [p for p in patched.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(patched(**inputs, use_cache=False).loss, weights, create_graph=True)
+    by_name = dict(zip([n for n, p in patched.named_parameters() if p.requires_grad], grads))
+    assert_same_gradients(by_name, {name: grad / 2 for name, grad in expected.items()})
+    with pytest.raises(RuntimeError, match="^torch.compile with aot_autograd does not currently support double backward"):
+        sum(g.square().sum() for g in grads).backward()
+
+
 def test_compile_layers_must_be_a_bool():
     with pytest.raises(ValueError, match="compile_layers must be True or False"):
         fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), compile_layers="yes")

@@ -11,7 +11,8 @@ import torch
 import transformers
 
 import fastgemma
-from conftest import padding_mask, random_gemma2, relative_error, tiny_gemma2_config
+from conftest import (assert_same_gradients, gradients_after_backwards, padding_mask, random_gemma2,
+                      relative_error, tiny_gemma2_config)
 
 GRAD_TOLERANCE = 1e-3
 
@@ -155,6 +156,61 @@ def test_reference_model_of_peft_policy_is_independent():
                 parameter.add_(1.0)
     assert torch.equal(_logits(frozen, ids), before)
     assert relative_error(_logits(policy, ids), before) > 1e-2
+
+
+# --------------------------------------------------------------------------------------
+# Retained graphs and double backward
+# --------------------------------------------------------------------------------------
+COMPILED_PIECES = {"compiled-attention": dict(backend="compiled", fused_ops=False),
+                   "fused-ops": dict(backend="eager", fused_ops=True)}
+
+
+@pytest.mark.parametrize("patch", list(COMPILED_PIECES.values()), ids=list(COMPILED_PIECES))
+def test_backward_through_a_retained_graph_adds_the_gradients_again(patch):
+    """Stock Gemma 2 takes backward(retain_graph=True) (HF's own tests, gradient penalties): through fastgemma's
+    compiled pieces a second backward adds the same gradients again, after a plain step compiled the backward
+    (a backward free to overwrite what its forward saved would refuse, or compute garbage, the second time)."""
+    reference = random_gemma2(tiny_gemma2_config(layers=2, window=16)).train()
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, **patch)
+    ids = torch.randint(0, 97, (2, 24))
+    gradients_after_backwards(patched, times=1, input_ids=ids, labels=ids)
+    expected = gradients_after_backwards(reference, input_ids=ids, labels=ids)
+    assert_same_gradients(gradients_after_backwards(patched, input_ids=ids, labels=ids), expected)
+
+
+def first_and_second_order_gradients(model, ids):
+    """(d loss / d weights with create_graph=True, d |those|² / d weights)."""
+    model.zero_grad(set_to_none=True)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(input_ids=ids, labels=ids, use_cache=False).loss, weights, create_graph=True)
+    sum(grad.square().sum() for grad in grads).backward()
+    return grads, [p.grad for p in weights]
+
+
+@pytest.mark.parametrize("patch", list(COMPILED_PIECES.values()), ids=list(COMPILED_PIECES))
+def test_create_graph_gives_hf_gradients_and_double_backward_stops_in_one_line(patch):
+    """create_graph=True through a compiled piece gives HF eager's gradients; differentiating them again stops
+    at torch's one-line refusal (compiled backwards have no double backward)."""
+    reference = random_gemma2(tiny_gemma2_config(layers=2, window=16)).train()
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, **patch)
+    ids = torch.randint(0, 97, (2, 24))
+    expected, _ = first_and_second_order_gradients(reference, ids)
+    weights = [p for p in patched.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(patched(input_ids=ids, labels=ids, use_cache=False).loss, weights, create_graph=True)
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) < GRAD_TOLERANCE
+    with pytest.raises(RuntimeError, match="^torch.compile with aot_autograd does not currently support double backward"):
+        sum(grad.square().sum() for grad in grads).backward()
+
+
+def test_double_backward_without_compiled_pieces_matches_hf_eager():
+    """backend='eager' without fused ops is plain PyTorch throughout: gradients of gradients as HF eager's."""
+    reference = random_gemma2(tiny_gemma2_config(layers=2, window=16)).train()
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager", fused_ops=False)
+    ids = torch.randint(0, 97, (2, 24))
+    for got, want in zip(first_and_second_order_gradients(patched, ids), first_and_second_order_gradients(reference, ids)):
+        for a, b in zip(got, want):
+            assert relative_error(a, b) < GRAD_TOLERANCE
 
 
 # --------------------------------------------------------------------------------------
