@@ -5,10 +5,10 @@ Hugging Face's reduction: ``ignore_index`` targets count for nothing, the sum is
 counted targets, or by ``num_items_in_batch`` when given (HF's normalisation under gradient accumulation).
 The log-softmax runs in float32 (float64 inputs stay float64), as HF upcasts its logits before the loss.
 
-The gradients are computed in the forward, chunk by chunk, and only they are kept for the backward
-(grad_hidden, and grad_weight when the weight is trained): one logits GEMM per chunk instead of a second one
-recomputing the logits in the backward, at the memory of the hidden states that a recompute would keep anyway.
-No more than one chunk of logits (``CHUNK_LOGITS`` elements) exists at a time.
+The gradients are computed in the forward, chunk by chunk, and kept for the backward (grad_hidden, and
+grad_weight when the weight is trained): one logits GEMM per chunk, where recomputing the logits in the backward
+would need a second. No more than one chunk of logits (``CHUNK_LOGITS`` elements) exists at a time. A backward
+with ``create_graph=True`` (gradients of gradients) recomputes the loss from the full logits, differentiably.
 """
 
 from __future__ import annotations
@@ -55,34 +55,46 @@ def chunk_rows(vocab: int) -> int:
     return rows - rows % 64 if rows >= 64 else rows
 
 
+def _unchunked_loss(hidden, weight, bias, targets, softcap, ignore_index, denominator, dtype):
+    """The same loss from the full logits, differentiably: for backward(create_graph=True) only."""
+    logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    logits = logits.to(denominator.dtype)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss_sum = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return loss_sum / denominator
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """See the module docstring. Inputs are 2D ``(tokens, features)`` hidden states and ``(vocab, features)``
-    weight of one dtype, 1D targets; returns the scalar loss."""
+    """See the module docstring. Inputs: ``(tokens, features)`` hidden states, ``(vocab, features)`` weight,
+    ``(tokens,)`` targets; the GEMMs run in `dtype` (autocast's), the softmax in float32; returns the scalar loss."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, num_items_in_batch, fused):
-        compute = torch.promote_types(hidden.dtype, torch.float32)
-        valid = targets != ignore_index
+    def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, num_items_in_batch, dtype, fused):
+        compute = torch.promote_types(dtype, torch.float32)
         if num_items_in_batch is None:  # HF's mean over counted targets (0 / 0 = nan when none counts)
-            denominator = valid.sum().to(compute)
+            denominator = (targets != ignore_index).sum().to(compute)
         else:
             denominator = torch.as_tensor(num_items_in_batch, device=hidden.device).to(compute)
         scale = denominator.reciprocal()
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=compute) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=compute) if need_bias else None
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=compute, device=bias.device) if need_bias else None
         loss_sum = torch.zeros((), dtype=compute, device=hidden.device)
+        cast_weight = weight.to(dtype)
+        cast_bias = None if bias is None else bias.to(dtype)
         step = chunk_rows(weight.shape[0])
         loss_and_grad = _fused_loss_and_grad if fused else _loss_and_grad
         for start in range(0, hidden.shape[0], step):
-            chunk = hidden[start:start + step]
-            logits = torch.nn.functional.linear(chunk, weight, bias)
-            chunk_loss, grad_logits = loss_and_grad(logits, targets[start:start + step], scale, softcap, ignore_index)
+            rows = slice(start, start + step)
+            chunk = hidden[rows].to(dtype)
+            logits = torch.nn.functional.linear(chunk, cast_weight, cast_bias)
+            chunk_loss, grad_logits = loss_and_grad(logits, targets[rows], scale, softcap, ignore_index)
             del logits
             loss_sum += chunk_loss
             if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:start + step])
+                grad_hidden[rows] = torch.mm(grad_logits, cast_weight)
             if grad_weight is not None:
                 if grad_weight.dtype == grad_logits.dtype:
                     grad_weight.addmm_(grad_logits.t(), chunk)
@@ -90,24 +102,32 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_weight += torch.mm(grad_logits.t(), chunk)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=compute)
-        ctx.save_for_backward(
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-        )
+        # The inputs stay for a backward with create_graph=True, as a stock linear's backward keeps them too.
+        ctx.save_for_backward(hidden, weight, bias, targets, denominator, grad_hidden,
+                              None if grad_weight is None else grad_weight.to(weight.dtype),
+                              None if grad_bias is None else grad_bias.to(bias.dtype))
+        ctx.settings = (softcap, ignore_index, dtype)
         return loss_sum / denominator
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None)
+        hidden, weight, bias, targets, denominator, *grads = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            inputs = [t for t, needed in zip((hidden, weight, bias), ctx.needs_input_grad) if needed]
+            loss = _unchunked_loss(hidden, weight, bias, targets, *ctx.settings[:2], denominator, ctx.settings[2])
+            found = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
+            grads = [next(found) if needed else None for needed in ctx.needs_input_grad[:3]]
+        else:
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        return (*grads, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden, weight, targets, bias=None, softcap: float | None = None, ignore_index: int = -100,
-                         num_items_in_batch=None, fused: bool = True) -> torch.Tensor:
+                         num_items_in_batch=None, dtype: torch.dtype | None = None, fused: bool = True) -> torch.Tensor:
     """``cross_entropy(softcap(hidden @ weight.T + bias), targets)`` with HF's reduction, never holding more than
     one chunk of logits. `hidden` is ``(..., features)``, `targets` the matching ``(...)`` token ids (already
-    aligned with the positions that predict them). `fused` compiles the per-chunk elementwise work."""
+    aligned with the positions that predict them). `dtype`: the GEMMs' (default: hidden's; pass autocast's dtype
+    to match an autocast linear). `fused` compiles the per-chunk elementwise work."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     return LinearCrossEntropy.apply(hidden, weight, bias, targets.reshape(-1).to(hidden.device), softcap,
-                                    ignore_index, num_items_in_batch, fused)
+                                    ignore_index, num_items_in_batch, dtype or hidden.dtype, fused)
