@@ -3,11 +3,12 @@
 While training (module in train mode, grad enabled), a patched ``Gemma2ForCausalLM`` given ``labels`` computes
 HF's loss (softcapped logits, labels shifted by one, ``ignore_index``, ``num_items_in_batch`` or
 ``shift_labels``) with ``fastgemma.ops.linear_cross_entropy``, a chunk of tokens at a time, instead of building
-the (batch, length, vocabulary) logits and their float32 copy. The output then holds the loss and
-``logits=None``, as Liger's fused loss does: transformers' Trainer reads only the loss while training; evaluation
-runs without grad, so it gets the logits. Every other call runs HF's forward: no labels, inference, a tuple
-output (``return_dict=False``), ``logits_to_keep``, a custom ``loss_function``, an LM head that is not a plain
-``nn.Linear`` (a PEFT LoRA or ``modules_to_save`` head: logged once), TRL's own ``fused_lm_head`` forward.
+the (batch, length, vocabulary) logits and their float32 copy. The output's ``logits`` are computed from the
+final hidden states when first read: transformers' Trainer reads only the loss while training and never builds
+them, while code that does read them gets HF's logits (at HF's memory cost). Every other call runs HF's forward:
+no labels, inference or evaluation, a tuple output (``return_dict=False``), ``logits_to_keep``, a custom
+``loss_function``, an LM head that is not a plain ``nn.Linear`` (a PEFT LoRA or ``modules_to_save`` head: logged
+once), and TRL's own ``fused_lm_head`` forward (which chunks its logits itself).
 """
 
 from __future__ import annotations
@@ -93,7 +94,42 @@ def causal_lm_forward(self, *args, **kwargs):
             fused=_fused(self, hidden.device),
         )
     rest = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
-    return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+    return LogitsOnRead(loss=loss, logits_of=_logits_of(self, hidden), **rest)
+
+
+def _logits_of(model, hidden):
+    """A function computing HF's logits from `hidden` as the forward would have (same autocast, with grad)."""
+    device = hidden.device.type
+    autocast = {"dtype": torch.get_autocast_dtype(device)} if torch.is_autocast_enabled(device) else {"enabled": False}
+
+    def logits():
+        with torch.enable_grad(), torch.autocast(device, **autocast):
+            logits = model.lm_head(hidden)
+            cap = model.config.final_logit_softcapping
+            return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    return logits
+
+
+class LogitsOnRead(CausalLMOutputWithPast):
+    """HF's causal-LM output whose ``logits`` are computed when first read (``.logits`` or ``["logits"]``)."""
+
+    def __init__(self, *args, logits_of=None, **fields):
+        super().__init__(*args, **fields)
+        self.__dict__["_logits_of"] = logits_of
+
+    @property
+    def logits(self):
+        if self.__dict__.get("_logits") is None and self.__dict__.get("_logits_of") is not None:
+            self.__dict__["_logits"] = self.__dict__.pop("_logits_of")()
+        return self.__dict__.get("_logits")
+
+    @logits.setter
+    def logits(self, value):
+        self.__dict__["_logits"] = value
+
+    def __getitem__(self, key):
+        return self.logits if key == "logits" else super().__getitem__(key)
 
 
 def patch(model: torch.nn.Module) -> None:
