@@ -134,12 +134,15 @@ def test_a_retained_graph_gives_the_same_gradients_again(small_chunks):
         assert torch.allclose(accumulated, 2 * once)
 
 
-def test_gradients_of_gradients_are_hf_s(small_chunks):
-    """create_graph=True recomputes the loss differentiably, so second-order gradients are HF's too."""
+@pytest.mark.parametrize("tied", [False, True], ids=["own-weight", "weight-also-makes-the-hidden-states"])
+def test_gradients_of_gradients_are_hf_s(small_chunks, tied):
+    """create_graph=True recomputes the loss differentiably, so second-order gradients are HF's too, also when
+    the weight reaches the hidden states by another path (an LM head tied to the embedding)."""
     def second_order(fn):
-        hidden, weight, _, targets = random_problem(torch.float64)
-        grads = torch.autograd.grad(fn(hidden, weight, None, targets, 30.0, 150), (hidden, weight), create_graph=True)
-        return (*grads, *torch.autograd.grad(sum(g.square().sum() for g in grads), (hidden, weight)))
+        inputs, weight, _, targets = random_problem(torch.float64)
+        hidden = torch.tanh(inputs @ weight[:FEATURES]) if tied else inputs
+        grads = torch.autograd.grad(fn(hidden, weight, None, targets, 30.0, 150), (inputs, weight), create_graph=True)
+        return (*grads, *torch.autograd.grad(sum(g.square().sum() for g in grads), (inputs, weight)))
 
     for a, b in zip(second_order(chunked), second_order(hf_loss)):
         assert relative_error(a, b) < 1e-12

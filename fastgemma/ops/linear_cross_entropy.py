@@ -113,6 +113,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden, weight, bias, targets, denominator, *grads = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            # Fresh aliases, so that the gradients are partial: a weight tied to the embedding also reaches
+            # `hidden` through the model, a path the outer backward already covers.
+            hidden, weight, bias = (None if t is None else t.view_as(t) for t in (hidden, weight, bias))
             inputs = [t for t, needed in zip((hidden, weight, bias), ctx.needs_input_grad) if needed]
             loss = _unchunked_loss(hidden, weight, bias, targets, *ctx.settings[:2], denominator, ctx.settings[2])
             found = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
