@@ -43,7 +43,7 @@ def _plain_head(model) -> bool:
     if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook") or "forward" in head.__dict__:
         _note_once("the LM head has hooks or its own forward")
         return False
-    if not type(head.weight) in (torch.Tensor, torch.nn.Parameter):  # e.g. a sharded DTensor
+    if type(head.weight) not in (torch.Tensor, torch.nn.Parameter):  # e.g. a sharded DTensor
         _note_once(f"the LM head's weight is a {type(head.weight).__name__}")
         return False
     return True
