@@ -6,7 +6,8 @@ Contenders (each on a freshly built model, same seed, same weights, same data):
   hf-flex    attn_implementation="flex_attention"
   liger      eager + liger_kernel.transformers.apply_liger_kernel_to_gemma2(model=...) with Liger's defaults
              (RoPE, RMSNorm, GEGLU, fused linear cross-entropy)
-  fastgemma  eager + fastgemma.patch_model(model, max_seq_length, backend="auto")
+  fastgemma  eager + fastgemma.patch_model(model, max_seq_length, backend="auto"), whose loss from labels runs
+             chunked (fastgemma.ops.linear_cross_entropy): the row to hold against Liger's fused linear cross-entropy
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
     res.notes.append(
         f"Random-init Gemma 2, {str(dtype).replace('torch.', '')} base weights, LoRA r={args.lora_r} (alpha={args.lora_r}) "
         "on all linear layers (peft, adapters fp32), gradient checkpointing (non-reentrant), HF loss from labels "
-        f"(Liger: its fused linear cross-entropy). One forward+backward per step (no optimizer), warm-up {warmup}, "
+        f"(Liger: its fused linear cross-entropy; fastgemma: its chunked one). One forward+backward per step (no optimizer), warm-up {warmup}, "
         f"median of {iters} timed steps ({C.timer_name(device)}); fresh random token ids per step, identical for every "
         "contender. tokens/s = B·S / median step time. Peak = torch.cuda.max_memory_allocated over the steps "
         "(absolute: includes weights). 'loss@1' = loss of the first step (same weights, same data: should agree). "

@@ -788,11 +788,16 @@ def patch(model: torch.nn.Module, max_seq_length: int, backend: str, fused_ops="
             attention._fastgemma_softcap_tanh = softcap_tanh
             summary["layers"] += 1
             summary["sliding" if attention.sliding_window is not None else "global"] += 1
+    # The causal-LM training loss without the full logits: patches/gemma2_loss.py.
+    from . import gemma2_loss
+    gemma2_loss.patch(model)
     return summary
 
 
 def unpatch(model: torch.nn.Module) -> int:
     """Restore every module patched by `patch`; returns how many forwards were restored."""
+    from . import gemma2_loss  # (patches/gemma2_loss.py)
+    gemma2_loss.unpatch(model)
     backbones, _ = find_modules(model)
     restored = 0
     for backbone in backbones:
