@@ -10,8 +10,8 @@ that change between minor versions (5.24 renamed the KV cache argument of every 
   (``fastgemma.self_check``): stock against patched on a tiny random model. It refuses when they
   disagree, and logs one line when they agree.
 
-pyproject.toml caps transformers below the next untested minor version, so a fresh ``pip install``
-resolves a tested one.
+pyproject.toml caps transformers and torch below their next untested minor versions, so a fresh
+``pip install`` resolves tested ones.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from packaging.version import InvalidVersion, Version
 
 TRANSFORMERS_MAJOR = 5
 TORCH_MINIMUM = (2, 6)
-# First and last tested minor versions, both included. CI tests both transformers ends on the CPU;
-# the GPU runs use torch 2.11, CI torch 2.13.
-TESTED = {"transformers": ((5, 17), (5, 25)), "torch": ((2, 11), (2, 13))}
+# First and last tested minor versions, both included. CI tests both ends of each on the CPU (the oldest
+# transformers with the oldest torch, the GPU image's pair; the newest with the newest).
+TESTED = {"transformers": ((5, 17), (5, 25)), "torch": ((2, 11), (2, 15))}
 
 
 def installed_version(package: str) -> str:
