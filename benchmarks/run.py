@@ -1,11 +1,12 @@
 """Entry point: ``python -m benchmarks.run --suite kernel|model|trl|context|all``.
 
-Prints markdown tables as it goes, appends them (with date, GPU, versions and the exact command line)
-to benchmarks/RESULTS.md (or --results PATH), and writes the raw rows as JSON (--json PATH), rewritten
-after every contender so a run cut short still leaves its finished rows behind.
+Prints markdown tables as it goes, appends one row per contender and workload (with date, commit, GPU,
+versions and the exact command line) to benchmarks/results.jsonl (or --results PATH) and then regenerates
+benchmarks/RESULTS.md from it, and writes the raw rows as JSON (--json PATH), rewritten after every contender
+so a run cut short still leaves its finished rows behind.
 
 --tiny is the CPU smoke configuration (tiny Gemma 2, a couple of steps); it never writes into
-benchmarks/RESULTS.md unless --results names that file.
+benchmarks/results.jsonl unless --results names that file.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_RESULTS = os.path.join(HERE, "RESULTS.md")
-DEFAULT_PLOT = os.path.join(HERE, "model_suite.png")
+from . import report
+from . import results as R
+
+DEFAULT_RESULTS = report.RESULTS_FILE
 SUITES = ("kernel", "model", "trl", "context")
 
 
@@ -28,14 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="all", help="kernel, model, trl, context, all, or a comma list")
     p.add_argument("--tiny", action="store_true", help="CPU smoke configuration (tiny Gemma 2)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
-    p.add_argument("--results", default=None, help=f"markdown file to append to (default {DEFAULT_RESULTS}; "
-                   "with --tiny: a temporary file)")
+    p.add_argument("--results", default=None, help=f"results file (JSON lines) to append to (default "
+                   f"{DEFAULT_RESULTS}, then RESULTS.md is regenerated; with --tiny: a temporary file)")
     p.add_argument("--no-results", action="store_true", help="do not append to any results file")
     p.add_argument("--json", default=None, help="write raw results as JSON to this path")
-    p.add_argument("--plot", default=None, help=f"model-suite plot path (default {DEFAULT_PLOT}; with --tiny: temp)")
+    p.add_argument("--plot", default=None, help="model suite: draw tokens/s and peak memory into this PNG")
     p.add_argument("--from-json", default=None, nargs="+", metavar="JSON",
-                   help="do not run anything: merge the rows stored in these JSON files (from GPU runs, e.g. one "
-                   "per model), append one section per suite to the results file and redraw the plot")
+                   help="do not run anything: append the rows stored in these JSON files (from GPU runs, e.g. one "
+                   "per model) to the results file, print one table per suite and redraw the plot")
     p.add_argument("--models", default=None, help="comma list of 2b,9b,27b (suite defaults otherwise)")
     p.add_argument("--seqs", default=None, help="comma list of sequence lengths, e.g. 2048,8192 or 2k,8k")
     p.add_argument("--shapes", default=None, help="model suite: comma list of BxS, e.g. 2x2048,1x8192")
@@ -109,17 +111,13 @@ def render_section(suite: str, env: dict, res, tiny: bool) -> str:
     return "\n".join(lines)
 
 
-def append_results(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a") as f:
-        if new:
-            f.write("# fastgemma benchmark results\n\n"
-                    "Appended by `python -m benchmarks.run`; every table comes from one run of the harness, "
-                    "with the peers measured in the same run. See benchmarks/README.md.\n\n")
-        f.write(text)
-        f.write("\n")
+def record(path: str | None, suite: str, harness_rows: list[dict], env: dict) -> None:
+    """Append a suite's rows to the results file; the default one's report is regenerated with it."""
+    if not path:
+        return
+    R.append(path, R.from_harness(suite, harness_rows, env))
+    if os.path.abspath(path) == os.path.abspath(DEFAULT_RESULTS):
+        report.main([])
 
 
 def merge_payloads(payloads: list[dict]) -> dict:
@@ -164,20 +162,18 @@ def _from_json(args) -> int:
     for path in args.from_json:
         with open(path) as f:
             payloads.append(json.load(f))
-    tiny = any(p.get("tiny") for p in payloads)
-    results = args.results or DEFAULT_RESULTS
+    results = None if args.no_results else (args.results or DEFAULT_RESULTS)
     for suite, (env, data) in merge_payloads(payloads).items():
         res = C.SuiteResult(suite, rows=data["rows"], notes=data["notes"])
         res.table = table_for(suite, res.rows)
-        if suite == "model":
-            plot = args.plot or DEFAULT_PLOT
-            if plot_model_suite(res.rows, plot, env):
-                res.extra_files.append(os.path.relpath(plot, os.path.dirname(os.path.abspath(results))))
-        text = render_section(suite, env, res, tiny)
-        print(text, flush=True)
-        if not args.no_results:
-            append_results(results, text)
-            print(f"appended to {results}", flush=True)
+        if suite == "model" and args.plot and plot_model_suite(res.rows, args.plot, env):
+            res.extra_files.append(args.plot)
+        print(render_section(suite, env, res, any(p.get("tiny") for p in payloads)), flush=True)
+    if results:
+        for p in payloads:  # each run's rows with that run's own provenance
+            for suite, data in p.get("suites", {}).items():
+                record(results, suite, data["rows"], p["env"])
+        print(f"appended to {results}", flush=True)
     return 0
 
 
@@ -228,16 +224,11 @@ def _run(args, argv: list[str], device, suites: list[str]) -> dict:
     from . import common as C
     from .suite_registry import get_suite
 
-    if args.tiny:
-        # never benchmarks/RESULTS.md or benchmarks/model_suite.png unless asked for explicitly
-        need_tmp = (not args.no_results and not args.results) or not args.plot
-        tmpdir = tempfile.mkdtemp(prefix="fastgemma_bench_tiny_") if need_tmp else None
-        results = None if args.no_results else (args.results or os.path.join(tmpdir, "RESULTS.md"))
-        plot = args.plot or os.path.join(tmpdir, "model_suite.png")
+    if args.tiny:  # never benchmarks/results.jsonl unless asked for explicitly
+        tmpdir = tempfile.mkdtemp(prefix="fastgemma_bench_tiny_") if not (args.no_results or args.results) else None
+        results = None if args.no_results else (args.results or os.path.join(tmpdir, "results.jsonl"))
     else:
         results = None if args.no_results else (args.results or DEFAULT_RESULTS)
-        plot = args.plot or DEFAULT_PLOT
-    args.plot_path = plot
     args.results_path = results
 
     env = C.env_info(device, ["benchmarks/run.py", *argv])
@@ -250,6 +241,7 @@ def _run(args, argv: list[str], device, suites: list[str]) -> dict:
         "args": {k: v for k, v in vars(args).items() if not callable(v)},
         "suites": {},
         "results_file": results,
+        "sections": {},
     }
 
     run_id = f"{env['date']} pid{os.getpid()}"
@@ -274,18 +266,18 @@ def _run(args, argv: list[str], device, suites: list[str]) -> dict:
         save(res)
         res.table = mod.table(res.rows)
         res.notes.append(f"suite wall time {time.perf_counter() - t0:.0f} s")
-        if suite == "model" and res.rows:
+        if suite == "model" and res.rows and args.plot:
             from .plot import plot_model_suite
 
-            if plot_model_suite(res.rows, plot, env):
-                ref_dir = os.path.dirname(os.path.abspath(results)) if results else os.path.dirname(plot)
-                res.extra_files.append(os.path.relpath(plot, ref_dir))
-                C.log(f"plot written to {plot}")
+            if plot_model_suite(res.rows, args.plot, env):
+                res.extra_files.append(args.plot)
+                C.log(f"plot written to {args.plot}")
         save(res)
         text = render_section(suite, env, res, args.tiny)
+        payload["sections"][suite] = text
         print("\n" + text, flush=True)
         if results:
-            append_results(results, text)
+            record(results, suite, res.rows, env)
             C.log(f"appended to {results}")
     C.log(f"all done in {time.perf_counter() - t_all:.0f} s" + (f"; JSON: {args.json}" if args.json else ""))
     payload["results_file"] = results

@@ -11,6 +11,47 @@ RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "sft_gemma2.py"
 # tests/hf_suite/ runs Hugging Face's Gemma 2 tests through its own run.py; plain pytest skips it.
 collect_ignore = ["hf_suite"]
 
+# The tests `pytest -m "not slow"` leaves out: each took 10 s or more on a 2-core CPU (`--durations`), mostly
+# compiling, training the recipe or launching processes. Listed here, by file or by test function (all its
+# parameter cases), so that test files need no marks; a name that no longer exists marks nothing.
+# Every test of these files compiles decoder layers (in one process the first to run pays for the compile):
+SLOW_FILES = {"test_compile_layers.py", "test_cuda_graphs.py"}
+SLOW_TESTS = {
+    "test_benchmarks.py": {"test_host_proxy_measures_each_contender_and_refuses_unknown_ones",
+                           "test_kernel_suite_tiny", "test_trl_suite_tiny",
+                           "test_trl_suite_runs_each_contender_under_each_trainer"},
+    "test_decoding.py": {"test_every_cached_decode_step_matches_stock"},
+    "test_distributed.py": {"test_ddp_two_processes", "test_two_nodes_on_one_machine_match_one_process",
+                            "test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step",
+                            "test_fsdp2_around_a_patched_model"},
+    "test_hf_compat.py": {"test_backward_through_a_retained_graph_adds_the_gradients_again",
+                          "test_create_graph_gives_hf_gradients_and_double_backward_stops_in_one_line"},
+    "test_packaging.py": {"test_the_installed_wheel_finds_its_glue_as_fastgemma_patches",
+                          "test_a_checkout_that_is_not_installed_still_patches"},
+    "test_packing.py": {"test_packed_loss_and_gradients_equal_hf_eager"},
+    "test_patch.py": {"test_greedy_generation_from_padded_prompts_is_unchanged"},
+    "test_readme_snippet.py": {"test_the_readme_trl_snippet_trains"},
+    "test_recipe.py": {"test_compiled_layers_run_the_recipe_like_the_op_by_op_path", "test_other_dataset_formats",
+                       "test_4bit_loading_path",
+                       # the three that share the trained_output fixture, one run of the recipe
+                       "test_default_run_saves_adapter_tokenizer_and_state",
+                       "test_adapter_loads_with_peft_and_changes_the_output",
+                       "test_fresh_tiny_base_matches_the_one_saved_by_the_run"},
+    "test_recipe_checks.py": {"test_hub_dataset_offline_fails_fast_as_a_script"},
+    "test_recipe_resume.py": {"test_ctrl_c_at_the_terminal",
+                              "test_ctrl_c_saves_and_resume_finishes_like_an_uninterrupted_run"},
+    "test_trainer.py": {"test_nan_loss_is_logged_when_the_filter_is_off",
+                        "test_lean_trainer_trains_exactly_like_sft_trainer",
+                        "test_nan_loss_is_filtered_as_transformers_does"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if item.path.name in SLOW_FILES or name in SLOW_TESTS.get(item.path.name, ()):
+            item.add_marker(pytest.mark.slow)
+
 
 def tiny_gemma2_config(head_dim=16, query_pre_attn_scalar=None, heads=4, kv_heads=2, layers=4, window=24, vocab=97):
     from transformers import Gemma2Config

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from benchmarks import common as C
+from benchmarks import report
+from benchmarks import results as R
 from benchmarks import run as bench_run
 from benchmarks.masks import MaskSpec
 
@@ -31,14 +33,28 @@ def ckpt_dir(tmp_path_factory):
 
 
 def _run_suite(suite, tmp_path, *extra):
-    results = tmp_path / "RESULTS.md"
+    """Runs one suite; returns its payload, the markdown section it printed and its raw JSON."""
+    results = tmp_path / "results.jsonl"
     js = tmp_path / "raw.json"
     payload = bench_run.main(
         ["--suite", suite, "--tiny", *CPU, "--results", str(results), "--json", str(js), *extra]
     )
-    text = results.read_text()
     raw = json.loads(js.read_text())
-    return payload, text, raw
+    _check_results_rows(results, suite, raw["suites"][suite]["rows"])
+    return payload, payload["sections"][suite], raw
+
+
+def _check_results_rows(path, suite, harness_rows):
+    """One results-file row per harness row, with its provenance, and a report that renders them."""
+    rows = R.load(str(path))
+    assert [(r["suite"], r["contender"], r["status"]) for r in rows] == [
+        (suite, h["contender"], h["status"]) for h in harness_rows]
+    for row in rows:
+        assert row["date"] and row["commit"] and row["gpu"].startswith("none (CPU")
+        assert row["versions"]["torch"] and row["versions"]["transformers"] and " -m benchmarks.run " in row["command"]
+    text = report.render(rows)
+    headers = sum(line.startswith("|---") for line in text.splitlines())
+    assert sum(line.startswith("| ") for line in text.splitlines()) - headers == len(rows)
 
 
 def _check_header(text, suite, argv_fragment):
@@ -189,7 +205,7 @@ def test_model_suite_tiny(tmp_path):
         assert not (tmp_path / "model.png").exists()
     else:
         assert (tmp_path / "model.png").stat().st_size > 1000
-        assert "![model suite](model.png)" in text
+        assert f"![model suite]({tmp_path / 'model.png'})" in text
 
 
 def test_trl_suite_tiny(tmp_path, ckpt_dir):
@@ -273,21 +289,22 @@ def test_context_suite_tiny_and_default_results_untouched(tmp_path, ckpt_dir):
     before = _results_file_state()
     js = tmp_path / "ctx.json"
     payload = bench_run.main(["--suite", "context", "--tiny", *CPU, "--ckpt-dir", ckpt_dir, "--json", str(js)])
-    assert _results_file_state() == before  # --tiny never writes benchmarks/RESULTS.md by itself
+    assert _results_file_state() == before  # --tiny never writes benchmarks/results.jsonl by itself
     assert payload["results_file"] and os.path.abspath(payload["results_file"]) != bench_run.DEFAULT_RESULTS
-    text = open(payload["results_file"]).read()
+    text = payload["sections"]["context"]
     _check_header(text, "context", "--suite context --tiny")
     rows = json.loads(js.read_text())["suites"]["context"]["rows"]
+    _check_results_rows(payload["results_file"], "context", rows)
     assert [r["contender"] for r in rows] == ["fastgemma", "hf-eager", "hf-flex"]
     assert len(_table_rows(text)) == 3
     for r in rows[:2]:
         assert r["status"] == "ok" and r["max_ok"] == 256 and r["reached_cap"]
     assert rows[2]["status"].startswith("n/a")
 
-    # the GPU JSON can be turned into a results section here
-    out = tmp_path / "from_json.md"
+    # the JSON of a GPU run becomes results-file rows here
+    out = tmp_path / "from_json.jsonl"
     bench_run.main(["--from-json", str(js), "--results", str(out)])
-    assert "## context suite" in out.read_text()
+    _check_results_rows(out, "context", rows)
 
 
 def test_profile_step_breaks_a_packed_step_down_by_category():
@@ -621,24 +638,57 @@ def test_unsloth_documents_are_cut_to_max_length_before_its_trainer_sees_them():
     assert n == 0 and same["input_ids"] == ds["input_ids"]
 
 
-def test_slim_wheel_drops_the_unloaded_libraries_and_their_record_lines(tmp_path):
-    import zipfile
+# --------------------------------------------------------------------------------------------------
+# The results file and the report generated from it
+# --------------------------------------------------------------------------------------------------
 
-    from benchmarks.slim_wheel import slim
 
-    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
-    members = {"pkg/__init__.py": b"", "pkg/libpkg_cuda118.so": b"x" * 100, "pkg/libpkg_cuda130.so": b"y" * 100}
-    record = "".join(f"{name},sha256=0,{len(data)}\n" for name, data in members.items()) + "pkg-1.0.dist-info/RECORD,,\n"
-    with zipfile.ZipFile(wheel, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-        z.writestr("pkg-1.0.dist-info/RECORD", record)
-    with pytest.raises(SystemExit, match="matches no member"):
-        slim(str(wheel), "libpkg_*.so", ["libpkg_rocm.so"])
-    _, _, gone = slim(str(wheel), "libpkg_*.so", ["libpkg_cuda130.so"])
-    assert gone == ["pkg/libpkg_cuda118.so"]
-    with zipfile.ZipFile(wheel) as z:
-        assert sorted(z.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py", "pkg/libpkg_cuda130.so"]
-        assert "cuda118" not in z.read("pkg-1.0.dist-info/RECORD").decode()
-        assert z.read("pkg/libpkg_cuda130.so") == b"y" * 100
-    assert slim(str(wheel), "libpkg_*.so", ["libpkg_cuda130.so"])[2] == []  # slimmed already: left as it is
+def test_results_md_and_the_readme_headline_are_what_the_results_file_gives():
+    """benchmarks/RESULTS.md and the README's headline table are generated: edit results.jsonl and run
+    `python -m benchmarks.report`, never the tables by hand."""
+    rows = R.load(report.RESULTS_FILE)
+    assert rows and all(r["status"] and r["run"] and r["source"] and r["versions"] for r in rows)
+    with open(report.REPORT_FILE) as f:
+        assert f.read() == report.render(rows)
+    with open(report.README_FILE) as f:
+        readme = f.read()
+    assert readme == report.with_headline(readme, report.headline_table(rows))
+    assert report.main(["--check"]) == 0
+
+
+def _row(contender, tokens_per_s, run="r1", model="2b", date="2026-01-01"):
+    return {"date": date, "commit": "abc", "gpu": "NVIDIA H200 (140 GiB)", "versions": {"torch": "2.11"},
+            "command": "python -m benchmarks.run", "run": run, "source": "benchmarks.run", "notes": [],
+            "suite": "trl", "contender": contender, "label": contender, "status": "ok",
+            "workload": {"model": model, "trainer": "lean", "batch": 1, "max_length": 2048, "grad_accum": 8},
+            "metrics": {"tokens_per_s": tokens_per_s, "peak_gib": 3.0}}
+
+
+def test_ratios_stay_within_a_run_and_newer_rows_replace_older_ones():
+    rows = [_row("hf-eager", 100.0), _row("fastgemma", 400.0), _row("hf-eager", 200.0, run="r2", date="2026-02-01")]
+    R.ratios(rows[:2], "trl")
+    R.ratios(rows[2:], "trl")
+    assert rows[1]["ratios"] == {"hf-eager": 4.0} and rows[2]["ratios"] == {"hf-eager": 1.0}
+    assert report.current(rows) == rows[1:]  # r2's HF eager replaces r1's; r1's fastgemma stays
+    tables = [t for t in report.render(rows).split("\n## ")[1:]]
+    assert len(tables) == 2 and "2026-02-01" in tables[0] and "| fastgemma | ok | 400 | 4.00x |" in tables[1]
+    # the headline takes fastgemma and its peer from one run: r1 no longer has its HF eager row
+    assert report.headline_table(rows).count("\n") == 2
+
+
+def test_harness_rows_become_results_rows_with_their_provenance():
+    env = {"date": "2026-01-01 10:00 UTC", "fastgemma_git": "abc", "gpu": "NVIDIA H200 (140 GiB)", "cuda": "13.0",
+           "torch": "2.11", "transformers": "5.25.0", "liger_kernel": "not installed", "command": "python -m benchmarks.run"}
+    base = {"suite": "trl", "model": "2b", "trainer": "trl", "quant": "nf4", "batch": 4, "max_length": 4096,
+            "grad_accum": 1, "config": "4x4096x1", "run": "r", "status": "ok"}
+    rows = R.from_harness("trl", [
+        dict(base, contender="hf-eager", tokens_per_s=100.0, peak_mib=2048.0, gpu_busy=0.5, losses=[1.0]),
+        dict(base, contender="unsloth", tokens_per_s=150.0, versions={"transformers": "5.17.0"}, note="unpacked"),
+    ], env)
+    eager, unsloth = rows
+    assert eager["workload"] == {"model": "2b", "trainer": "trl", "quant": "nf4", "batch": 4, "max_length": 4096,
+                                 "grad_accum": 1}
+    assert eager["metrics"] == {"tokens_per_s": 100.0, "peak_gib": 2.0, "gpu_busy": 0.5}
+    assert eager["versions"] == {"torch": "2.11", "cuda": "13.0", "transformers": "5.25.0"}
+    assert "own_process" not in eager and unsloth["own_process"] and unsloth["versions"]["transformers"] == "5.17.0"
+    assert unsloth["ratios"] == {"hf-eager": 1.5} and unsloth["notes"] == ["unpacked"]
