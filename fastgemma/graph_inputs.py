@@ -2,6 +2,7 @@
 
 Any decoder layer that takes ``position_embeddings=(cos, sin)`` and an `AttentionMask` binds its per-batch
 inputs this way (one set of static buffers per mask kind and bucket length; see fastgemma.graphs).
+Stateless, so a patched model's graph machinery pickles without the model.
 """
 
 from __future__ import annotations
@@ -11,21 +12,18 @@ import copy
 from .graphs import StaticBinder, copy_padded, static_like
 from .masks import AttentionMask, flex_mask_mod
 from .ops.compile import mark_dynamic
-from .regions import reads_block_masks
 
 
 class RotaryMaskInputs(StaticBinder):
-    """Binds ``(cos, sin, mask)``: copies of the rotary tables and of the mask's block or dense tensors."""
+    """Binds ``(cos, sin, mask, flex)``: copies of the rotary tables and of the mask's block masks (`flex`
+    True: the attention runs flex_attention) or dense mask."""
 
     BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
-    def __init__(self, attention):
-        self.attention = attention  # whose backend setting decides flex (block masks) or dense masks
-
     def key(self, sources, length):
-        cos, sin, mask = sources
-        if reads_block_masks(self.attention, cos.device):
+        cos, sin, mask, flex = sources
+        if flex:
             block = mask.block_mask(cos.device)
             kind = ("flex", mask.kind, tuple(block.kv_indices.shape), block.seq_lengths)
         else:
@@ -34,12 +32,12 @@ class RotaryMaskInputs(StaticBinder):
         return (mask.window, kind, tuple(cos.shape[:1]), cos.shape[-1], cos.dtype, str(cos.device), length)
 
     def make(self, sources, length):
-        cos, sin, mask = sources
+        cos, sin, mask, flex = sources
         device = cos.device
         static = {"cos": static_like(cos, length), "sin": static_like(sin, length)}
         for tensor in (static["cos"], static["sin"]):
             mark_dynamic(tensor)
-        if reads_block_masks(self.attention, device):
+        if flex:
             block = copy.copy(mask.block_mask(device))
             for name in self.BLOCK_MASK_TENSORS:
                 tensor = getattr(block, name)
@@ -60,7 +58,7 @@ class RotaryMaskInputs(StaticBinder):
         return static, {"position_embeddings": (static["cos"], static["sin"]), "attention_mask": static_mask}
 
     def load(self, static, sources):
-        cos, sin, mask = sources
+        cos, sin, mask, _ = sources
         copy_padded(static["cos"], cos)
         copy_padded(static["sin"], sin)
         if "block" in static:

@@ -22,6 +22,7 @@ from .masks import AttentionMask
 from .ops.lora import plain_lora_parts
 from .options import fused_here
 from .patching import has_global_hooks, has_own_hooks
+from .regions import reads_block_masks
 
 logger = logging.getLogger("fastgemma")
 
@@ -99,10 +100,9 @@ class GraphBody:
                                                attention_mask=attention_mask)
 
 
-def graphed_layers(body, attention) -> GraphedLayers:
-    """CUDA-graph machinery for decoder layers running `body`, their rotary tables and masks bound statically
-    (`attention`: one of the model's attention layers, whose backend decides block or dense masks)."""
-    return GraphedLayers(GraphBody(body), RotaryMaskInputs(attention), lora_states)
+def graphed_layers(body) -> GraphedLayers:
+    """CUDA-graph machinery for decoder layers running `body`, their rotary tables and masks bound statically."""
+    return GraphedLayers(GraphBody(body), RotaryMaskInputs(), lora_states)
 
 
 def graphs_apply(layer, state, hidden_states, kwargs) -> bool:
@@ -156,10 +156,11 @@ def graph_length(state, hidden_states) -> int:
     return bucket_length(hidden_states.shape[1], state.cache.max_row_tokens)
 
 
-def run_graphed(layer, state, hidden_states, kwargs):
-    """The layer's output through its graphs (after `graphs_apply` said yes for these arguments)."""
+def run_graphed(layer, attention, state, hidden_states, kwargs):
+    """The layer's output through its graphs (after `graphs_apply` said yes for these arguments); `attention`:
+    its attention module, whose backend decides whether block or dense masks are bound."""
     cos, sin = kwargs["position_embeddings"]
-    sources = (cos, sin, kwargs["attention_mask"])
+    sources = (cos, sin, kwargs["attention_mask"], reads_block_masks(attention, cos.device))
     longest = state.cache.max_row_tokens
     return state.graphs(layer, hidden_states, sources, graph_length(state, hidden_states),
                         kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest))

@@ -148,7 +148,7 @@ def decoder_layer_forward(self, hidden_states, *args, **kwargs):
     training, replayed as CUDA graphs or run as one compiled region when the patch options say so."""
     state = state_of(self)
     if state.graphs is not None and graphs_apply(self, state, hidden_states, kwargs):
-        return run_graphed(self, state, hidden_states, kwargs)
+        return run_graphed(self, self.self_attn, state, hidden_states, kwargs)
     if state.options.compiles_layers and region_applies(self, hidden_states):
         return run_region(checkpointed_layer, self, self.self_attn, hidden_states, *args, **kwargs)
     return checkpointed_layer(self, hidden_states, *args, **kwargs)
@@ -269,7 +269,7 @@ def patch(model: torch.nn.Module, options: PatchOptions) -> dict:
             for module in state.patched:
                 set_state(module, state)
         if options.layer_graphs and state.graphs is None and attentions:
-            state.graphs = graphed_layers(decoder_layer_body, attentions[0])
+            state.graphs = graphed_layers(decoder_layer_body)
         elif not options.layer_graphs:
             state.graphs = None
         for attention in attentions:

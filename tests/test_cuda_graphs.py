@@ -210,14 +210,8 @@ def test_static_flex_masks_follow_each_batch(kind):
     from fastgemma.attention import softcap_attention
     from fastgemma.graph_inputs import RotaryMaskInputs
     from fastgemma.masks import AttentionMask, BlockMaskCache
-    from fastgemma.patching import PatchState
 
-    class FlexAttention:
-        attention_dropout, training, head_dim = 0.0, False, 16
-        _fastgemma_state = PatchState(options=fastgemma.PatchOptions(backend="flex"), cache=None,
-                                      original_attn_implementation=None)
-
-    binder = RotaryMaskInputs(FlexAttention())
+    binder = RotaryMaskInputs()
     cache, tokens, bucket = BlockMaskCache(256), 150, 200
     generator = torch.Generator().manual_seed(4)
 
@@ -232,10 +226,10 @@ def test_static_flex_masks_follow_each_batch(kind):
         return AttentionMask(tokens, tokens, window=24, cache=cache, real_tokens=real)
 
     rotary = torch.zeros(2, tokens, 16)
-    static, kwargs = binder.make((rotary, rotary, batch_mask(0)), bucket)
+    static, kwargs = binder.make((rotary, rotary, batch_mask(0), True), bucket)
     for seed in range(2):
         mask = batch_mask(seed)
-        binder.load(static, (rotary, rotary, mask))
+        binder.load(static, (rotary, rotary, mask, True))
         q, k, v = (torch.randn(2, n, bucket, 16, generator=generator) * 3 for n in (4, 2, 2))
         attend = functools.partial(softcap_attention, scale=0.25, softcap=50.0, backend="flex")
         with torch.no_grad():
