@@ -10,7 +10,7 @@ independent):
   gradient checkpointing; while training it runs as CUDA graphs or one compiled region when the options
   say so (`fastgemma.graph_policy`, `fastgemma.regions`);
 - ``Gemma2Model.forward`` first describes the batch's masks as ``AttentionMask`` objects and hands them
-  to HF's forward as a prepared mask mapping (`fastgemma.mask_mapping`).
+  to HF's forward as a prepared mask mapping (`fastgemma.mask_mapping.backbone_forward`).
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ from transformers.models.gemma2 import modeling_gemma2
 from fastgemma.attention import dense_softcap_attention, softcap_attention
 from fastgemma.graph_policy import graphed_layers, graphs_apply, run_graphed
 from fastgemma.hf_layers import pop_cache, run_checkpointed
-from fastgemma.mask_mapping import add_mask_mapping
+from fastgemma.mask_mapping import backbone_forward
 from fastgemma.masks import AttentionMask, BlockMaskCache
 from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
 from fastgemma.options import PatchOptions, fused_here
 from fastgemma.patching import (
     PatchState,
     call_module,
-    positional_parameters,
     restore_forwards,
     set_state,
     state_of,
@@ -205,26 +204,6 @@ def fusable(module) -> bool:
                  module.post_feedforward_layernorm)
         return all(type(n) is modeling_gemma2.Gemma2RMSNorm and n.eps == norms[0].eps for n in norms)
     return type(module) is modeling_gemma2.Gemma2RMSNorm
-
-
-# --------------------------------------------------------------------------------------
-# The backbone forward: build the batch's masks once
-# --------------------------------------------------------------------------------------
-def backbone_forward(self, *args, **kwargs):
-    """Gemma2Model.forward that prepares fastgemma masks, then runs HF's forward."""
-    state = state_of(self)
-    previous = state.patched.get(self)  # a forward someone installed before us (e.g. accelerate's hooks)
-    original = previous if previous is not None else type(self).forward.__get__(self)
-    kwargs.update(zip(positional_parameters(type(self).forward), args))
-    if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
-        kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
-    # Read under either name, handed on as the caller named it (HF's own forward warns about the old name).
-    deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
-    add_mask_mapping(self.config, state.cache, kwargs, deferred)
-    output = original(**kwargs)
-    for check in deferred:  # a bad batch raises before anyone uses this output
-        check.raise_if_failed()
-    return output
 
 
 # --------------------------------------------------------------------------------------
