@@ -78,6 +78,12 @@ def cache_is_plain(kv_cache, length: int, config) -> bool:
     return all(tuple(kv_cache.get_mask_sizes(length, index)) == (length, 0) for index in first_of_each)
 
 
+def mask_cache(options) -> BlockMaskCache:
+    """The block-mask cache for a model patched with `options` (a fastgemma.PatchOptions)."""
+    # Graphed layers' longest bucket would fill the masks' fixed length exactly: one empty block of head-room.
+    return BlockMaskCache(options.max_row_tokens, headroom_blocks=1 if options.layer_graphs else 0)
+
+
 def add_mask_mapping(config, cache: BlockMaskCache, kwargs: dict, deferred: Optional[list] = None) -> None:
     """Replace a backbone call's ``attention_mask`` in `kwargs` with fastgemma's mask mapping, where it applies
     (see `build_mask_mapping`); a mapping the caller prepared itself is left as it is."""

@@ -23,8 +23,8 @@ from transformers.models.gemma2 import modeling_gemma2
 from fastgemma.attention import dense_softcap_attention, softcap_attention
 from fastgemma.graph_policy import graphed_layers, graphs_apply, run_graphed
 from fastgemma.hf_layers import pop_cache, run_checkpointed
-from fastgemma.mask_mapping import backbone_forward
-from fastgemma.masks import AttentionMask, BlockMaskCache
+from fastgemma.mask_mapping import backbone_forward, mask_cache
+from fastgemma.masks import AttentionMask
 from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
 from fastgemma.options import PatchOptions, fused_here
 from fastgemma.patching import (
@@ -213,11 +213,6 @@ FORWARDS = {modeling_gemma2.Gemma2DecoderLayer: decoder_layer_forward, modeling_
             modeling_gemma2.Gemma2RMSNorm: norm_forward}
 
 
-def _mask_cache(options: PatchOptions) -> BlockMaskCache:
-    # Graphed layers' longest bucket would fill the masks' fixed length exactly: one empty block of head-room.
-    return BlockMaskCache(options.max_row_tokens, headroom_blocks=1 if options.layer_graphs else 0)
-
-
 def patch(model: torch.nn.Module, options: PatchOptions) -> dict:
     """Patch every Gemma 2 backbone and its attention layers in `model`; returns a summary for logging."""
     check_supported(model)
@@ -229,12 +224,13 @@ def patch(model: torch.nn.Module, options: PatchOptions) -> dict:
         if state is not None:  # patched before: only update the settings
             summary["already"] = True
             before, state.options = state.options, options
-            if before.max_row_tokens != options.max_row_tokens or bool(before.layer_graphs) != bool(options.layer_graphs):
-                state.cache = _mask_cache(options)
+            if (before.max_row_tokens != options.max_row_tokens
+                    or bool(before.layer_graphs) != bool(options.layer_graphs)):
+                state.cache = mask_cache(options)
                 state.graphs = None  # its bucket lengths came from the old length: record anew
         else:
             config = backbone.config
-            state = PatchState(options=options, cache=_mask_cache(options),
+            state = PatchState(options=options, cache=mask_cache(options),
                                original_attn_implementation=config._attn_implementation)
             # Masks that HF still builds (decoding with a cache) must arrive dense, which is
             # what the eager implementation produces.

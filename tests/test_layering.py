@@ -103,7 +103,9 @@ def test_the_check_finds_what_it_looks_for():
                        "z = module._fastgemma_state\n")
     assert private_uses_of_the_core(sample) == ["fastgemma.attention._RECOMPILE_LIMIT_KEY",
                                                 "graphs.GraphedLayers._lengths", "masks.AttentionMask._segments"]
-    members = ast.parse("ids = mask._segments(device, 128)\nAttentionMask(8, 8, _block_mask=block)\nn = x._attn_implementation")
+    members = ast.parse("ids = mask._segments(device, 128)\n"
+                        "AttentionMask(8, 8, _block_mask=block)\n"
+                        "n = config._attn_implementation\n")
     assert private_members_used(members, CORE_PRIVATE) == ["_block_mask", "_segments"]
     assert imported_modules(ast.parse("from ..patches import gemma2"), "fastgemma.ops") == \
         {"fastgemma.patches", "fastgemma.patches.gemma2"}
