@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from typing import Optional
 
 import torch
 
+from .attention import EXPERIMENTAL_FLASH, flex_supported, resolve_softcap_tanh
+from .options import PatchOptions
 from .self_check import ensure_exact
-from .attention import check_backend, check_kernel_options, check_softcap_tanh, flex_supported, resolve_softcap_tanh
 
 logger = logging.getLogger("fastgemma")
 
@@ -43,22 +46,25 @@ def _device_of(model) -> torch.device:
 
 def patch_model(
     model: torch.nn.Module,
-    max_seq_length: int = 8192,
+    max_row_tokens: int = 8192,
     backend: str = "auto",
     fused_ops="auto",
     flex_kernel_options="auto",
     softcap_tanh="auto",
-    compile_layers: bool = False,
     cuda_graphs="auto",
+    *,
+    options: Optional[PatchOptions] = None,
+    **deprecated,
 ) -> torch.nn.Module:
     """Swap every attention forward of a Gemma 2 model for fastgemma's softcapped attention, in place.
 
     Args:
         model: Gemma2ForCausalLM or Gemma2Model, plain, PEFT-wrapped or loaded in 4-bit.
-        max_seq_length: the longest row you will feed (with padding-free packing, batch
-            size x max length). flex_attention runs every batch at this one padded length,
-            so one compiled kernel serves all shorter batches; a longer batch grows it
-            (doubling, one recompile, a warning).
+        max_row_tokens: the most tokens one row of a batch holds (with padding-free packing, batch
+            size x tokens per document; with padded batches, the longest document). flex_attention runs
+            every batch at this one padded length, so one compiled kernel serves all shorter batches; a
+            longer batch grows it (doubling, one recompile, a warning). Formerly ``max_seq_length``, which
+            still works, with a DeprecationWarning.
         backend: "auto" (flex on CUDA GPUs of compute capability >= 8.0, compiled dense
             elsewhere, eager while decoding with a KV cache), or force "flex", "compiled", "eager".
             "flex" is refused (ValueError) unless the model's parameters are on a CUDA GPU of compute
@@ -72,89 +78,105 @@ def patch_model(
             Inference (no grad) always runs the unfused ops, so generation never compiles.
         flex_kernel_options: which kernels flex_attention runs. "auto": its Triton kernels with
             fastgemma's measured options per GPU class, head_dim and direction
-            (`fastgemma.attention.FLEX_KERNEL_OPTIONS`). "flash": FlashAttention 4's kernels under
-            flex_attention (torch's BACKEND="FLASH"; needs ``pip install flash-attn-4``, Hopper or
-            newer; same score and mask functions, its own tanh): faster for long single documents
-            (8K tokens), slower for packed short ones (see the README); not with compile_layers or
-            cuda_graphs. None: torch's own defaults;
-            a dict such as {"bwd_num_warps": 8} is passed as is.
+            (`fastgemma.attention.FLEX_KERNEL_OPTIONS`). None: torch's own defaults; a dict such as
+            {"bwd_num_warps": 8} is passed as is. "experimental-flash": FlashAttention 4's kernels under
+            flex_attention (torch's BACKEND="FLASH"; needs ``pip install flash-attn-4``, Hopper or newer;
+            same score and mask functions, its own tanh): faster for long single documents (8K tokens),
+            slower for packed short ones (docs/design.md); not with cuda_graphs=True.
         softcap_tanh: the tanh of the softcap inside flex_attention's kernels. "approx" uses the
             GPU's one-instruction tanh (``tanh.approx.f32``, as FlashAttention does), forward and
             backward; "exact" is torch's tanh; "auto" is `fastgemma.attention.AUTO_SOFTCAP_TANH`.
             Only compiled flex on NVIDIA GPUs can approximate: the dense backends, CPUs and other
             GPUs always compute the exact tanh.
-        compile_layers: while training with fused ops, run each decoder layer (norms, the 4-bit and
-            LoRA projections, RoPE, attention, GeGLU, and its gradient checkpointing) as one
-            torch.compile'd region that all layers of a kind share, instead of op by op: meant for
-            small micro-batches, where launching the ops from Python bounds the step. Needs
-            non-reentrant gradient checkpointing (or none); otherwise layers run as usual.
-            Off by default.
         cuda_graphs: replay each decoder layer's compiled forward and checkpointed backward as CUDA
             graphs while training, so that short micro-steps are not bound by the host launching
             kernels. "auto" (default): graphs for training micro-steps of at most
             `fastgemma.graphs.AUTO_MAX_TOKENS` tokens on one CUDA GPU, with gradient checkpointing,
             fused ops and LoRA without dropout; every other call runs op by op (the log says once
             what was chosen and why). True: graphs wherever they can run (a CPU runs the same path
-            without capture), otherwise compiled regions, with a warning. False: op by op. A batch
-            runs at a fixed bucket length (max_seq_length split into 8 steps; padding rows add
+            without capture), otherwise one compiled region per layer, with a warning. False: op by op.
+            A batch runs at a fixed bucket length (max_row_tokens split into 8 steps; padding rows add
             nothing to the results), so at most 8 lengths are recorded, each the first time it comes.
+        options: all of the above as one `fastgemma.PatchOptions`, instead of the keywords.
 
     Returns the same model. Calling it again only updates the settings; `unpatch_model`
     restores the original forwards.
     """
-    check_backend(backend)
-    check_kernel_options(flex_kernel_options)
-    check_softcap_tanh(softcap_tanh)
-    if not (isinstance(fused_ops, bool) or (isinstance(fused_ops, str) and fused_ops == "auto")):
-        raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
-    if not isinstance(compile_layers, bool):
-        raise ValueError(f"compile_layers must be True or False, got {compile_layers!r}")
-    if not (isinstance(cuda_graphs, bool) or (isinstance(cuda_graphs, str) and cuda_graphs == "auto")):
-        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
-    flash = isinstance(flex_kernel_options, str) and flex_kernel_options == "flash"
-    if (compile_layers or cuda_graphs is True) and flash:
-        raise ValueError("flex_kernel_options='flash' runs FlashAttention 4 from fastgemma's own flex call, not "
-                         "inside compiled decoder layers: use it without compile_layers / cuda_graphs=True")
-    if cuda_graphs is True and fused_ops is False:
-        raise ValueError("cuda_graphs=True replays the fused, compiled layers: it needs fused_ops 'auto' or True")
-    if cuda_graphs == "auto" and (fused_ops is False or flash):
-        cuda_graphs = False  # auto picks the path those settings allow: op by op
-    if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
-        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+    settings = dict(max_row_tokens=max_row_tokens, backend=backend, fused_ops=fused_ops,
+                    flex_kernel_options=flex_kernel_options, softcap_tanh=softcap_tanh, cuda_graphs=cuda_graphs)
+    if options is None:
+        options = PatchOptions(**_without_deprecated_names(settings, deprecated))
+    elif deprecated or settings != _DEFAULT_SETTINGS:
+        raise ValueError("patch_model takes either options=PatchOptions(...) or the settings as keywords, not both")
     patcher = _patcher_for(model)
     device = _device_of(model)
-    if backend == "flex" and not flex_supported(device):
+    if options.backend == "flex" and not flex_supported(device):
         where = f"a {device.type} device" if device.type != "cuda" else f"GPU {device} (compute capability < 8.0)"
         raise ValueError(
             f"backend='flex' needs the model on a CUDA GPU of compute capability >= 8.0, and its parameters are on "
             f"{where}: use backend='auto' (flex where it can run, compiled elsewhere) or 'compiled'"
         )
     ensure_exact(patcher)
-    summary = patcher.patch(model, max_seq_length, backend, fused_ops, flex_kernel_options, softcap_tanh,
-                            compile_layers, cuda_graphs)
-    if backend == "auto":
+    summary = patcher.patch(model, options)
+    if options.backend == "auto":
         resolved = "flex" if flex_supported(device) else "compiled"
         how = f"auto -> {resolved} on {device.type} (eager while decoding with a KV cache)"
     else:
-        how = backend
+        how = options.backend
+    softcap_tanh = options.softcap_tanh
     logger.info(
-        "fastgemma: %s %d %s attention layers (%d sliding, %d global) of %s; backend=%s; max_seq_length=%d; "
+        "fastgemma: %s %d %s attention layers (%d sliding, %d global) of %s; backend=%s; max_row_tokens=%d; "
         "fused_ops=%s; flex_kernel_options=%s; softcap tanh on flex: %s%s",
         "re-configured" if summary["already"] else "patched", summary["layers"], patcher.NAME,
-        summary["sliding"], summary["global"], type(model).__name__, how, max_seq_length, fused_ops,
-        flex_kernel_options, f"{softcap_tanh} -> {resolve_softcap_tanh(softcap_tanh, device)} on {device.type}",
-        _layers_note(compile_layers, cuda_graphs),
+        summary["sliding"], summary["global"], type(model).__name__, how, options.max_row_tokens, options.fused_ops,
+        options.flex_kernel_options, f"{softcap_tanh} -> {resolve_softcap_tanh(softcap_tanh, device)} on {device.type}",
+        _layers_note(options),
     )
     return model
 
 
-def _layers_note(compile_layers: bool, cuda_graphs) -> str:
+_DEFAULT_SETTINGS = {name: getattr(PatchOptions(), name) for name in
+                     ("max_row_tokens", "backend", "fused_ops", "flex_kernel_options", "softcap_tanh", "cuda_graphs")}
+
+
+def _without_deprecated_names(settings: dict, deprecated: dict) -> dict:
+    """`settings` with the former spellings in `deprecated` mapped onto the current ones, each with a
+    DeprecationWarning (`max_seq_length`, `compile_layers`, flex_kernel_options="flash")."""
+    settings = dict(settings)
+    unknown = set(deprecated) - {"max_seq_length", "compile_layers"}
+    if unknown:
+        raise TypeError(f"patch_model() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    if "max_seq_length" in deprecated:
+        if settings["max_row_tokens"] != _DEFAULT_SETTINGS["max_row_tokens"]:
+            raise ValueError("pass max_row_tokens only (max_seq_length is its former name)")
+        warnings.warn("patch_model's max_seq_length is now max_row_tokens (the most tokens one row of a batch "
+                      "holds: batch size x tokens per document with padding-free packing)", DeprecationWarning,
+                      stacklevel=3)
+        settings["max_row_tokens"] = deprecated["max_seq_length"]
+    if "compile_layers" in deprecated:
+        compile_layers = deprecated["compile_layers"]
+        if not isinstance(compile_layers, bool):
+            raise ValueError(f"compile_layers must be True or False, got {compile_layers!r}")
+        warnings.warn("patch_model's compile_layers is superseded by cuda_graphs ('auto' by default), which graphs "
+                      "the compiled layers where that pays off; drop compile_layers", DeprecationWarning, stacklevel=3)
+        settings["compiled_regions"] = compile_layers
+    kernels = settings["flex_kernel_options"]
+    if isinstance(kernels, str) and kernels == "flash":
+        warnings.warn(f"flex_kernel_options='flash' is now {EXPERIMENTAL_FLASH!r} (slower than the default on "
+                      "packed rows; see docs/design.md)", DeprecationWarning, stacklevel=3)
+        settings["flex_kernel_options"] = EXPERIMENTAL_FLASH
+    return settings
+
+
+def _layers_note(options: PatchOptions) -> str:
     """How the decoder layers train, for patch_model's log line ("" for op by op)."""
-    if cuda_graphs is True:
+    graphs = options.layer_graphs
+    if graphs is True:
         return "; cuda_graphs=True (compiled decoder layers replayed as CUDA graphs while training)"
-    if cuda_graphs == "auto":
+    if graphs == "auto":
         return "; cuda_graphs=auto (CUDA-graphed decoder layers for short micro-steps on one GPU while training)"
-    return "; compile_layers=True (one compiled region per decoder layer while training)" if compile_layers else ""
+    return "; compiled_regions=True (one compiled region per decoder layer while training)" \
+        if options.compiled_regions else ""
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -166,7 +188,7 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def cuda_graph_lengths(model: torch.nn.Module) -> list:
-    """The token lengths at which `patch_model(cuda_graphs=True)` has recorded the model's layers so far
+    """The token lengths at which `patch_model`'s cuda_graphs has recorded the model's layers so far
     (empty when none ran graphed: inference, no checkpointing, or cuda_graphs off; see the log)."""
     return _patcher_for(model).graph_lengths(model)
 

@@ -198,6 +198,14 @@ FLEX_RECOMPILE_LIMIT = 32
 _RECOMPILE_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
+def flex_compile_settings():
+    """A context for tracing flex_attention: FLEX_RECOMPILE_LIMIT recompiles per function (the user's own
+    limit is left as it is outside it), and floats specialised. A score function's softcap is a float it
+    closes over; torch 2.15 turns a float that changed between calls into a symbolic one, which
+    flex_attention then refuses (its buffers may be tensors or ints only)."""
+    return torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT, "specialize_float": True})
+
+
 _ENTRY_NUMBERS = itertools.count()
 
 
@@ -265,7 +273,8 @@ def flex_softcap_attention(
     if not compiled:
         if not torch.is_grad_enabled():  # torch refuses CPU flex for inputs that require grad, even under no_grad
             query, key, value = query.detach(), key.detach(), value.detach()
-        with warnings.catch_warnings():  # uncompiled on purpose (CPU, forward only): torch's "call it compiled" advice
+        # uncompiled on purpose (CPU, forward only): torch's "call it compiled" advice; torch still traces it
+        with warnings.catch_warnings(), flex_compile_settings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
                                  enable_gqa=enable_gqa)
@@ -273,7 +282,7 @@ def flex_softcap_attention(
         out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
                              enable_gqa=enable_gqa, kernel_options=kernel_options)
     else:
-        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_KEY: FLEX_RECOMPILE_LIMIT}):
+        with flex_compile_settings():
             # One compiled entry per score function and kernel family (Triton or FlashAttention 4).
             score_key = None if softcap is None else ("softcap", float(softcap), approx)
             if query_ids is not None:
@@ -335,17 +344,20 @@ def tuned_flex_kernel_options(query: torch.Tensor) -> Optional[dict]:
     return dict(options) if options is not None else None
 
 
-KERNEL_CHOICES = ("auto", "flash")
+# FlashAttention 4's kernels, by an explicitly experimental name: slower than Triton on the common packed case.
+EXPERIMENTAL_FLASH = "experimental-flash"
+KERNEL_CHOICES = ("auto", EXPERIMENTAL_FLASH)
 
 
 def check_kernel_options(kernel_options):
-    """'auto' (fastgemma's tuned Triton options), 'flash' (FlashAttention 4), None (torch's defaults) or a dict."""
+    """'auto' (fastgemma's tuned Triton options), 'experimental-flash' (FlashAttention 4), None (torch's defaults)
+    or a dict."""
     if kernel_options is None or (isinstance(kernel_options, str) and kernel_options in KERNEL_CHOICES):
         return kernel_options
     if isinstance(kernel_options, dict) and all(isinstance(key, str) for key in kernel_options):
         return kernel_options
     raise ValueError(
-        "flex_kernel_options must be 'auto', 'flash', None (torch's defaults) or a dict such as "
+        f"flex_kernel_options must be 'auto', {EXPERIMENTAL_FLASH!r}, None (torch's defaults) or a dict such as "
         f"{{'bwd_num_warps': 8}}, got {kernel_options!r}"
     )
 
@@ -356,8 +368,8 @@ def check_kernel_options(kernel_options):
 # torch's flex_attention can hand the same score and mask functions to FlashAttention 4's CuTe-DSL
 # kernels (package flash-attn-4, an optional install) instead of its Triton templates. On an H200 they
 # were faster only for long single documents (8K tokens causal: 1.40x at head_dim 256, 1.17x at 128)
-# and slower for packed documents at head_dim 128 and at 2K tokens (benchmarks/RESULTS.md, 2026-12-02
-# fourth session), so "auto" keeps Triton and FLASH is flex_kernel_options="flash".
+# and slower for packed documents at head_dim 128 and at 2K tokens (benchmarks/RESULTS.md), so "auto" keeps
+# Triton and FLASH is flex_kernel_options="experimental-flash".
 FLASH_OPTIONS = {"BACKEND": "FLASH"}
 # FlashAttention 4's Hopper tiles span fewer keys than the block mask's 128 at head_dim 256 (80 in its
 # forward) and must divide the mask's key blocks: there the mask is cut into 64-key blocks.
@@ -383,13 +395,13 @@ def uses_flash(kernel_options) -> bool:
 def flex_kernel_options_for(choice, query: torch.Tensor):
     """The kernel options one flex call gets for `flex_kernel_options` = `choice`.
 
-    "auto": fastgemma's tuned Triton options (`tuned_flex_kernel_options`). "flash": FlashAttention 4
+    "auto": fastgemma's tuned Triton options (`tuned_flex_kernel_options`). "experimental-flash": FlashAttention 4
     (`FLASH_OPTIONS`), which must be installed. None and dicts pass through unchanged.
     """
-    if isinstance(choice, str) and choice == "flash":
+    if isinstance(choice, str) and choice == EXPERIMENTAL_FLASH:
         if not flash_attention_4_available():
-            raise ImportError(f"flex_kernel_options='flash' needs FlashAttention 4, which is not importable: "
-                              f"{FLASH_INSTALL_HINT}")
+            raise ImportError(f"flex_kernel_options={EXPERIMENTAL_FLASH!r} needs FlashAttention 4, which is not "
+                              f"importable: {FLASH_INSTALL_HINT}")
         return dict(FLASH_OPTIONS)
     if isinstance(choice, str) and choice == "auto":
         return tuned_flex_kernel_options(query)
@@ -457,7 +469,7 @@ def softcap_attention(
     `mask` is an AttentionMask (queries and keys start together), a dense mask from the
     caller (bool allowed, or additive float; used when decoding with a KV cache), or None
     (causal when Q == K; when Q < K, the queries are the last Q positions and see every key).
-    `kernel_options` (flex only): "auto" or "flash" (see `flex_kernel_options_for`), None = torch's
+    `kernel_options` (flex only): "auto" or "experimental-flash" (see `flex_kernel_options_for`), None = torch's
     defaults, or a dict passed to flex_attention as is.
     `softcap_tanh` (flex on NVIDIA GPUs only; exact everywhere else): "auto" = `AUTO_SOFTCAP_TANH`,
     "exact" = torch.tanh, "approx" = the hardware's approximate tanh (see `resolve_softcap_tanh`).
@@ -486,7 +498,7 @@ def softcap_attention(
         dense = mask
         if dense is None and query.shape[-2] == key.shape[-2]:
             dense = AttentionMask(query.shape[-2], key.shape[-2]).dense(query.device)
-    # Inside a larger compiled region (patch_model's compile_layers), that region compiles this call too.
+    # Inside a larger compiled region (a compiled decoder layer), that region compiles this call too.
     compiled_here = chosen == "compiled" and not torch.compiler.is_compiling()
     fn = _compiled_dense() if compiled_here else dense_softcap_attention
     return fn(query, key, value, dense, scale, softcap, dropout_p)

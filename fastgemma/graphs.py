@@ -197,6 +197,11 @@ class GraphedLayers:
         self.__dict__.update(state)
         self._reset()
 
+    @property
+    def lengths(self) -> frozenset:
+        """The bucket lengths recorded so far."""
+        return frozenset(self._lengths)
+
     def accepts_length(self, length: int) -> bool:
         """Whether a batch at this bucket length can run graphed (a new length beyond `max_buckets` cannot)."""
         return length in self._lengths or len(self._lengths) < self.max_buckets

@@ -373,7 +373,7 @@ class BlockMaskCache:
     """Block masks at one fixed length, shared by all layers and steps.
 
     flex_attention is compiled for static shapes: every batch is padded to `length`
-    (max_seq_length rounded up to a block), so batches of any shorter length reuse one
+    (max_row_tokens rounded up to a block), so batches of any shorter length reuse one
     compiled kernel. Tiles past a batch's real length are empty, so the padding costs no
     attention work. The causal and sliding tile grids are built once per (length, window,
     device); each batch length only masks off the tail. A batch longer than `length` grows
@@ -382,14 +382,14 @@ class BlockMaskCache:
 
     MAX_KEPT = 64  # distinct batch lengths whose BlockMask is kept
 
-    def __init__(self, max_seq_length: int, headroom_blocks: int = 0):
-        if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
-            raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
-        self.max_seq_length = max_seq_length
+    def __init__(self, max_row_tokens: int, headroom_blocks: int = 0):
+        if not isinstance(max_row_tokens, int) or isinstance(max_row_tokens, bool) or max_row_tokens <= 0:
+            raise ValueError(f"max_row_tokens must be a positive int, got {max_row_tokens!r}")
+        self.max_row_tokens = max_row_tokens
         # Empty blocks past the longest batch (they cost no attention work): a compiled layer whose
         # batches sometimes fill the fixed length exactly would otherwise compile a second variant
         # (flex's inputs need no padding then), as the CUDA-graphed layers' longest bucket does.
-        self.length = round_up(max_seq_length) + headroom_blocks * BLOCK_SIZE
+        self.length = round_up(max_row_tokens) + headroom_blocks * BLOCK_SIZE
         self._grids: dict = {}
         self._masks: dict = {}
 
@@ -405,9 +405,9 @@ class BlockMaskCache:
             while new_length < length:
                 new_length *= 2
             logger.warning(
-                "fastgemma: batch of %d tokens exceeds max_seq_length=%d; growing the block masks to %d "
-                "(flex_attention recompiles once). Pass a larger max_seq_length to patch_model to avoid this.",
-                length, self.max_seq_length, new_length,
+                "fastgemma: batch of %d tokens exceeds max_row_tokens=%d; growing the block masks to %d "
+                "(flex_attention recompiles once). Pass a larger max_row_tokens to patch_model to avoid this.",
+                length, self.max_row_tokens, new_length,
             )
             self.length = new_length
             self._grids.clear()

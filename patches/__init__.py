@@ -4,10 +4,11 @@ Installed as ``fastgemma.patches``: the repository keeps this folder at its top 
 pyproject.toml maps it into the package ([tool.setuptools] package-dir), for wheels and editable
 installs alike. Import it as ``fastgemma.patches``; the modules here import fastgemma absolutely.
 
-A patcher module provides: NAME, matches(model), patch(model, max_seq_length, backend, fused_ops,
-flex_kernel_options, softcap_tanh, compile_layers, cuda_graphs), unpatch(model), is_patched(model),
-graph_lengths(model) and self_check() (stock against patched on a tiny model: a list of disagreements,
-run by fastgemma.self_check before patching on untested versions).
+A patcher module provides: NAME, matches(model), patch(model, options) (options: a fastgemma.PatchOptions),
+unpatch(model), is_patched(model), graph_lengths(model) and self_check() (stock against patched on a tiny
+model: a list of disagreements, run by fastgemma.self_check before patching on untested versions). It keeps
+what is specific to its model family (forwards, what is fusable, the patch wiring) and builds on fastgemma's
+public names for the rest: fastgemma.patching, regions, graph_policy, mask_mapping, hf_layers, ops.
 """
 
 from . import gemma2

@@ -11,6 +11,8 @@ import copy
 
 import torch
 
+from fastgemma.options import PatchOptions
+
 TOLERANCE = 1e-4  # float32; the same maths in another order
 
 
@@ -71,7 +73,7 @@ def self_check() -> list:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         stock, patched = _tiny_pair()
-        gemma2.patch(patched, max_seq_length=64, backend="eager", fused_ops=False)
+        gemma2.patch(patched, PatchOptions(max_row_tokens=64, backend="eager", fused_ops=False, cuda_graphs=False))
         vocab = stock.config.vocab_size
 
         ids = torch.randint(0, vocab, (2, 9))

@@ -21,8 +21,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.gemma2 import modeling_gemma2
 
 from fastgemma.ops.linear_cross_entropy import linear_cross_entropy
+from fastgemma.options import fused_here
 
-from .gemma2 import PatchedForward, _positional_parameters, unwrapped
+from fastgemma.patching import PatchedForward, positional_parameters, state_of, unwrapped
 
 logger = logging.getLogger("fastgemma")
 _noted = set()  # reasons for HF's full logits already logged
@@ -52,7 +53,7 @@ def _plain_head(model) -> bool:
 def _chunks_the_loss(model, kwargs: dict) -> bool:
     if kwargs.get("labels") is None or not (model.training and torch.is_grad_enabled()):
         return False
-    if "fused_lm_head" in kwargs or "_fastgemma_state" not in model.model.__dict__:  # TRL's path; unpatched
+    if "fused_lm_head" in kwargs or state_of(model.model) is None:  # TRL's path; unpatched
         return False
     logits_to_keep = kwargs.get("logits_to_keep", 0)
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
@@ -65,15 +66,9 @@ def _chunks_the_loss(model, kwargs: dict) -> bool:
     return _plain_head(model)
 
 
-def _fused(model, device: torch.device) -> bool:
-    """The fused_ops setting (True, False, "auto" = on CUDA) decides whether the per-chunk work is compiled."""
-    setting = model.model._fastgemma_state.fused_ops
-    return setting is True or (setting == "auto" and device.type == "cuda")
-
-
 def causal_lm_forward(self, *args, **kwargs):
     """Gemma2ForCausalLM.forward, computing the training loss a chunk of tokens at a time (see the module)."""
-    kwargs.update(zip(_positional_parameters(type(self).forward), args))
+    kwargs.update(zip(positional_parameters(type(self).forward), args))
     if not _chunks_the_loss(self, kwargs):
         return type(self).forward.__get__(self)(**kwargs)
     labels = kwargs.pop("labels")
@@ -91,7 +86,7 @@ def causal_lm_forward(self, *args, **kwargs):
         loss = linear_cross_entropy(
             hidden, self.lm_head.weight, targets, self.lm_head.bias, softcap=self.config.final_logit_softcapping,
             ignore_index=ignore_index, num_items_in_batch=kwargs.get("num_items_in_batch"), dtype=dtype,
-            fused=_fused(self, hidden.device),
+            fused=fused_here(self.model, hidden),
         )
     rest = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
     return LogitsOnRead(loss=loss, logits_of=_logits_of(self, hidden), **rest)

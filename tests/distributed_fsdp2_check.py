@@ -57,7 +57,7 @@ def build(checkpoint: Path | None = None):
         )
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-    fastgemma.patch_model(model, max_seq_length=64, backend="eager", fused_ops=True)
+    fastgemma.patch_model(model, max_row_tokens=64, backend="eager", fused_ops=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

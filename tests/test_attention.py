@@ -97,6 +97,18 @@ def test_flex_forward_on_cpu_matches_float64(case):
     assert relative_error(out, expected) < FP32_TOLERANCE
 
 
+def test_flex_takes_other_softcaps_and_lengths_in_one_process():
+    """Softcaps that change between calls, then another length: torch (2.15) would trace the softcap as a symbolic
+    float, which flex_attention refuses."""
+    for length, softcap in ((40, 50.0), (40, 30.0), (72, 50.0), (56, 20.0)):
+        (query, key, value) = [t.detach() for t in random_qkv(4, 2, length, 16, seed=length)]
+        mask = AttentionMask(length, length, window=24)
+        with torch.no_grad():
+            out = softcap_attention(query, key, value, mask, scale=0.25, softcap=softcap, backend="flex")
+        expected = reference_attention(query.double(), key.double(), value.double(), mask.dense("cpu"), 0.25, softcap)
+        assert relative_error(out, expected) < FP32_TOLERANCE
+
+
 def test_dense_mask_from_the_caller_for_decoding():
     """Queries after cached keys: the caller's additive mask is honoured; without one, every key is seen."""
     (query, key, value) = [t.detach() for t in random_qkv(4, 2, 40, 16, seed=3)]
@@ -427,12 +439,14 @@ def test_auto_kernels_stay_triton_with_flash_attention_4_installed(hopper, head_
 def test_flash_kernels_on_request_need_flash_attention_4(hopper):
     from fastgemma.attention import FLASH_OPTIONS, flex_kernel_options_for
 
-    assert check_kernel_options("flash") == "flash"
+    assert check_kernel_options("experimental-flash") == "experimental-flash"
+    with pytest.raises(ValueError, match="flex_kernel_options must be 'auto', 'experimental-flash'"):
+        check_kernel_options("flash")  # patch_model maps this former name, with a DeprecationWarning
     hopper(False)
     with pytest.raises(ImportError, match="pip install flash-attn-4"):
-        flex_kernel_options_for("flash", _QueryOn("cuda", 256))
+        flex_kernel_options_for("experimental-flash", _QueryOn("cuda", 256))
     hopper(True)
-    assert flex_kernel_options_for("flash", _QueryOn("cuda", 256)) == FLASH_OPTIONS
+    assert flex_kernel_options_for("experimental-flash", _QueryOn("cuda", 256)) == FLASH_OPTIONS
     assert flex_kernel_options_for({"bwd_num_warps": 4}, _QueryOn("cuda", 128)) == {"bwd_num_warps": 4}
     assert flex_kernel_options_for(None, _QueryOn("cuda", 128)) is None
 
@@ -447,7 +461,8 @@ class _MaskStandIn:
         return {}
 
 
-@pytest.mark.parametrize("choice,head_dim,kv_block", [("flash", 128, None), ("flash", 256, 64), ("auto", 256, None)])
+@pytest.mark.parametrize("choice,head_dim,kv_block", [("experimental-flash", 128, None), ("experimental-flash", 256, 64),
+                                                      ("auto", 256, None)])
 def test_flash_calls_get_a_mask_its_tiles_divide(monkeypatch, hopper, choice, head_dim, kv_block):
     from fastgemma import attention
 
@@ -457,7 +472,7 @@ def test_flash_calls_get_a_mask_its_tiles_divide(monkeypatch, hopper, choice, he
                         lambda q, k, v, block_mask, scale, softcap, **kw: calls.append((block_mask, kw)) or "out")
     query = _QueryOn("cuda", head_dim)
     assert attention._flex_on_gpu(query, None, None, _MaskStandIn(), 1.0, 50.0, choice, "auto") == "out"
-    options = attention.FLASH_OPTIONS if choice == "flash" else tuned_flex_kernel_options(query)
+    options = attention.FLASH_OPTIONS if choice == "experimental-flash" else tuned_flex_kernel_options(query)
     assert calls == [(f"block mask, kv_block={kv_block}",
                       {"kernel_options": options, "softcap_tanh": "auto", "query_ids": None})]
     assert attention.uses_flash(attention.FLASH_OPTIONS) and not attention.uses_flash({"bwd_num_warps": 8})
@@ -476,7 +491,7 @@ def test_padded_batches_keep_triton_kernels_when_flash_is_asked_for(monkeypatch,
     monkeypatch.setattr(attention, "flex_softcap_attention",
                         lambda q, k, v, block_mask, scale, softcap, **kw: calls.append((block_mask, kw)) or "out")
     query = _QueryOn("cuda", 256)
-    attention._flex_on_gpu(query, None, None, PaddedStandIn(), 1.0, 50.0, "flash", "auto")
+    attention._flex_on_gpu(query, None, None, PaddedStandIn(), 1.0, 50.0, "experimental-flash", "auto")
     assert calls == [("block mask, kv_block=None", {"kernel_options": tuned_flex_kernel_options(query),
                                                     "softcap_tanh": "auto", "query_ids": "query ids"})]
 

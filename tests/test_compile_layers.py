@@ -1,4 +1,5 @@
-"""patch_model(compile_layers=True) on CPU: each decoder layer as one compiled region while training.
+"""Compiled decoder layers on CPU (PatchOptions(compiled_regions=True), what cuda_graphs=True falls back to):
+each decoder layer as one compiled region while training.
 
 The same maths as the op-by-op path (against HF eager + PEFT, and over a 4-bit base), one graph per
 kind of layer for every token count, no split of the region, and the usual path wherever the region
@@ -13,14 +14,15 @@ from torch._dynamo.utils import counters
 
 import fastgemma
 from conftest import random_gemma2, relative_error, tiny_gemma2_config
-from fastgemma.patches import gemma2 as glue
+from fastgemma import regions
 
 
 def lora_models(reference, checkpointing, reentrant=False, **patch):
     """(HF eager + PEFT, fastgemma-patched copy + PEFT), with the same LoRA weights."""
     from peft import LoraConfig, get_peft_model
 
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, fused_ops=True, **patch)
+    options = fastgemma.PatchOptions(max_row_tokens=128, fused_ops=True, **patch)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), options=options)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     models = []
     for model in (reference, patched):
@@ -47,8 +49,9 @@ def packed_step(model, lengths, seed):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
 def test_compiled_layers_train_like_hf_eager_with_one_graph_per_layer_kind(checkpointing):
     torch._dynamo.reset()
+    regions.compiled.cache_clear()
     counters.clear()
-    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), checkpointing, compile_layers=True)
+    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), checkpointing, compiled_regions=True)
     for step, lengths in enumerate([[40, 9, 30], [25, 50], [7, 33, 12, 20]]):  # documents longer than the window
         ref_logits, ref_loss, ref_grads = packed_step(reference, lengths, step)
         logits, loss, grads = packed_step(patched, lengths, step)
@@ -56,7 +59,7 @@ def test_compiled_layers_train_like_hf_eager_with_one_graph_per_layer_kind(check
         assert grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2  # layers x projections x (A, B)
         for name in grads:
             assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
-    assert glue._compiled_layer.cache_info().currsize == 1
+    assert regions.compiled.cache_info().currsize == 1  # one compiled function for every layer
     # For all three lengths: one graph for the layers (a second when the first layer's input needs no
     # gradient: no checkpointing), plus the final norm's fused op. On CPU the attention reads a dense mask,
     # an input of the graph, so sliding and global layers share it. No break split the region.
@@ -70,7 +73,7 @@ def test_compiled_layers_on_padded_batches_match_the_op_by_op_step(side):
     two batch shapes: the compiled layers give the op-by-op path's loss and gradients."""
     base = random_gemma2(tiny_gemma2_config(window=16))
     _, by_ops = lora_models(copy.deepcopy(base), True)
-    _, compiled = lora_models(base, True, compile_layers=True)
+    _, compiled = lora_models(base, True, compiled_regions=True)
     assert_padded_steps_match(by_ops, compiled, side)
 
 
@@ -104,7 +107,7 @@ def test_compiled_layers_match_the_op_by_op_step_over_a_4bit_base():
     from test_patch import _saved_tiny_model
 
     results = []
-    for compile_layers in (False, True):
+    for compiled_regions in (False, True):
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.float32)
         try:
@@ -112,7 +115,8 @@ def test_compiled_layers_match_the_op_by_op_step_over_a_4bit_base():
                                                       dtype=torch.float32)
         except Exception as error:  # bitsandbytes builds without a CPU 4-bit backend
             pytest.skip(f"4-bit loading not available on this machine: {error}")
-        fastgemma.patch_model(model, max_seq_length=128, fused_ops=True, compile_layers=compile_layers)
+        fastgemma.patch_model(model, options=fastgemma.PatchOptions(max_row_tokens=128, fused_ops=True,
+                                                                    compiled_regions=compiled_regions))
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                  init_lora_weights=False))
@@ -124,7 +128,7 @@ def test_compiled_layers_match_the_op_by_op_step_over_a_4bit_base():
             packed_step(model, [25, 25], 2)
         bnb_ops = sum(e.count for e in profile.key_averages() if e.key.startswith("bitsandbytes::"))
         # compiled, the 4-bit projections are tensor ops (fastgemma.ops.nf4): no bitsandbytes op runs
-        assert (bnb_ops == 0) if compile_layers else (bnb_ops > 0), bnb_ops
+        assert (bnb_ops == 0) if compiled_regions else (bnb_ops > 0), bnb_ops
     for (logits, loss, grads), (ref_logits, ref_loss, ref_grads) in zip(results[1], results[0]):
         assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
         assert grads.keys() == ref_grads.keys() and grads
@@ -137,9 +141,9 @@ def test_reentrant_checkpointing_and_inference_run_the_layers_as_usual(monkeypat
     """torch.compile cannot trace reentrant checkpointing, and inference gains nothing from a region
     that would compile once more: both take the usual path, with the usual results."""
     calls = []
-    monkeypatch.setattr(glue, "_compiled_layer", lambda: calls.append(1) or glue.checkpointed_layer)
+    monkeypatch.setattr(regions, "compiled", lambda function: calls.append(1) or function)
     reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, reentrant=True,
-                                     compile_layers=True, backend="eager")
+                                     compiled_regions=True, backend="eager")
     _, loss, _ = packed_step(patched, [30, 20], 0)
     _, ref_loss, _ = packed_step(reference, [30, 20], 0)
     assert relative_error(loss, ref_loss) < 1e-4
@@ -157,7 +161,7 @@ def test_compiled_layers_take_retained_graphs_and_create_graph():
     from conftest import assert_same_gradients, gradients_after_backwards
 
     reference, patched = lora_models(random_gemma2(tiny_gemma2_config(layers=2, window=16)), True,
-                                     compile_layers=True)
+                                     compiled_regions=True)
     positions = torch.cat([torch.arange(n) for n in (30, 10)])[None]
     ids = torch.randint(0, 97, (1, 40))
     inputs = dict(input_ids=ids, position_ids=positions, labels=ids)
@@ -172,9 +176,9 @@ def test_compiled_layers_take_retained_graphs_and_create_graph():
         sum(g.square().sum() for g in grads).backward()
 
 
-def test_compile_layers_must_be_a_bool():
-    with pytest.raises(ValueError, match="compile_layers must be True or False"):
-        fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), compile_layers="yes")
+def test_compiled_regions_must_be_a_bool():
+    with pytest.raises(ValueError, match="compiled_regions must be True or False"):
+        fastgemma.PatchOptions(compiled_regions="yes")
 
 
 def test_a_hooked_submodule_is_called_through_its_hooks():
@@ -246,8 +250,8 @@ def test_compiled_layers_still_checkpoint():
     for layers in (4, 8):
         base = random_gemma2(tiny_gemma2_config(window=16, layers=layers))
         _, by_ops = lora_models(copy.deepcopy(base), True)
-        _, unchecked = lora_models(copy.deepcopy(base), False, compile_layers=True)
-        _, compiled = lora_models(base, True, compile_layers=True)
+        _, unchecked = lora_models(copy.deepcopy(base), False, compiled_regions=True)
+        _, compiled = lora_models(base, True, compiled_regions=True)
         by_ops_bytes, compiled_bytes = saved_bytes(by_ops), saved_bytes(compiled)
         assert compiled_bytes < saved_bytes(unchecked) / 5  # checkpointing on: far less is kept
         extra[layers] = compiled_bytes - by_ops_bytes
@@ -262,24 +266,24 @@ def test_the_region_checkpoints_with_a_recompute_everything_policy():
     from torch.utils.checkpoint import checkpoint
 
     hf = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
-    twin = glue.recompute_everything_checkpoint(hf)
+    twin = regions.recompute_everything_checkpoint(hf)
     assert twin.func is checkpoint and twin.keywords["use_reentrant"] is False
-    assert twin.keywords["preserve_rng_state"] is False and twin.keywords["context_fn"] is glue._recompute_every_op
-    assert glue.recompute_everything_checkpoint(hf) is twin  # one object per HF function: no new guards per call
+    assert twin.keywords["preserve_rng_state"] is False and twin.keywords["context_fn"] is regions._recompute_every_op
+    assert regions.recompute_everything_checkpoint(hf) is twin  # one object per HF function: no new guards per call
     users = functools.partial(checkpoint, use_reentrant=False, context_fn=lambda: None)
-    assert glue.recompute_everything_checkpoint(users) is users
-    assert glue.recompute_everything_checkpoint(None) is None
+    assert regions.recompute_everything_checkpoint(users) is users
+    assert regions.recompute_everything_checkpoint(None) is None
 
     calls = []
-    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, compile_layers=True)
-    original = glue._recompute_every_op
+    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, compiled_regions=True)
+    original = regions._recompute_every_op
     try:
-        glue._RECOMPUTING_CHECKPOINTS.clear()
-        glue._recompute_every_op = lambda: calls.append(1) or original()
+        regions._RECOMPUTING_CHECKPOINTS.clear()
+        regions._recompute_every_op = lambda: calls.append(1) or original()
         torch._dynamo.reset()
         _, loss, _ = packed_step(patched, [30, 20], 0)
     finally:
-        glue._recompute_every_op = original
-        glue._RECOMPUTING_CHECKPOINTS.clear()
+        regions._recompute_every_op = original
+        regions._RECOMPUTING_CHECKPOINTS.clear()
     assert calls, "the compiled region did not checkpoint with the recompute-everything policy"
     assert relative_error(loss, packed_step(reference, [30, 20], 0)[1]) < 1e-4

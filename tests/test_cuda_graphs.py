@@ -15,7 +15,7 @@ import torch
 
 import fastgemma
 from conftest import random_gemma2, relative_error, tiny_gemma2_config
-from fastgemma import graphs
+from fastgemma import graph_policy, graphs, regions
 from fastgemma.patches import gemma2 as glue
 from test_compile_layers import assert_padded_steps_match, lora_models, packed_step, saved_bytes
 
@@ -24,8 +24,7 @@ from test_compile_layers import assert_padded_steps_match, lora_models, packed_s
 def eager_body(monkeypatch):
     """The layer body (and the compiled-region fallback) uncompiled: the graph machinery is what these tests
     check, and compiling on a CPU is slow."""
-    monkeypatch.setattr(glue, "_compiled_body", lambda: glue.decoder_layer_body)
-    monkeypatch.setattr(glue, "_compiled_layer", lambda: glue.checkpointed_layer)
+    monkeypatch.setattr(regions, "compiled", lambda function: function)
 
 
 def graph_state(model):
@@ -77,7 +76,8 @@ def test_graphed_forward_and_backward_share_one_compile_of_the_layer_body(monkey
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(glue.decoder_layer_body, backend=counter)
-    monkeypatch.setattr(glue, "_compiled_body", lambda: compiled)
+    monkeypatch.setattr(regions, "compiled", lambda function: compiled if function is glue.decoder_layer_body
+                        else pytest.fail(f"compiled {function.__name__}"))
     _, graphed = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, cuda_graphs=True)
     graph_state(graphed).cache = type(graph_state(graphed).cache)(256)  # two buckets of 128 tokens
     for step, lengths in enumerate([[40, 9, 30], [25, 150], [7, 33, 12, 20]]):
@@ -157,18 +157,18 @@ def test_graphed_layers_record_again_when_weights_change_and_copies_record_their
     assert graph_state(twin).graphs.captures == 4 and state.graphs.captures == 5
     assert relative_error(loss_twin, loss) < 1e-6
     fastgemma.unpatch_model(graphed)
-    assert not any("_fastgemma_graph_state" in m.__dict__ for m in graphed.modules())
+    assert not any("_fastgemma_state" in m.__dict__ for m in graphed.modules())
 
 
 def lora_dropout_model(base, **patch):
     """`base` patched (fused ops), with LoRA dropout, checkpointing and train mode; the graph choices' log reset."""
     from peft import LoraConfig, get_peft_model
 
-    model = fastgemma.patch_model(base, max_seq_length=128, fused_ops=True, **patch)
+    model = fastgemma.patch_model(base, max_row_tokens=128, fused_ops=True, **patch)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    glue._graph_choices.clear()
+    graph_policy._said.clear()
     return model
 
 
@@ -193,12 +193,12 @@ def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplo
 
 
 def test_graphed_models_block_masks_have_room_past_the_longest_bucket():
-    """The flex block masks are one empty block longer than max_seq_length's last bucket, so no bucket fills
+    """The flex block masks are one empty block longer than max_row_tokens's last bucket, so no bucket fills
     them (a batch that did made the compiled layer compile a second variant); off again, they are not."""
-    model = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), max_seq_length=2048, cuda_graphs=True)
+    model = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), max_row_tokens=2048, cuda_graphs=True)
     state = graph_state(model)
-    assert state.cache.length == 2048 + 128 and graphs.bucket_length(2048, state.cache.max_seq_length) == 2048
-    fastgemma.patch_model(model, max_seq_length=2048, cuda_graphs=False)
+    assert state.cache.length == 2048 + 128 and graphs.bucket_length(2048, state.cache.max_row_tokens) == 2048
+    fastgemma.patch_model(model, max_row_tokens=2048, cuda_graphs=False)
     assert graph_state(model).cache.length == 2048 and graph_state(model).graphs is None
 
 
@@ -208,12 +208,10 @@ def test_static_flex_masks_follow_each_batch(kind):
     score functions read (a padded batch's uniform rows included). Flex forward on CPU, past-the-batch
     positions holding junk as in a bucket, against each batch's own mask."""
     from fastgemma.attention import softcap_attention
+    from fastgemma.graph_inputs import RotaryMaskInputs
     from fastgemma.masks import AttentionMask, BlockMaskCache
 
-    class FlexAttention:
-        _fastgemma_backend, attention_dropout, training, head_dim = "flex", 0.0, False, 16
-
-    binder = glue.Gemma2GraphInputs(FlexAttention())
+    binder = RotaryMaskInputs()
     cache, tokens, bucket = BlockMaskCache(256), 150, 200
     generator = torch.Generator().manual_seed(4)
 
@@ -228,10 +226,10 @@ def test_static_flex_masks_follow_each_batch(kind):
         return AttentionMask(tokens, tokens, window=24, cache=cache, real_tokens=real)
 
     rotary = torch.zeros(2, tokens, 16)
-    static, kwargs = binder.make((rotary, rotary, batch_mask(0)), bucket)
+    static, kwargs = binder.make((rotary, rotary, batch_mask(0), True), bucket)
     for seed in range(2):
         mask = batch_mask(seed)
-        binder.load(static, (rotary, rotary, mask))
+        binder.load(static, (rotary, rotary, mask, True))
         q, k, v = (torch.randn(2, n, bucket, 16, generator=generator) * 3 for n in (4, 2, 2))
         attend = functools.partial(softcap_attention, scale=0.25, softcap=50.0, backend="flex")
         with torch.no_grad():
@@ -246,9 +244,9 @@ def test_cuda_graphs_setting_is_checked():
         fastgemma.patch_model(model, cuda_graphs="yes")
     with pytest.raises(ValueError, match="needs fused_ops"):
         fastgemma.patch_model(model, cuda_graphs=True, fused_ops=False)
-    for layers in ({"cuda_graphs": True}, {"compile_layers": True}):  # FA4 runs from fastgemma's own flex call only
+    for layers in ({"cuda_graphs": True}, {"compiled_regions": True}):  # FA4 runs from fastgemma's own flex call only
         with pytest.raises(ValueError, match="not inside compiled decoder layers"):
-            fastgemma.patch_model(model, flex_kernel_options="flash", **layers)
+            fastgemma.PatchOptions(flex_kernel_options="experimental-flash", **layers)
     with pytest.raises(ValueError, match="replay must be"):
         graphs.GraphedLayers(lambda layer, x: x, graphs.StaticBinder(), replay="sometimes")._mode(torch.device("cpu"))
 
@@ -388,7 +386,7 @@ def test_graphed_layers_share_static_buffers_across_buckets_and_layers():
     ("cuda", 2048, 2, "several processes"),
 ])
 def test_auto_graphs_only_short_micro_steps_on_one_gpu(device_type, tokens, processes, declined):
-    why = glue.auto_graphs_decline(device_type, tokens, processes)
+    why = graph_policy.auto_graphs_decline(device_type, tokens, processes)
     assert why == declined if declined is None else declined in why
 
 
@@ -398,8 +396,8 @@ def test_auto_is_the_default_and_runs_op_by_op_where_graphs_would_not_help(caplo
     base = random_gemma2(tiny_gemma2_config(window=16))
     _, reference = lora_models(copy.deepcopy(base), True, cuda_graphs=False)
     _, auto = lora_models(copy.deepcopy(base), True)
-    assert graph_state(auto).graph_mode == "auto"
-    glue._graph_choices.clear()
+    assert graph_state(auto).options.cuda_graphs == "auto"
+    graph_policy._said.clear()
     with caplog.at_level(logging.INFO, logger="fastgemma"):
         for _ in range(2):
             auto_loss = packed_loss(auto, [30, 20], 0)
@@ -414,8 +412,8 @@ def test_auto_is_the_default_and_runs_op_by_op_where_graphs_would_not_help(caplo
 def test_auto_falls_back_op_by_op_where_a_graph_would_be_wrong(monkeypatch, caplog):
     """Where auto would graph (pretended here on a CPU) but cannot (LoRA dropout), the layers run op by op,
     not as compiled regions, and the log says why once."""
-    monkeypatch.setattr(glue, "_auto_declines", lambda hidden_states: None)
-    monkeypatch.setattr(glue, "_compiled_layer", lambda: pytest.fail("ran a compiled region under auto"))
+    monkeypatch.setattr(graph_policy, "auto_declines", lambda hidden_states: None)
+    monkeypatch.setattr(regions, "compiled", lambda function: pytest.fail("ran a compiled region under auto"))
     model = lora_dropout_model(random_gemma2(tiny_gemma2_config(window=16)))
     with caplog.at_level(logging.INFO, logger="fastgemma"):
         packed_loss(model, [30, 20], 0).backward()

@@ -47,11 +47,11 @@ FLEX_CASES = {"1000-causal-single": (1000, None, "single"), "1000-causal-left-pa
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads,scalar", [(256, 8, 4, 256), (128, 16, 8, 144)])
 @pytest.mark.parametrize("case", FLEX_CASES)
-@pytest.mark.parametrize("kernels", ["triton", "flash"])
+@pytest.mark.parametrize("kernels", ["triton", "experimental-flash"])
 def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, case, kernels):
-    """flex_attention's Triton kernels and FlashAttention 4's (flex_kernel_options="flash"; skipped where
+    """flex_attention's Triton kernels and FlashAttention 4's (flex_kernel_options="experimental-flash"; skipped where
     flash-attn-4 is not installed) against float64, forward and backward."""
-    if kernels == "flash" and not flash_attention_4_available():
+    if kernels == "experimental-flash" and not flash_attention_4_available():
         pytest.skip(f"FlashAttention 4 not installed ({FLASH_INSTALL_HINT})")
     length, window, rows = FLEX_CASES[case]
     packed = rows == "packed"
@@ -72,7 +72,7 @@ def test_flex_bf16_matches_float64(head_dim, heads, kv_heads, scalar, case, kern
     scale = scalar**-0.5
 
     out = softcap_attention(query, key, value, mask, scale=scale, softcap=50.0, backend="flex",
-                            kernel_options={"triton": "auto", "flash": "flash"}[kernels])
+                            kernel_options={"triton": "auto"}.get(kernels, kernels))
     out.backward(grad_out)
     grads = [t.grad.clone() for t in (query, key, value)]
 
@@ -238,7 +238,7 @@ def test_packed_model_bf16_matches_documents_alone_and_hf_eager():
     patched = copy.deepcopy(reference).to(torch.bfloat16)
     import fastgemma
 
-    fastgemma.patch_model(patched, max_seq_length=1024, backend="flex")
+    fastgemma.patch_model(patched, max_row_tokens=1024, backend="flex")
     lengths = [300, 77, 500]  # documents shorter and longer than the window
     ids = torch.randint(0, 512, (1, sum(lengths)), device=device)
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
@@ -258,16 +258,16 @@ def test_packed_model_bf16_matches_documents_alone_and_hf_eager():
     assert our_error <= 1.25 * hf_bf16_error + 1e-3
 
 
-@pytest.mark.parametrize("kernels", ["auto", "flash"])
+@pytest.mark.parametrize("kernels", ["auto", "experimental-flash"])
 def test_fused_training_step_bf16_matches_hf_eager(kernels):
     """A packed training step with every fused op (and fused LoRA) on: loss and gradients against
     HF eager in float32, no further off than HF eager's own bf16 step; also with FlashAttention 4's
-    kernels under flex (flex_kernel_options="flash"; skipped where flash-attn-4 is not installed)."""
+    kernels under flex (flex_kernel_options="experimental-flash"; skipped where flash-attn-4 is not installed)."""
     from peft import LoraConfig, get_peft_model
 
     import fastgemma
 
-    if kernels == "flash" and not flash_attention_4_available():
+    if kernels == "experimental-flash" and not flash_attention_4_available():
         pytest.skip(f"FlashAttention 4 not installed ({FLASH_INSTALL_HINT})")
 
     device = torch.device("cuda")
@@ -280,7 +280,7 @@ def test_fused_training_step_bf16_matches_hf_eager(kernels):
     def step(model, dtype, patch):
         model = copy.deepcopy(model).to(dtype)
         if patch:
-            fastgemma.patch_model(model, max_seq_length=1024, backend="flex", fused_ops=True,
+            fastgemma.patch_model(model, max_row_tokens=1024, backend="flex", fused_ops=True,
                                   flex_kernel_options=kernels)
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
@@ -313,7 +313,7 @@ def test_varying_lengths_compile_a_bounded_number_of_times():
     device = torch.device("cuda")
     config = tiny_gemma2_config(head_dim=128, layers=4, window=512, vocab=512)
     model = random_gemma2(config, device=device, dtype=torch.bfloat16)
-    fastgemma.patch_model(model, max_seq_length=4096, backend="flex")
+    fastgemma.patch_model(model, max_row_tokens=4096, backend="flex")
     generator = torch.Generator().manual_seed(0)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
@@ -446,7 +446,7 @@ def _lora_training_copy(reference, dtype, **patch):
 
     model = copy.deepcopy(reference).to(dtype)
     if patch:
-        fastgemma.patch_model(model, max_seq_length=4096, backend="flex", **patch)
+        fastgemma.patch_model(model, options=fastgemma.PatchOptions(max_row_tokens=4096, backend="flex", **patch))
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     for name, param in model.named_parameters():
@@ -458,13 +458,13 @@ def _lora_training_copy(reference, dtype, **patch):
     return model
 
 
-LAYER_MODES = [{"compile_layers": True}, {"cuda_graphs": True}]
+LAYER_MODES = [{"compiled_regions": True}, {"cuda_graphs": True}]
 LAYER_MODE_IDS = ["compiled-layers", "cuda-graphs"]
 
 
 @pytest.mark.parametrize("mode", LAYER_MODES, ids=LAYER_MODE_IDS)
 def test_compiled_layers_training_step_bf16_matches_hf_eager(mode):
-    """compile_layers=True on the GPU (flex attention inside each layer's region, checkpointing, LoRA), and
+    """Compiled decoder layers (compiled_regions=True) on the GPU (flex attention inside each layer's region, checkpointing, LoRA), and
     those layers replayed as CUDA graphs: a packed step's loss and gradients, twice (the second replays),
     against HF eager in float32, no further off than HF eager's bf16."""
     device = torch.device("cuda")
@@ -497,7 +497,7 @@ def test_compiled_layers_training_step_bf16_matches_hf_eager(mode):
 
 @pytest.mark.parametrize("mode", LAYER_MODES, ids=LAYER_MODE_IDS)
 def test_compiled_layers_over_varying_lengths_compile_a_bounded_number_of_times(mode):
-    """20 LoRA training steps with compile_layers=True (and with CUDA-graphed layers) whose length changes
+    """20 LoRA training steps with compiled layers (and with CUDA-graphed layers) whose length changes
     every step (packed rows and right-padded batches): a bounded number of graphs, none new after step 10,
     no graph breaks."""
     import torch._dynamo.utils as dynamo_utils
@@ -566,7 +566,7 @@ def test_compiled_layers_still_checkpoint_on_the_gpu():
         return sum(storages.values())
 
     by_ops = saved_bytes(_lora_training_copy(reference, torch.bfloat16, fused_ops=True))
-    compiled = saved_bytes(_lora_training_copy(reference, torch.bfloat16, fused_ops=True, compile_layers=True))
+    compiled = saved_bytes(_lora_training_copy(reference, torch.bfloat16, fused_ops=True, compiled_regions=True))
     print(f"\nsaved for the backward: op by op {by_ops / 2**20:.1f} MiB, compiled layers {compiled / 2**20:.1f} MiB")
     assert compiled <= 1.25 * by_ops
 

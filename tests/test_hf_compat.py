@@ -70,9 +70,9 @@ def test_gradient_checkpointing_saves_what_hf_saves(order, with_peft, use_reentr
         patched.enable_input_require_grads()
     if order == "checkpointing-then-patch":
         enable_checkpointing(patched, use_reentrant)
-        fastgemma.patch_model(patched, max_seq_length=256, backend="eager")
+        fastgemma.patch_model(patched, max_row_tokens=256, backend="eager")
     else:
-        fastgemma.patch_model(patched, max_seq_length=256, backend="eager")
+        fastgemma.patch_model(patched, max_row_tokens=256, backend="eager")
         enable_checkpointing(patched, use_reentrant)
 
     reference_bytes, reference_grads = saved_activation_bytes(reference, ids)
@@ -90,6 +90,7 @@ def test_checkpointing_in_call_layout_recomputes_each_layer_once(monkeypatch):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     import fastgemma.patches.gemma2 as glue
+    from fastgemma import hf_layers
 
     def call_with_checkpointing(self, *args, **kwargs):  # the older layout, in a few lines
         if self.gradient_checkpointing and self.training:
@@ -97,12 +98,12 @@ def test_checkpointing_in_call_layout_recomputes_each_layer_once(monkeypatch):
         return torch.nn.Module.__call__(self, *args, **kwargs)
 
     monkeypatch.setattr(GradientCheckpointingLayer, "__call__", call_with_checkpointing, raising=False)
-    assert not glue.hf_checkpoints_in_forward()
+    assert not hf_layers.hf_checkpoints_in_forward()
     calls = []
     body = glue.decoder_layer_body
     monkeypatch.setattr(glue, "decoder_layer_body", lambda *a, **k: calls.append(1) or body(*a, **k))
     model = random_gemma2(tiny_gemma2_config(layers=2))
-    fastgemma.patch_model(model, max_seq_length=128, backend="eager")
+    fastgemma.patch_model(model, max_row_tokens=128, backend="eager")
     enable_checkpointing(model, use_reentrant=False)
     # The stock class forward still checkpoints in this transformers; run only the instance forward's layout.
     ids = torch.randint(0, 97, (1, 40))
@@ -122,7 +123,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_of_a_patched_model_are_independent_and_patched(how):
     reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager")
     ids = torch.randint(0, 97, (2, 50))
     _logits(patched, ids)  # a used model: its block-mask cache is filled
     clone = copy.deepcopy(patched) if how == "deepcopy" else pickle.loads(pickle.dumps(patched))
@@ -146,7 +147,7 @@ def test_copies_of_a_patched_model_are_independent_and_patched(how):
 def test_reference_model_of_peft_policy_is_independent():
     """TRL-style: a frozen reference model is a deep copy of the (patched, PEFT-wrapped) policy."""
     policy = lora(random_gemma2(tiny_gemma2_config()))
-    fastgemma.patch_model(policy, max_seq_length=128, backend="eager")
+    fastgemma.patch_model(policy, max_row_tokens=128, backend="eager")
     frozen = copy.deepcopy(policy).eval()
     ids = torch.randint(0, 97, (1, 40))
     before = _logits(frozen, ids)
@@ -171,7 +172,7 @@ def test_backward_through_a_retained_graph_adds_the_gradients_again(patch):
     compiled pieces a second backward adds the same gradients again, after a plain step compiled the backward
     (a backward free to overwrite what its forward saved would refuse, or compute garbage, the second time)."""
     reference = random_gemma2(tiny_gemma2_config(layers=2, window=16)).train()
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, **patch)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, **patch)
     ids = torch.randint(0, 97, (2, 24))
     gradients_after_backwards(patched, times=1, input_ids=ids, labels=ids)
     expected = gradients_after_backwards(reference, input_ids=ids, labels=ids)
@@ -192,7 +193,7 @@ def test_create_graph_gives_hf_gradients_and_double_backward_stops_in_one_line(p
     """create_graph=True through a compiled piece gives HF eager's gradients; differentiating them again stops
     at torch's one-line refusal (compiled backwards have no double backward)."""
     reference = random_gemma2(tiny_gemma2_config(layers=2, window=16)).train()
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, **patch)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, **patch)
     ids = torch.randint(0, 97, (2, 24))
     expected, _ = first_and_second_order_gradients(reference, ids)
     weights = [p for p in patched.parameters() if p.requires_grad]
@@ -206,7 +207,7 @@ def test_create_graph_gives_hf_gradients_and_double_backward_stops_in_one_line(p
 def test_double_backward_without_compiled_pieces_matches_hf_eager():
     """backend='eager' without fused ops is plain PyTorch throughout: gradients of gradients as HF eager's."""
     reference = random_gemma2(tiny_gemma2_config(layers=2, window=16)).train()
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager", fused_ops=False)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager", fused_ops=False)
     ids = torch.randint(0, 97, (2, 24))
     for got, want in zip(first_and_second_order_gradients(patched, ids), first_and_second_order_gradients(reference, ids)):
         for a, b in zip(got, want):
@@ -218,7 +219,7 @@ def test_double_backward_without_compiled_pieces_matches_hf_eager():
 # --------------------------------------------------------------------------------------
 def test_output_attentions_returns_hf_eager_weights():
     reference = random_gemma2(tiny_gemma2_config(window=16))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="auto")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="auto")
     ids = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         expected = reference(input_ids=ids, output_attentions=True, use_cache=False)
@@ -234,7 +235,7 @@ def test_returned_attention_weights_carry_the_gradient_hf_eager_gives_them():
     """As Hugging Face's test_retain_grad_hidden_states_attentions: a gradient retained on the returned
     weights (and hidden states) is HF eager's, so the weights are the tensor the output was computed from."""
     reference = random_gemma2(tiny_gemma2_config(window=16))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128)
     ids = torch.randint(0, 97, (2, 40))
     projection = torch.randn(2, 40, 97)
     results = []
@@ -253,7 +254,7 @@ def test_returned_attention_weights_carry_the_gradient_hf_eager_gives_them():
 def test_output_attentions_from_config_and_on_a_padded_batch():
     reference = random_gemma2(tiny_gemma2_config())
     reference.config.output_attentions = True
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager")
     ids = torch.randint(0, 97, (3, 30))
     mask = torch.ones_like(ids)
     mask[1, 20:] = 0
@@ -270,14 +271,14 @@ def test_output_attentions_from_config_and_on_a_padded_batch():
 def test_generation_that_returns_attention_weights_runs(kind):
     """Candidate-verifying generation with output_attentions indexes every layer's weights."""
     reference = random_gemma2(tiny_gemma2_config(window=16))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128)
     prompt = torch.randint(0, 97, (1, 12)).repeat(1, 2)  # repeated n-grams for prompt lookup to find
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_attentions=True,
                   return_dict_in_generate=True)
     if kind == "prompt_lookup":
         kwargs["prompt_lookup_num_tokens"] = 3
     else:
-        kwargs["assistant_model"] = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128)
+        kwargs["assistant_model"] = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128)
     try:
         expected = reference.generate(prompt, **kwargs)
     except RuntimeError as error:  # transformers 5.17: assisted decoding crops no sliding-window cache layer
@@ -341,7 +342,7 @@ def _classifier(kind, seed=0):
 @pytest.mark.parametrize("kind", ["sequence", "token"])
 def test_classification_heads_match_hf_eager(kind, side):
     reference = _classifier(kind)
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager")
     ids = torch.randint(1, 97, (3, 45))
     mask = padding_mask(45, [0, 7, 30], side)
     ids = ids.masked_fill(mask == 0, 0)  # the pad token, which sequence classification uses to find the last token
@@ -391,7 +392,7 @@ def test_models_that_merely_contain_gemma2_are_refused():
 # --------------------------------------------------------------------------------------
 def test_packed_documents_stay_apart_with_use_cache_true():
     reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager")
     lengths = [20, 33, 11]
     ids = torch.randint(0, 97, (1, sum(lengths)))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -406,7 +407,7 @@ def test_padded_positions_follow_the_documented_rule():
     """README, "Padding": as HF eager, padding hides keys only. A padded query sees the real keys before it
     (right padding included); one with none (left padding) averages its whole row uniformly."""
     from fastgemma.masks import DENSE_UNIFORM
-    from fastgemma.patches.gemma2 import build_mask_mapping
+    from fastgemma.mask_mapping import build_mask_mapping
 
     config = tiny_gemma2_config()
     right = torch.tensor([[1, 1, 1, 0, 0]])
@@ -425,7 +426,7 @@ def test_left_padding_compatibility_as_hf_tests_it():
     so the last position is a padded query), then the same rows behind 32 tokens of left padding, with position
     ids from the mask; the last position's logits agree, and agree with stock's."""
     reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager")
     ids = torch.randint(1, 97, (3, 7))
     mask = torch.ones_like(ids).tril()[:3]
 

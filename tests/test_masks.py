@@ -159,13 +159,13 @@ def test_q_indices_are_the_transpose_of_kv_indices():
             assert torch.equal(getattr(fast, name)[row][:used].sort().values, getattr(generic, name)[row][:used].sort().values)
 
 
-def test_cache_grows_past_max_seq_length_with_a_warning(caplog):
+def test_cache_grows_past_max_row_tokens_with_a_warning(caplog):
     cache = BlockMaskCache(256)
     with caplog.at_level("WARNING", logger="fastgemma"):
         mask = cache.get(1000, None, "cpu")
     assert cache.length == 1024
     assert mask.seq_lengths == (1024, 1024)
-    assert "max_seq_length=256" in caplog.text
+    assert "max_row_tokens=256" in caplog.text
 
 
 def test_segments_from_position_ids():
@@ -216,7 +216,7 @@ def test_attention_mask_rejects_bad_shapes():
         AttentionMask(5, 5, segment_ids=torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="real_tokens"):
         AttentionMask(5, 5, real_tokens=torch.ones(1, 6, dtype=torch.bool))
-    with pytest.raises(ValueError, match="max_seq_length"):
+    with pytest.raises(ValueError, match="max_row_tokens"):
         BlockMaskCache(0)
 
 

@@ -176,7 +176,7 @@ def test_patched_model_with_every_op_fused_trains_like_hf_eager(checkpointing):
     from peft import LoraConfig, get_peft_model
 
     reference = random_gemma2(tiny_gemma2_config(window=16))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager", fused_ops=True)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager", fused_ops=True)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     torch.manual_seed(0)
     reference = get_peft_model(reference, lora)

@@ -28,7 +28,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 import fastgemma
 config = Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                       head_dim=16, intermediate_size=64, vocab_size=50, attn_implementation="eager")
-model = fastgemma.patch_model(Gemma2ForCausalLM(config), max_seq_length=32, backend="eager")
+model = fastgemma.patch_model(Gemma2ForCausalLM(config), max_row_tokens=32, backend="eager")
 assert fastgemma.is_patched(model)
 model(torch.arange(10)[None])
 glue = [name for name in sys.modules if name.endswith("gemma2") and "patches" in name]

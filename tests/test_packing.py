@@ -22,7 +22,7 @@ def packed_batch(lengths, vocab=97, seed=0):
 @pytest.mark.parametrize("backend", ["eager", "flex"])
 def test_packed_logits_equal_documents_alone_and_hf_eager(backend, flex_forward_on_cpu):
     reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend=backend)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend=backend)
     ids, positions = packed_batch(DOCUMENT_LENGTHS)
     with torch.no_grad():
         packed = patched(input_ids=ids, position_ids=positions, use_cache=False).logits
@@ -37,7 +37,7 @@ def test_packed_logits_equal_documents_alone_and_hf_eager(backend, flex_forward_
 
 def test_packed_loss_and_gradients_equal_hf_eager():
     reference = random_gemma2(tiny_gemma2_config(heads=8, kv_heads=2))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="compiled")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend="compiled")
     ids, positions = packed_batch(DOCUMENT_LENGTHS, seed=1)
     labels = ids.clone()
     labels[positions == 0] = -100  # as TRL does: no loss across a document boundary
@@ -55,7 +55,7 @@ def test_packed_loss_and_gradients_equal_hf_eager():
 
 def test_cu_seq_lens_and_seq_idx_give_the_same_documents():
     reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend="eager")
     ids, positions = packed_batch(DOCUMENT_LENGTHS, seed=2)
     cu = torch.tensor([0, *torch.tensor(DOCUMENT_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
     seq_idx = torch.repeat_interleave(torch.arange(len(DOCUMENT_LENGTHS)), torch.tensor(DOCUMENT_LENGTHS))[None]
@@ -106,7 +106,7 @@ def test_sft_trainer_packing_reaches_patched_attention_with_boundaries(tmp_path,
     batches = []
 
     model = random_gemma2(tiny_gemma2_config(vocab=64))
-    fastgemma.patch_model(model, max_seq_length=256, backend="eager")
+    fastgemma.patch_model(model, max_row_tokens=256, backend="eager")
     backbone_forward = model.model.forward
 
     def record_batch(*args, **kwargs):
@@ -142,14 +142,14 @@ def test_sft_trainer_packing_reaches_patched_attention_with_boundaries(tmp_path,
 
 def test_single_document_row_from_trl_stays_on_the_packed_path():
     """A padding-free row holding one document keeps segment ids (no switch of compiled variant) and stays exact."""
-    from fastgemma.patches.gemma2 import build_mask_mapping
+    from fastgemma.mask_mapping import build_mask_mapping
 
     config = tiny_gemma2_config()
     masks = build_mask_mapping(config, None, 1, 40, "cpu", None, torch.arange(40)[None], None,
                                {"cu_seq_lens_q": torch.tensor([0, 40], dtype=torch.int32)})
     assert all(mask.segment_ids is not None for mask in masks.values())
     reference = random_gemma2(config)
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=64, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=64, backend="eager")
     ids = torch.randint(0, 97, (1, 40))
     cu = torch.tensor([0, 40], dtype=torch.int32)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_single_document_row_from_trl_stays_on_the_packed_path():
 
 def test_bad_cu_seq_lens_are_refused_by_name():
     """TRL-style packed lengths that do not describe the row: a ValueError naming them, not a silent mask."""
-    patched = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), max_seq_length=64, backend="eager")
+    patched = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), max_row_tokens=64, backend="eager")
     ids = torch.randint(0, 97, (1, 40))
     for bad in ([0, 10, 30], [0, 30, 10, 40], [5, 40]):
         cu = torch.tensor(bad, dtype=torch.int32)

@@ -45,14 +45,14 @@ def assert_same_training_step(reference, patched, real=None, **batch):
 @pytest.mark.parametrize("length", [70, 200])  # not multiples of 128; longer than the window (24)
 def test_training_step_matches_hf_eager(config_name, length):
     reference = random_gemma2(tiny_gemma2_config(**CONFIGS[config_name]), seed=length)
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend="eager")
     ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
     assert_same_training_step(reference, patched, input_ids=ids, labels=ids)
 
 
 def test_compiled_backend_matches_hf_eager():
     reference = random_gemma2(tiny_gemma2_config(**CONFIGS["hd16-qpas144-gqa4"]))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="compiled")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend="compiled")
     ids = torch.randint(0, 97, (2, 150))
     assert_same_training_step(reference, patched, input_ids=ids, labels=ids)
 
@@ -87,7 +87,7 @@ def test_every_position_of_a_padded_batch_matches_hf_eager(config_name, padding)
     the predictions made at padded positions train too) with its gradients."""
     length = 150 if padding == "holes" else 90  # not multiples of 128; longer than the window (24)
     reference = random_gemma2(tiny_gemma2_config(**PADDED_CONFIGS[config_name]), seed=length)
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend="eager")
     ids, mask = padded_batch(length, padding, seed=hash((config_name, padding)) % 1000)
     assert_same_training_step(reference, patched, input_ids=ids, attention_mask=mask, labels=ids)
 
@@ -95,7 +95,7 @@ def test_every_position_of_a_padded_batch_matches_hf_eager(config_name, padding)
 @pytest.mark.parametrize("padding", ["right", "left", "holes"])
 def test_compiled_backend_matches_hf_eager_on_every_padded_position(padding):
     reference = random_gemma2(tiny_gemma2_config(**CONFIGS["hd16-qpas144-gqa4"]))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="compiled")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend="compiled")
     ids, mask = padded_batch(150, padding, seed=hash(padding) % 1000)
     labels = ids.masked_fill(mask == 0, -100)  # the usual labels: the last left pad still predicts a real token
     assert_same_training_step(reference, patched, input_ids=ids, attention_mask=mask, labels=labels)
@@ -105,7 +105,7 @@ def test_compiled_backend_matches_hf_eager_on_every_padded_position(padding):
 def test_flex_forward_on_cpu_matches_hf_eager(padding, flex_forward_on_cpu):
     """Every position, padded ones included (flex tiles of padded queries only, uniform rows)."""
     reference = random_gemma2(tiny_gemma2_config(**PADDED_CONFIGS["hd128-gqa2"]))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=256, backend="flex")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend="flex")
     ids, mask = padded_batch(150 if padding == "holes" else 230, padding or "right", seed=5)
     batch = {"input_ids": ids} if padding is None else {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_peft_lora_gradients_flow_and_match():
     base = random_gemma2(tiny_gemma2_config())
     reference = get_peft_model(copy.deepcopy(base), lora)
     patched = copy.deepcopy(reference)
-    fastgemma.patch_model(patched, max_seq_length=128, backend="eager")
+    fastgemma.patch_model(patched, max_row_tokens=128, backend="eager")
     assert fastgemma.is_patched(patched)
     ids = torch.randint(0, 97, (2, 60))
     ref_logits, _, ref_grads = forward_backward(reference, input_ids=ids, labels=ids)
@@ -260,8 +260,8 @@ def test_bad_arguments_are_refused():
     model = random_gemma2(tiny_gemma2_config())
     with pytest.raises(ValueError, match="unknown attention backend"):
         fastgemma.patch_model(model, backend="sdpa")
-    with pytest.raises(ValueError, match="max_seq_length"):
-        fastgemma.patch_model(model, max_seq_length=0)
+    with pytest.raises(ValueError, match="max_row_tokens"):
+        fastgemma.patch_model(model, max_row_tokens=0)
     with pytest.raises(ValueError, match="fused_ops"):
         fastgemma.patch_model(model, fused_ops="yes")
     with pytest.raises(ValueError, match="flex_kernel_options"):
@@ -291,14 +291,14 @@ def test_flex_backend_is_refused_at_patch_time_where_flex_cannot_train():
     assert fastgemma.is_patched(model)
 
 
-def test_batch_longer_than_max_seq_length_is_still_exact(caplog, flex_forward_on_cpu):
+def test_batch_longer_than_max_row_tokens_is_still_exact(caplog, flex_forward_on_cpu):
     reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="flex")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="flex")
     ids = torch.randint(0, 97, (1, 300))
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fastgemma"):
         actual = patched(input_ids=ids, use_cache=False).logits
         expected = reference(input_ids=ids, use_cache=False).logits
-    assert "max_seq_length=128" in caplog.text
+    assert "max_row_tokens=128" in caplog.text
     assert relative_error(actual, expected) < VALUE_TOLERANCE
 
 
@@ -326,7 +326,7 @@ def test_flex_kernel_options_reach_every_attention_call(monkeypatch, options):
         model(input_ids=torch.randint(0, 97, (1, 12)))
     assert len(seen) == model.config.num_hidden_layers and all(s == options for s in seen)
     fastgemma.unpatch_model(model)
-    assert not any("_fastgemma_kernel_options" in m.__dict__ for m in model.modules())
+    assert not any("_fastgemma_state" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.parametrize("softcap_tanh", ["auto", "exact", "approx"])
@@ -343,15 +343,15 @@ def test_softcap_tanh_reaches_every_attention_call(monkeypatch, softcap_tanh, ca
         assert relative_error(logits, reference(input_ids=ids, use_cache=False).logits) < VALUE_TOLERANCE
     assert seen and all(s == softcap_tanh for s in seen)
     fastgemma.unpatch_model(model)
-    assert not any("_fastgemma_softcap_tanh" in m.__dict__ for m in model.modules())
+    assert not any("_fastgemma_state" in m.__dict__ for m in model.modules())
     with pytest.raises(ValueError, match="softcap_tanh"):
         fastgemma.patch_model(model, softcap_tanh="fast")
 
 
 def test_dense_backends_take_longer_batches_silently_and_exactly(caplog):
-    """README, max_seq_length: only the flex path has a fixed length (and warns when a batch outgrows it)."""
+    """README, max_row_tokens: only the flex path has a fixed length (and warns when a batch outgrows it)."""
     reference = random_gemma2(tiny_gemma2_config())
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=64, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=64, backend="eager")
     ids = torch.randint(0, 97, (1, 150))
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fastgemma"):
         actual = patched(input_ids=ids, use_cache=False).logits

@@ -20,7 +20,7 @@ def _train(tmp_path, lean, steps=3, nan_at=None, eval_module=False, **config):
     from trl import SFTConfig, SFTTrainer
 
     model = random_gemma2(tiny_gemma2_config(vocab=64))
-    fastgemma.patch_model(model, max_seq_length=256, backend="eager")
+    fastgemma.patch_model(model, max_row_tokens=256, backend="eager")
     if eval_module:
         model.model.layers[1].mlp.eval()  # Trainer's model.train() must put it back in train mode
     base = SFTTrainer
