@@ -13,7 +13,7 @@ at 8192 tokens causal, 2048 causal and 8192 sliding(4096). Variants:
   hf-eager      transformers' Gemma 2 eager attention in bf16 (the accuracy yardstick)
   fa4           FlashAttention 4 (`flash_attn.cute`, CuTe DSL) with its own softcap, causal / window /
                 varlen documents (needs `pip install flash-attn-4`; not run by default)
-  flex-flash    fastgemma's flex call with flex_kernel_options="flash": torch's BACKEND="FLASH"
+  flex-flash    fastgemma's flex call with flex_kernel_options="experimental-flash": torch's BACKEND="FLASH"
                 (FlashAttention 4 under flex_attention, its own tanh; 64-key mask blocks at head_dim 256;
                 needs flash-attn-4; not run by default)
 
@@ -53,7 +53,7 @@ def variant_forward(variant: str, spec: MaskSpec, heads, scale: float, softcap: 
     device = query.device
     if variant == "fa4":
         return fa4_forward(spec, scale, softcap), None
-    if variant == "flex-flash":  # as fastgemma runs it (flex_kernel_options="flash")
+    if variant == "flex-flash":  # as fastgemma runs it (flex_kernel_options="experimental-flash")
         from fastgemma.attention import FLASH_KV_BLOCK, FLASH_OPTIONS
 
         block_mask = attention_mask(spec, device).block_mask(device, kv_block=FLASH_KV_BLOCK.get(query.shape[-1]))

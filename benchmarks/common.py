@@ -84,7 +84,6 @@ LABELS = {
     "fastgemma": "fastgemma (defaults)",
     "fastgemma-ops": "fastgemma, op by op (cuda_graphs=False)",
     "fastgemma-attn": "fastgemma, attention only",
-    "fastgemma-layers": "fastgemma, compiled layers",
     "fastgemma-graphs": "fastgemma, CUDA-graphed layers",
     "fastgemma-flash": "fastgemma, FlashAttention 4 under flex",
     "unsloth": "Unsloth",

@@ -10,8 +10,8 @@ wall time per fwd+bwd step is mostly that per-op cost. It ranks levers for the h
 GPU confirms them; it is no substitute for the GPU measurement (CUDA launches, bitsandbytes' CUDA ops
 and flex_attention are not in it).
 
-    python -m benchmarks.host_proxy                      # fastgemma, fastgemma-layers, hf-eager
-    python -m benchmarks.host_proxy --contenders fastgemma-layers --tokens 256
+    python -m benchmarks.host_proxy                      # fastgemma, fastgemma-graphs, hf-eager
+    python -m benchmarks.host_proxy --contenders fastgemma-graphs --tokens 256
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ SETTINGS = {  # contender -> patch_model settings (None: Hugging Face eager, unp
     "hf-eager": None,
     "fastgemma": {"fused_ops": True},
     "fastgemma-attn": {"fused_ops": False},
-    "fastgemma-layers": {"fused_ops": True, "compile_layers": True},
     "fastgemma-graphs": {"fused_ops": True, "cuda_graphs": True},
 }
 
@@ -57,7 +56,7 @@ def load(path: Path, contender: str, tokens: int):
     model = Gemma2ForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32,
                                               attn_implementation="eager")
     if SETTINGS[contender] is not None:
-        fastgemma.patch_model(model, max_seq_length=tokens, **SETTINGS[contender])
+        fastgemma.patch_model(model, max_row_tokens=tokens, **SETTINGS[contender])
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -84,7 +83,7 @@ def measure(model, tokens: int, docs: int, warmup: int, steps: int, seed: int) -
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contenders", default="fastgemma,fastgemma-layers,hf-eager",
+    parser.add_argument("--contenders", default="fastgemma,fastgemma-graphs,hf-eager",
                         help=f"comma list of {', '.join(SETTINGS)}")
     parser.add_argument("--layers", type=int, default=26, help="decoder layers [26, as Gemma 2 2B]")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size [128: small, so the host dominates]")

@@ -10,19 +10,18 @@ import torch
 from . import common as C
 
 IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager", "fastgemma-ops": "eager",
-        "fastgemma-attn": "eager", "fastgemma-layers": "eager", "fastgemma-graphs": "eager",
+        "fastgemma-attn": "eager", "fastgemma-graphs": "eager",
         "fastgemma-flash": "eager"}
 # patch_model's settings per fastgemma contender. fastgemma-attn: attention only, to measure what the fused
-# elementwise ops add; fastgemma-layers: one compiled region per decoder layer (compile_layers=True);
-# fastgemma-graphs: those regions replayed as per-layer CUDA graphs (cuda_graphs=True); fastgemma-flash:
-# FlashAttention 4's kernels under flex_attention (flex_kernel_options="flash"; needs flash-attn-4).
+# elementwise ops add; fastgemma-graphs: per-layer CUDA graphs wherever they can run (cuda_graphs=True);
+# fastgemma-flash: FlashAttention 4's kernels under flex_attention (flex_kernel_options="experimental-flash";
+# needs flash-attn-4).
 FASTGEMMA_PATCH = {
     "fastgemma": {},  # patch_model's defaults: what the README's snippet runs
     "fastgemma-ops": {"cuda_graphs": False},  # the op-by-op layers, for the graphs' memory and speed
     "fastgemma-attn": {"fused_ops": False},
-    "fastgemma-layers": {"fused_ops": "auto", "compile_layers": True},
     "fastgemma-graphs": {"fused_ops": "auto", "cuda_graphs": True},
-    "fastgemma-flash": {"fused_ops": "auto", "flex_kernel_options": "flash"},
+    "fastgemma-flash": {"fused_ops": "auto", "flex_kernel_options": "experimental-flash"},
 }
 
 # Unsloth, trl suite only, in a process of its own (benchmarks/unsloth_trl.py): importing it patches transformers
@@ -104,7 +103,7 @@ def apply_pre_peft(contender: str, model, max_len: int, args, device: torch.devi
     elif contender in FASTGEMMA_PATCH:
         import fastgemma
 
-        fastgemma.patch_model(model, max_seq_length=int(max_len), backend=fastgemma_backend(args, device),
+        fastgemma.patch_model(model, max_row_tokens=int(max_len), backend=fastgemma_backend(args, device),
                               **FASTGEMMA_PATCH[contender])
     return model
 

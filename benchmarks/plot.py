@@ -24,8 +24,8 @@ def plot_model_suite(rows: list[dict], path: str, env: dict | None = None) -> bo
     for r in rows:
         if r["contender"] not in contenders:
             contenders.append(r["contender"])
-    markers = {"hf-eager": "o", "hf-flex": "s", "liger": "^", "fastgemma": "D", "fastgemma-attn": "d", "fastgemma-layers": "P", "fastgemma-graphs": "X"}
-    colors = {"hf-eager": "tab:blue", "hf-flex": "tab:orange", "liger": "tab:green", "fastgemma": "tab:red", "fastgemma-attn": "tab:purple", "fastgemma-layers": "tab:brown", "fastgemma-graphs": "tab:pink"}
+    markers = {"hf-eager": "o", "hf-flex": "s", "liger": "^", "fastgemma": "D", "fastgemma-attn": "d", "fastgemma-graphs": "X"}
+    colors = {"hf-eager": "tab:blue", "hf-flex": "tab:orange", "liger": "tab:green", "fastgemma": "tab:red", "fastgemma-attn": "tab:purple", "fastgemma-graphs": "tab:pink"}
     styles = ["-", "--", ":", "-."]
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))

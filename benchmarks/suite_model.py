@@ -6,7 +6,7 @@ Contenders (each on a freshly built model, same seed, same weights, same data):
   hf-flex    attn_implementation="flex_attention"
   liger      eager + liger_kernel.transformers.apply_liger_kernel_to_gemma2(model=...) with Liger's defaults
              (RoPE, RMSNorm, GEGLU, fused linear cross-entropy)
-  fastgemma  eager + fastgemma.patch_model(model, max_seq_length, backend="auto"), whose loss from labels runs
+  fastgemma  eager + fastgemma.patch_model(model, max_row_tokens, backend="auto"), whose loss from labels runs
              chunked (fastgemma.ops.linear_cross_entropy): the row to hold against Liger's fused linear cross-entropy
 """
 

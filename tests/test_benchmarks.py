@@ -320,9 +320,9 @@ def test_profile_step_breaks_a_packed_step_down_by_category():
 
 
 @pytest.mark.parametrize("variant,label", [("fastgemma-attn", "fastgemma, attention only"),
-                                           ("fastgemma-layers", "fastgemma, compiled layers")])
+                                           ("fastgemma-graphs", "fastgemma, CUDA-graphed layers")])
 def test_model_suite_runs_fastgemma_variants_next_to_fastgemma(tmp_path, variant, label):
-    """fastgemma-attn (fused_ops=False, to measure the fused ops) and fastgemma-layers (compile_layers=True)
+    """fastgemma-attn (fused_ops=False, to measure the fused ops) and fastgemma-graphs (cuda_graphs=True)
     run next to fastgemma, with the same loss."""
     payload, text, raw = _run_suite("model", tmp_path, "--contenders", f"fastgemma,{variant}", "--seqs", "64")
     rows = {r["contender"]: r for r in raw["suites"]["model"]["rows"]}
@@ -335,10 +335,10 @@ def test_host_proxy_measures_each_contender_and_refuses_unknown_ones(capsys):
     pytest.importorskip("bitsandbytes")
     from benchmarks import host_proxy
 
-    results = host_proxy.main(["--contenders", "fastgemma,fastgemma-layers", "--layers", "2", "--hidden", "32",
+    results = host_proxy.main(["--contenders", "fastgemma,fastgemma-graphs", "--layers", "2", "--hidden", "32",
                                "--tokens", "24", "--warmup", "1", "--steps", "1"])
-    assert set(results) == {"fastgemma", "fastgemma-layers"} and all(ms > 0 for ms in results.values())
-    assert "| fastgemma-layers |" in capsys.readouterr().out
+    assert set(results) == {"fastgemma", "fastgemma-graphs"} and all(ms > 0 for ms in results.values())
+    assert "| fastgemma-graphs |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         host_proxy.main(["--contenders", "fastgemma,nonsense"])
 

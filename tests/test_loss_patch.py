@@ -67,7 +67,7 @@ def models(peft=False, **patch):
     reference = random_gemma2(tiny_gemma2_config(layers=2)).train()
     if peft:
         reference = lora(reference)
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager", **patch)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager", **patch)
     return reference, patched
 
 
@@ -141,7 +141,7 @@ def test_a_lora_lm_head_keeps_hf_s_loss_and_says_so_once(chunked_loss_calls, cap
 
     monkeypatch.setattr(gemma2_loss, "_noted", set())
     reference = lora(random_gemma2(tiny_gemma2_config(layers=2)).train(), ("q_proj", "lm_head"))
-    patched = fastgemma.patch_model(copy.deepcopy(reference), max_seq_length=128, backend="eager")
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager")
     with caplog.at_level(logging.INFO, logger="fastgemma"):
         assert_same_step(reference, patched, **padded_batch())
         assert_same_step(reference, patched, **padded_batch(seed=1))
@@ -157,7 +157,7 @@ def test_unpatch_restores_hf_s_forward_and_patch_installs_it_again(chunked_loss_
     assert "forward" not in causal_lm.__dict__
     assert_same_step(reference, patched, **padded_batch())
     assert not chunked_loss_calls
-    fastgemma.patch_model(patched, max_seq_length=128, backend="eager")
+    fastgemma.patch_model(patched, max_row_tokens=128, backend="eager")
     assert_same_step(reference, patched, **padded_batch())
     assert len(chunked_loss_calls) == 1
 
@@ -170,7 +170,7 @@ def _trainer_losses(tmp_path, patched, chunked_loss_calls):
 
     model = random_gemma2(tiny_gemma2_config(layers=2))
     if patched:
-        fastgemma.patch_model(model, max_seq_length=128, backend="eager")
+        fastgemma.patch_model(model, max_row_tokens=128, backend="eager")
     generator = torch.Generator().manual_seed(0)
     rows = []
     for length in (30, 22, 40, 17, 33, 25, 40, 12, 26, 38, 19, 31):
@@ -219,7 +219,7 @@ def test_trl_sft_trainer_keeps_its_own_fused_head_and_metrics(tmp_path, chunked_
     for patched in (False, True):
         model = random_gemma2(tiny_gemma2_config(vocab=64, layers=2))
         if patched:
-            fastgemma.patch_model(model, max_seq_length=256, backend="eager")
+            fastgemma.patch_model(model, max_row_tokens=256, backend="eager")
         args = SFTConfig(
             output_dir=str(tmp_path / str(patched)), max_steps=2, per_device_train_batch_size=2,
             gradient_accumulation_steps=2, packing=True, max_length=64, learning_rate=1e-3, logging_steps=1,
