@@ -14,7 +14,7 @@ What it does, in order (`train` below):
      eval set if one is given. Ctrl-C finishes the step in flight, saves the adapter and a
      checkpoint, and says how to go on (--resume);
   5. saves the adapter (PEFT format), tokenizer and trainer_state.json to --output-dir (and with
-     --merge a standalone bf16 model in --output-dir/merged), prints a summary (steps, tokens/s,
+     --merge a standalone model in --output-dir/merged), prints a summary (steps, tokens/s,
      peak memory, first/last loss, eval loss) and, for chat or prompt/completion data, greedy
      generations on held-out prompts next to the answer.
 

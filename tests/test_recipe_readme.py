@@ -1,8 +1,10 @@
-"""recipes/README.md shows a sample run of the default recipe. The run is deterministic, so a user
+"""recipes/README.md shows a sample run of the default recipe. The run is deterministic on a CPU, so a user
 compares: keep the sample's summary laid out exactly as the recipe prints it now (fields, wording,
-units), and its step and generation counts equal to the demo's knobs. No training here: the
-summary comes from the recipe's own formatter, fed made-up numbers."""
+units), and its step and generation counts equal to the demo's knobs (the summary from the recipe's own
+formatter, fed made-up numbers); and (slow) run the default and get the sample's losses, tokens and
+generations."""
 
+import json
 import re
 from pathlib import Path
 
@@ -88,3 +90,21 @@ def test_sample_counts_match_the_demo_knobs(recipe, sample):
     assert len(generations) == recipe.TINY_DEMO.show_generations
     right = sum(line.startswith("  [ok]") for line in generations)
     assert f"  {right}/{len(generations)} exactly right" in sample
+
+
+@pytest.mark.slow
+def test_the_default_run_gives_the_samples_numbers(recipe, sample, tmp_path, capsys):
+    """`python recipes/sft_gemma2.py` as the README ran it (CPU, 500 steps, a few minutes): the same first and
+    last loss, tokens and generations. Only the times and memory may differ."""
+    output_dir = tmp_path / "out"
+    capsys.readouterr()
+    assert recipe.main(["--output-dir", str(output_dir)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    summary = json.loads((output_dir / "recipe_summary.json").read_text())
+    documented = summary_part(sample)
+    (first_step, first), (last_step, last) = summary["first_loss"], summary["last_loss"]
+    loss_line = next(line for line in documented if field(line) == "loss")
+    assert f"first {first:.4f} (step {first_step}) -> last {last:.4f} (step {last_step})" in loss_line
+    steps_line = next(line for line in documented if field(line) == "steps")
+    assert f" {summary['tokens']:,} tokens" in steps_line
+    assert [line for line in printed if GENERATION.fullmatch(line)] == [line for line in sample if GENERATION.fullmatch(line)]

@@ -6,8 +6,10 @@
     data         datasets, tokenizer, the train / eval / held-out splits
     model        base model loading (4-bit or not), LoRA settings, --merge
     training     the SFTTrainer, its callbacks, Ctrl-C
-    reporting    the closing summary and the held-out generations
+    reporting    the closing summary
+    generation   greedy generations: the held-out prompts, and recipes/generate.py
     console      what the terminal shows: log filters, progress bars, the resume command
+    errors       how the recipe stops: one line and an exit status
     distributed  torchrun / accelerate launch: ranks, devices, DDP / FSDP settings
     batch_sizing the automatic micro-batch and CUDA-graph choice on a GPU
 

@@ -199,8 +199,9 @@ def build_parser(real: Knobs, tiny: Knobs, prog: str, description: str) -> argpa
                         "checkpoints and outputs (the recipe's own files only; a new run into such a folder is "
                         "refused otherwise)")
     saving.add_argument("--merge", action="store_true",
-                        help="after training, also save a standalone bf16 model in --output-dir/merged: the base "
-                        "(dequantised where it was 4-bit) with the adapter merged in, and the tokenizer")
+                        help="after training, also save a standalone model in --output-dir/merged: the base "
+                        "(dequantised where it was 4-bit) with the adapter merged in, in the precision it trained "
+                        "in (bf16 on a GPU, fp32 on CPU), and the tokenizer")
 
     report = parser.add_argument_group("reporting")
     report.add_argument("--logging-steps", type=int, help=f"log the loss every N steps {default('logging_steps')}")

@@ -125,19 +125,21 @@ MERGED_DIR_NAME = "merged"
 
 
 def save_merged_model(config: RecipeConfig, model_source: str, tokenizer) -> Path:
-    """--merge: a standalone bf16 model in --output-dir/merged, loadable with AutoModelForCausalLM alone.
+    """--merge: a standalone model in --output-dir/merged, loadable with AutoModelForCausalLM alone, in the
+    precision it trained in (bf16 on a GPU; fp32 for a CPU run, where rounding to bf16 would change its answers).
 
-    The base is loaded as it was trained (4-bit when it was) and dequantised to bf16, so the merged
-    weights are the values the adapter was trained against, not the original checkpoint's; then the
-    saved adapter is merged in. A 4-bit base stays dequantised: merging into 4-bit would round the
-    adapter's update away."""
+    The base is loaded as it was trained (4-bit when it was) and dequantised, so the merged weights are the
+    values the adapter was trained against, not the original checkpoint's; then the saved adapter is merged
+    in. A 4-bit base stays dequantised: merging into 4-bit would round the adapter's update away."""
     from peft import PeftModel
 
     directory = config.output_dir / MERGED_DIR_NAME
-    print(f"merging      the adapter into a bf16 copy of the base, for {display_path(directory)}")
+    dtype = compute_dtype(config.on_gpu)
+    print(f"merging      the adapter into a {str(dtype).removeprefix('torch.')} copy of the base, for "
+          f"{display_path(directory)}")
     with transformers_progress_bars_off():
         base = load_base_model(model_source, config.load_in_4bit, config.on_gpu)
-        base = base.dequantize(dtype=torch.bfloat16) if config.load_in_4bit else base.to(torch.bfloat16)
+        base = base.dequantize(dtype=dtype) if config.load_in_4bit else base.to(dtype)
         merged = PeftModel.from_pretrained(base, str(config.output_dir)).merge_and_unload()
         merged.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

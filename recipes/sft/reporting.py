@@ -124,7 +124,7 @@ def summary_lines(summary: dict) -> list[str]:
         "             (adapter_model.safetensors, adapter_config.json, tokenizer, trainer_state.json)",
     ]
     if summary.get("merged_dir"):
-        lines.append(f"merged       {display_path(summary['merged_dir'])} (standalone bf16 model and tokenizer)")
+        lines.append(f"merged       {display_path(summary['merged_dir'])} (standalone model and tokenizer)")
     lines.append("=" * 83)
     return lines
 
