@@ -136,7 +136,8 @@ def train(config: RecipeConfig) -> dict:
             summary["generations"] = [] if config.fsdp else generation.show_generations(
                 trainer.model, tokenizer, splits.heldout, config.generation_max_new_tokens)
         except KeyboardInterrupt:
-            message = f"interrupted in the merge or the generations, after training; the adapter is in {console.display_path(config.output_dir)}"
+            where = console.display_path(config.output_dir)
+            message = f"interrupted in the merge or the generations, after training; the adapter is in {where}"
             raise RecipeInterrupted(message, resumable=False) from None
         reporting.write_summary(config, summary)
     distributed.finish(launch)
