@@ -29,7 +29,7 @@ def recipe():
     return load_recipe("sft_gemma2_resume")
 
 
-def press_ctrl_c_after(recipe, monkeypatch, step: int, times: int = 1):
+def press_ctrl_c_after(monkeypatch, step: int, times: int = 1):
     """Send this process real SIGINTs at the end of an optimizer step (what a person at the
     terminal does), through the recipe's own handler."""
     make_callbacks = training.recipe_callbacks
@@ -63,7 +63,7 @@ def test_ctrl_c_saves_and_resume_finishes_like_an_uninterrupted_run(recipe, tmp_
 
     interrupted = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
-        press_ctrl_c_after(recipe, patch, step=2)
+        press_ctrl_c_after(patch, step=2)
         capsys.readouterr()
         assert recipe.main([*SHORT_RUN, "--output-dir", str(interrupted)]) == 130
     err = capsys.readouterr().err
@@ -91,7 +91,7 @@ def test_ctrl_c_saves_and_resume_finishes_like_an_uninterrupted_run(recipe, tmp_
 @pytest.mark.slow
 def test_second_ctrl_c_quits_without_saving(recipe, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "out"
-    press_ctrl_c_after(recipe, monkeypatch, step=1, times=2)
+    press_ctrl_c_after(monkeypatch, step=1, times=2)
     assert recipe.main([*SHORT_RUN, "--output-dir", str(output_dir)]) == 130
     err = capsys.readouterr().err
     last_line = err.strip().splitlines()[-1]

@@ -59,7 +59,7 @@ def trainer_settings(config: RecipeConfig, launch: distributed.Launch, data_form
         logging_steps=config.logging_steps,
         logging_first_step=True,  # the first loss, for the summary
         save_strategy="steps" if config.save_steps else "no",  # Ctrl-C saves a checkpoint either way
-        save_steps=config.save_steps or 500,  # (unused when save_strategy is "no")
+        save_steps=config.save_steps or 1,  # (unused when save_strategy is "no", but must be positive)
         save_total_limit=config.checkpoints_kept,
         report_to=list(config.report_to),
         seed=config.seed,
