@@ -2,7 +2,7 @@
 
 accelerate applies FSDP on GPUs only, so on a CPU the recipe's --fsdp cannot run end to end. This
 script does, with torch's own calls, what accelerate's FSDP2 preparation does with the recipe's
-settings (recipes/distributed.py), to check how it meets fastgemma's patch:
+settings (recipes/sft/distributed.py), to check how it meets fastgemma's patch:
 
 - the decoder-layer class is found by name (accelerate's `get_module_class_from_name`) after patching;
 - transformers' non-reentrant gradient checkpointing is on (as the recipe sets it), each decoder layer

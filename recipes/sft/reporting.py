@@ -102,7 +102,7 @@ def summary_lines(summary: dict) -> list[str]:
         f"throughput   {throughput}",
         f"peak memory  {summary['peak_memory']}",
     ]
-    if summary.get("micro_batch_auto"):  # chosen from the GPU's free memory (recipes/batch_sizing.py)
+    if summary.get("micro_batch_auto"):  # chosen from the GPU's free memory (batch_sizing.py)
         lines.append(f"micro-batch  {summary['batch_size']} row(s) x {summary['grad_accum']} accumulation step(s), "
                      "sized to the GPU's memory")
     if summary.get("peak_memory_per_rank"):
