@@ -59,6 +59,7 @@ def main() -> int:
     sys.argv = [str(RECIPE), *recipe_args]
     status = 0
     try:
+        sys.path.insert(0, str(RECIPE.parent))  # as `python recipes/sft_gemma2.py` does: its parts import as `sft`
         runpy.run_path(str(RECIPE), run_name="__main__")
     except SystemExit as exit_:
         status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)

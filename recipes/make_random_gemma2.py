@@ -19,15 +19,12 @@ model with weights (seed 0, as the recipe builds it).
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-# Run from a source checkout without `pip install -e .` (appended: an installed copy wins).
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-from fastgemma.patches.gemma2_shapes import PUBLISHED_SHAPES, published_config  # noqa: E402
+from fastgemma.patches.gemma2_shapes import PUBLISHED_SHAPES, published_config
 
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny_gemma2"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]

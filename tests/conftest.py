@@ -1,12 +1,18 @@
 """Shared helpers for the tests: tiny random Gemma 2 models, a float64 attention reference, the recipe module."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "sft_gemma2.py"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE_PATH = RECIPES_DIR / "sft_gemma2.py"
+# The recipe's parts (recipes/sft/) import as `sft`, found beside the script: `python recipes/sft_gemma2.py`
+# puts the script's folder on sys.path, and so do the tests.
+if str(RECIPES_DIR) not in sys.path:
+    sys.path.insert(0, str(RECIPES_DIR))
 
 # tests/hf_suite/ runs Hugging Face's Gemma 2 tests through its own run.py; plain pytest skips it.
 collect_ignore = ["hf_suite"]

@@ -2,7 +2,7 @@
 
 accelerate applies FSDP on GPUs only, so on a CPU the recipe's --fsdp cannot run end to end. This
 script does, with torch's own calls, what accelerate's FSDP2 preparation does with the recipe's
-settings (recipes/distributed.py), to check how it meets fastgemma's patch:
+settings (recipes/sft/distributed.py), to check how it meets fastgemma's patch:
 
 - the decoder-layer class is found by name (accelerate's `get_module_class_from_name`) after patching;
 - transformers' non-reentrant gradient checkpointing is on (as the recipe sets it), each decoder layer
@@ -25,13 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-import fastgemma  # noqa: E402
-from conftest import random_gemma2, tiny_gemma2_config  # noqa: E402
-from recipes import distributed as recipe_distributed  # noqa: E402
+import fastgemma
+from conftest import random_gemma2, tiny_gemma2_config  # (this script's folder, tests/, is on sys.path)
+from sft import distributed as recipe_distributed  # recipes/sft/, on sys.path through conftest
 
 STEPS = 4
 ROWS_PER_RANK = 1

@@ -1,12 +1,8 @@
 """The recipe's automatic micro-batch: tokens per optimizer step kept, rows per micro-step sized to memory."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.batch_sizing import activation_bytes_per_token, choose_micro_batch  # noqa: E402
+from sft.batch_sizing import activation_bytes_per_token, choose_micro_batch
 
 GIB = 2**30
 
@@ -52,6 +48,13 @@ def _recipe():
     return load_recipe("sft_gemma2_batch_sizing")
 
 
+def resolved_config(recipe, argv, on_gpu):
+    from sft import config
+
+    parser = config.build_parser(recipe.REAL_MODEL, recipe.TINY_DEMO, prog="sft_gemma2.py", description="")
+    return config.resolve(parser.parse_args(argv), recipe.REAL_MODEL, recipe.TINY_DEMO, on_gpu=on_gpu, resume=None)
+
+
 @pytest.mark.parametrize("argv, on_gpu, auto", [
     (["--model", "google/gemma-2-2b"], True, True),
     (["--model", "google/gemma-2-2b", "--batch-size", "2"], True, False),  # the user's choice stands
@@ -62,27 +65,28 @@ def _recipe():
 ])
 def test_recipe_sizes_the_micro_batch_only_when_nobody_chose_it(argv, on_gpu, auto):
     recipe = _recipe()
-    args = recipe.fill_in_defaults(recipe.build_parser().parse_args(argv), on_gpu=on_gpu)
-    assert args.auto_micro_batch is auto
-    if auto:  # the defaults still define the tokens per optimizer step that run() redistributes
-        assert args.batch_size * args.grad_accum == recipe.BATCH_SIZE_PACKED * recipe.GRAD_ACCUM
+    config = resolved_config(recipe, argv, on_gpu)
+    assert config.size_micro_batch_to_gpu is auto
+    if auto:  # the knobs still define the tokens per optimizer step that the recipe redistributes
+        assert config.batch_size * config.grad_accum == recipe.REAL_MODEL.batch_size_packed * recipe.REAL_MODEL.grad_accum
 
 
 def test_summary_names_an_automatic_micro_batch():
-    recipe = _recipe()
+    from sft.reporting import summary_lines
+
     summary = {"steps": 10, "resumed_from_step": 0, "train_runtime_s": 10.0, "tokens": 1000, "tokens_per_s": 100.0,
                "warm_from_step": None, "model": "m", "backend": "auto", "fused_ops": "auto", "peak_memory": "1 GiB",
                "first_loss": None, "last_loss": None, "output_dir": "out", "batch_size": 8, "grad_accum": 1,
                "micro_batch_auto": "8 rows ..."}
-    assert any(line.startswith("micro-batch  8 row(s) x 1 accumulation") for line in recipe.summary_lines(summary))
+    assert any(line.startswith("micro-batch  8 row(s) x 1 accumulation") for line in summary_lines(summary))
     summary["micro_batch_auto"] = None
-    assert not any(line.startswith("micro-batch") for line in recipe.summary_lines(summary))
+    assert not any(line.startswith("micro-batch") for line in summary_lines(summary))
 
 
 def test_a_resumed_run_keeps_its_checkpoints_micro_batch(tmp_path):
     import json
 
-    from recipes.batch_sizing import resumed_micro_batch
+    from sft.batch_sizing import resumed_micro_batch
 
     (tmp_path / "trainer_state.json").write_text(json.dumps({"train_batch_size": 4, "global_step": 7}))
     choice = resumed_micro_batch(tmp_path, 8)
@@ -99,24 +103,36 @@ def test_a_resumed_run_keeps_its_checkpoints_micro_batch(tmp_path):
     (1, 2048, 2, False),   # graphed layers are measured on one GPU only
 ])
 def test_cuda_graphs_auto_only_for_small_micro_steps_on_one_gpu(batch, length, world, graphs):
-    from recipes.batch_sizing import cuda_graphs_pay_off
+    from sft.batch_sizing import cuda_graphs_pay_off
 
     chosen, why = cuda_graphs_pay_off(batch, length, world)
     assert chosen is graphs and why.startswith("on:" if graphs else "off:")
 
 
 @pytest.mark.parametrize("flags, on_gpu, resolved", [
-    ([], True, "auto"),                                   # the default: decided in run(), once the micro-batch is known
+    ([], True, "auto"),                                   # the default: settled once the micro-batch is known
     (["--cuda-graphs", "auto"], True, "auto"),
-    (["--lora-dropout", "0.1"], True, False),             # a graph would replay one dropout draw
-    (["--fused-ops", "off"], True, False),                # the graphs replay the fused ops' compiled layers
-    ([], False, False),                                   # CPU
-    (["--cuda-graphs", "on", "--fused-ops", "on"], False, True),
-    (["--cuda-graphs", "off"], True, False),
+    (["--lora-dropout", "0.1"], True, "off"),             # a graph would replay one dropout draw
+    (["--fused-ops", "off"], True, "off"),                # the graphs replay the fused ops' compiled layers
+    ([], False, "off"),                                   # CPU
+    (["--cuda-graphs", "on", "--fused-ops", "on"], False, "on"),
+    (["--cuda-graphs", "off"], True, "off"),
 ])
 def test_recipe_leaves_cuda_graphs_auto_undecided_only_where_they_can_run(flags, on_gpu, resolved):
+    from sft import checks
+
+    config = resolved_config(_recipe(), ["--model", "google/gemma-2-2b", "--no-load-in-4bit", *flags], on_gpu)
+    checks.check_device(config)
+    assert config.cuda_graphs == resolved
+
+
+@pytest.mark.parametrize("batch, world, settled", [(1, 1, "on"), (8, 1, "off"), (1, 2, "off")])
+def test_cuda_graphs_auto_is_settled_with_the_micro_batch(batch, world, settled, capsys):
+    from sft import batch_sizing, distributed
+
     recipe = _recipe()
-    argv = ["--model", "google/gemma-2-2b", "--no-load-in-4bit", *flags]
-    args = recipe.fill_in_defaults(recipe.build_parser().parse_args(argv), on_gpu=on_gpu)
-    recipe.check_device(args, on_gpu=on_gpu)
-    assert args.cuda_graphs == resolved and type(args.cuda_graphs) is type(resolved)
+    argv = ["--model", "google/gemma-2-2b", "--no-load-in-4bit", "--batch-size", str(batch)]
+    config, reason = batch_sizing.settle_micro_step(resolved_config(recipe, argv, on_gpu=True), model=None,
+                                                    launch=distributed.Launch(world_size=world))
+    assert config.cuda_graphs == settled and reason is None and config.batch_size == batch
+    assert capsys.readouterr().out.startswith(f"cuda graphs  {settled}:")

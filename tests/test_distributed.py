@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipe_with_rank_checksums import checksum_of
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "sft_gemma2.py"
+RECIPE_WITH_CHECKSUMS = REPO / "tests" / "recipe_with_rank_checksums.py"  # the recipe; each rank writes rank<N>.json
 FSDP2_CHECK = REPO / "tests" / "distributed_fsdp2_check.py"
-sys.path.insert(0, str(REPO))
-from recipes.distributed import CHECKSUM_DIR_ENV, checksum_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def environment(checksum_dir: Path | None = None) -> dict:
+def environment() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # fastgemma from this checkout; recipes/ for the recipe's parts (`sft`), which the FSDP2 check imports
+    paths = [str(REPO), str(REPO / "recipes"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"  # one core per process (torchrun's default too); the reference run matches it
-    env.pop(CHECKSUM_DIR_ENV, None)
-    if checksum_dir is not None:
-        env[CHECKSUM_DIR_ENV] = str(checksum_dir)
     return env
 
 
@@ -115,9 +115,10 @@ def test_ddp_two_processes(tmp_path):
     port = free_port()
     command = torchrun(
         "--nproc_per_node", 2, "--master_addr", "127.0.0.1", "--master_port", port,
-        RECIPE, *RECIPE_ARGS, "--batch-size", PER_RANK_BATCH, "--output-dir", output_dir, "--show-generations", 2,
+        RECIPE_WITH_CHECKSUMS, checksums, *RECIPE_ARGS, "--batch-size", PER_RANK_BATCH, "--output-dir", output_dir,
+        "--show-generations", 2,
     )
-    wait([start(command, tmp_path, environment(checksums), log)], [log])
+    wait([start(command, tmp_path, environment(), log)], [log])
 
     losses = losses_of(output_dir)
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
@@ -151,11 +152,11 @@ def test_two_nodes_on_one_machine_match_one_process(tmp_path):
         command = torchrun(
             "--nnodes", 2, "--node_rank", node, "--nproc_per_node", 1,
             "--master_addr", "127.0.0.1", "--master_port", port,
-            RECIPE, *RECIPE_ARGS, "--batch-size", PER_RANK_BATCH, "--output-dir", "out", "--backend", "eager",
-            "--show-generations", 0,
+            RECIPE_WITH_CHECKSUMS, checksums, *RECIPE_ARGS, "--batch-size", PER_RANK_BATCH, "--output-dir", "out",
+            "--backend", "eager", "--show-generations", 0,
         )
         logs.append(tmp_path / f"node{node}.log")
-        processes.append(start(command, node_dir, environment(checksums), logs[-1]))
+        processes.append(start(command, node_dir, environment(), logs[-1]))
     # The reference: one process, the same global batch (2 x 2 rows), after the two nodes are done.
     wait(processes, logs)
     reference_log = tmp_path / "reference.log"
@@ -205,10 +206,10 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     log = tmp_path / "torchrun.log"
     command = torchrun(
         "--nproc_per_node", 2, "--master_addr", "127.0.0.1", "--master_port", free_port(),
-        RECIPE, "--max-steps", 2000, "--lr", "1e-2", "--max-seq-length", "128", "--batch-size", PER_RANK_BATCH,
+        RECIPE_WITH_CHECKSUMS, checksums, "--max-steps", 2000, "--lr", "1e-2", "--max-seq-length", "128", "--batch-size", PER_RANK_BATCH,
         "--backend", "eager", "--save-steps", 0, "--output-dir", output_dir, "--show-generations", 0,
     )
-    process = start(command, tmp_path, environment(checksums), log)
+    process = start(command, tmp_path, environment(), log)
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:  # wait for a few training steps
         steps = [int(n) for n in re.findall(r"(\d+)/2000", log.read_text(errors="replace"))]

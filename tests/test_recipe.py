@@ -12,6 +12,7 @@ import pytest
 
 from conftest import load_recipe
 import torch
+from sft.model import build_tiny_gemma2
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_PATH = REPO / "recipes" / "sft_gemma2.py"
@@ -68,11 +69,11 @@ def test_adapter_loads_with_peft_and_changes_the_output(recipe, trained_output):
     }
     input_ids = torch.tensor([[2, 4, 36, 34, 20, 33, 102, 16, 17, 18, 5, 102, 4, 28, 30, 19, 20, 27, 102]])
 
-    base = recipe.build_tiny_gemma2().eval()  # a fresh base from the shipped config and seed
+    base = build_tiny_gemma2().eval()  # a fresh base from the shipped config and seed
     with torch.no_grad():
         base_logits = base(input_ids).logits
 
-    adapted = PeftModel.from_pretrained(recipe.build_tiny_gemma2(), trained_output).eval()
+    adapted = PeftModel.from_pretrained(build_tiny_gemma2(), trained_output).eval()
     lora_b = [p for name, p in adapted.named_parameters() if "lora_B" in name]
     assert lora_b and any(p.abs().max() > 0 for p in lora_b), "training left every LoRA B matrix at zero"
     with torch.no_grad():
@@ -86,7 +87,7 @@ def test_fresh_tiny_base_matches_the_one_saved_by_the_run(recipe, trained_output
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(trained_output / "tiny_base_model")
-    fresh = recipe.build_tiny_gemma2()
+    fresh = build_tiny_gemma2()
     for (name, a), b in zip(saved.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
 

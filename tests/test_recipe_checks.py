@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_recipe
+from conftest import RECIPES_DIR, load_recipe
+from sft import config as recipe_config, console, model as recipe_model, runs
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_PATH = REPO / "recipes" / "sft_gemma2.py"
@@ -31,8 +32,8 @@ def refuse(recipe, monkeypatch, tmp_path, capsys):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the recipe loaded a model before reporting the bad input")
 
-    for name in ["build_tiny_gemma2", "save_tiny_base_model", "load_base_model"]:
-        monkeypatch.setattr(recipe, name, must_not_load)
+    for name in ["build_tiny_gemma2", "save_tiny_base_model", "load_base_model", "load_model"]:
+        monkeypatch.setattr(recipe_model, name, must_not_load)
 
     def run(*argv: str, output_dir: Path | None = None) -> str:
         output_dir = output_dir or tmp_path / "out"
@@ -238,6 +239,7 @@ def run_script_and_list_imports(argv: list[str], cwd: Path) -> tuple[subprocess.
     """Run the recipe as __main__ and report which heavy libraries it imported."""
     code = (
         "import runpy, sys\n"
+        f"sys.path.insert(0, {str(RECIPES_DIR)!r})\n"  # what `python recipes/sft_gemma2.py` does
         f"sys.argv = [{str(RECIPE_PATH)!r}, *{argv!r}]\n"
         "try:\n"
         f"    runpy.run_path({str(RECIPE_PATH)!r}, run_name='__main__')\n"
@@ -269,18 +271,21 @@ def test_bad_flag_as_a_script(tmp_path):
 # ---------------------------------------------------------------------------------------
 def test_known_noise_is_dropped_and_the_rest_kept(recipe, caplog):
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    with recipe.console_settings(), caplog.at_level(logging.WARNING):
+    with console.console_settings(), caplog.at_level(logging.WARNING):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. pip install kernels", "x")
         logger.warning("a real bitsandbytes problem")
     assert [record.getMessage() for record in caplog.records] == ["a real bitsandbytes problem"]
     assert not logger.filters  # undone after the run
 
 
-def test_resume_command_keeps_the_flags(recipe):
-    command = recipe.resume_command(["--max-steps", "50", "--resume", "out/checkpoint-20", "--lr", "1e-3"])
+def test_resume_command_keeps_the_flags():
+    def resume_command(argv):
+        return console.resume_command(str(RECIPE_PATH), argv)
+
+    command = resume_command(["--max-steps", "50", "--resume", "out/checkpoint-20", "--lr", "1e-3"])
     assert command.endswith("sft_gemma2.py --max-steps 50 --lr 1e-3 --resume")
-    assert recipe.resume_command(["--resume"]).endswith("sft_gemma2.py --resume")
-    assert recipe.resume_command(["--overwrite", "--max-steps", "50"]).endswith("sft_gemma2.py --max-steps 50 --resume")
+    assert resume_command(["--resume"]).endswith("sft_gemma2.py --resume")
+    assert resume_command(["--overwrite", "--max-steps", "50"]).endswith("sft_gemma2.py --max-steps 50 --resume")
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,8 +299,9 @@ def fake_checkpoint(directory: Path, step: int, max_steps: int, epoch: float = 0
 
 
 def test_resume_of_a_finished_run_trains_nothing(recipe, monkeypatch, tmp_path, capsys):
-    for name in ["build_tiny_gemma2", "save_tiny_base_model", "load_base_model", "run"]:
-        monkeypatch.setattr(recipe, name, lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(recipe, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    for name in ["build_tiny_gemma2", "save_tiny_base_model", "load_base_model", "load_model"]:
+        monkeypatch.setattr(recipe_model, name, lambda *a, **k: pytest.fail("a finished run was trained again"))
     output_dir = tmp_path / "out"
     fake_checkpoint(output_dir / "checkpoint-50", 50, 60)
     fake_checkpoint(output_dir / "checkpoint-60", 60, 60)
@@ -313,12 +319,10 @@ def test_resume_of_a_finished_run_trains_nothing(recipe, monkeypatch, tmp_path, 
     assert "the end of --epochs 1" in capsys.readouterr().out
 
 
-def test_resume_with_steps_left_goes_on(recipe, tmp_path):
+def test_resume_with_steps_left_goes_on(tmp_path):
     output_dir = tmp_path / "out"
     fake_checkpoint(output_dir / "checkpoint-60", 60, 60)
-    args = recipe.build_parser().parse_args(["--max-steps", "100", "--resume", "--output-dir", str(output_dir)])
-    recipe.check_resume(args)
-    assert args.resume == str(output_dir / "checkpoint-60")
+    assert runs.check_resume("latest", output_dir, max_steps=100, epochs=1) == output_dir / "checkpoint-60"
 
 
 @pytest.mark.parametrize("earlier", ["checkpoint-7", "trainer_state.json", "adapter_model.safetensors",
@@ -339,7 +343,7 @@ def test_overwrite_and_resume_together_are_refused(refuse):
     assert "--overwrite starts a new run and --resume continues" in refuse("--overwrite", "--resume")
 
 
-def test_overwrite_deletes_only_the_recipes_own_files(recipe, tmp_path):
+def test_overwrite_deletes_only_the_recipes_own_files(tmp_path):
     output_dir = tmp_path / "out"
     fake_checkpoint(output_dir / "checkpoint-3", 3, 3)
     (output_dir / "tiny_base_model").mkdir()
@@ -348,13 +352,12 @@ def test_overwrite_deletes_only_the_recipes_own_files(recipe, tmp_path):
         (output_dir / name).write_text("x")
     (output_dir / "README.md").write_text("---\nlibrary_name: peft\n---\n")
     (output_dir / "checkpoint-best").mkdir()  # not a checkpoint-N of the Trainer's
-    recipe.remove_earlier_run(output_dir)
+    runs.remove_earlier_run(output_dir)
     assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-best", "notes.txt"]
     (output_dir / "README.md").write_text("my own notes")
-    recipe.remove_earlier_run(output_dir)
+    runs.remove_earlier_run(output_dir)
     assert (output_dir / "README.md").is_file()
-    args = recipe.build_parser().parse_args(["--output-dir", str(output_dir)])
-    recipe.check_new_run(args)  # what is left is no earlier run
+    runs.check_new_run(output_dir, resume=None, overwrite=False)  # what is left is no earlier run
 
 
 def test_max_seq_length_beyond_a_local_models_positions(refuse, tmp_path):
@@ -367,6 +370,6 @@ def test_max_seq_length_beyond_a_local_models_positions(refuse, tmp_path):
     assert f"--max-seq-length 2048 is longer than {model} handles" in error and "256 or less" in error
 
 
-def test_negative_numbers_parse_as_values(recipe):
-    assert recipe.negative_numbers_as_values(["--lr", "-1e-3", "--packing", "--resume", "--seed", "7"]) == [
+def test_negative_numbers_parse_as_values():
+    assert recipe_config.negative_numbers_as_values(["--lr", "-1e-3", "--packing", "--resume", "--seed", "7"]) == [
         "--lr=-1e-3", "--packing", "--resume", "--seed", "7"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_recipe
+from sft import distributed, training
 import torch
 from safetensors.torch import load_file
 
@@ -28,10 +29,10 @@ def recipe():
     return load_recipe("sft_gemma2_resume")
 
 
-def press_ctrl_c_after(recipe, monkeypatch, step: int, times: int = 1):
+def press_ctrl_c_after(monkeypatch, step: int, times: int = 1):
     """Send this process real SIGINTs at the end of an optimizer step (what a person at the
     terminal does), through the recipe's own handler."""
-    make_callbacks = recipe.recipe_callbacks
+    make_callbacks = training.recipe_callbacks
 
     def callbacks_with_a_finger_on_ctrl_c():
         callbacks = make_callbacks()
@@ -47,7 +48,7 @@ def press_ctrl_c_after(recipe, monkeypatch, step: int, times: int = 1):
         stop.on_step_end = on_step_end_after_ctrl_c
         return callbacks
 
-    monkeypatch.setattr(recipe, "recipe_callbacks", callbacks_with_a_finger_on_ctrl_c)
+    monkeypatch.setattr(training, "recipe_callbacks", callbacks_with_a_finger_on_ctrl_c)
 
 
 def losses(output_dir: Path) -> dict[int, float]:
@@ -62,7 +63,7 @@ def test_ctrl_c_saves_and_resume_finishes_like_an_uninterrupted_run(recipe, tmp_
 
     interrupted = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
-        press_ctrl_c_after(recipe, patch, step=2)
+        press_ctrl_c_after(patch, step=2)
         capsys.readouterr()
         assert recipe.main([*SHORT_RUN, "--output-dir", str(interrupted)]) == 130
     err = capsys.readouterr().err
@@ -90,7 +91,7 @@ def test_ctrl_c_saves_and_resume_finishes_like_an_uninterrupted_run(recipe, tmp_
 @pytest.mark.slow
 def test_second_ctrl_c_quits_without_saving(recipe, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "out"
-    press_ctrl_c_after(recipe, monkeypatch, step=1, times=2)
+    press_ctrl_c_after(monkeypatch, step=1, times=2)
     assert recipe.main([*SHORT_RUN, "--output-dir", str(output_dir)]) == 130
     err = capsys.readouterr().err
     last_line = err.strip().splitlines()[-1]
@@ -132,14 +133,14 @@ def recipe_checkpoint_steps(output_dir: Path) -> list[int]:
     return [int(path.name.removeprefix("checkpoint-")) for path in output_dir.glob("checkpoint-*")]
 
 
-def test_a_ctrl_c_that_lands_during_the_ranks_all_reduce_is_not_lost(recipe, monkeypatch):
+def test_a_ctrl_c_that_lands_during_the_ranks_all_reduce_is_not_lost(monkeypatch):
     """Under torchrun a rank spends much of a step waiting in the all-reduce that agrees on the stop; a
     signal that lands there runs the handler before that all-reduce's answer (from before the signal) is
     stored. The stop must still come, one step later and on every rank, not be overwritten."""
     from transformers import TrainerControl, TrainerState
 
-    monkeypatch.setattr(recipe.distributed, "detect_launch", lambda: recipe.distributed.Launch(rank=1, world_size=2))
-    stop = recipe.recipe_callbacks()["interrupt"]
+    monkeypatch.setattr(distributed, "detect_launch", lambda: distributed.Launch(rank=1, world_size=2))
+    stop = training.recipe_callbacks()["interrupt"]
     ranks_saw = []
 
     def all_reduce_with_a_ctrl_c_in_flight(launch, flag):
@@ -148,7 +149,7 @@ def test_a_ctrl_c_that_lands_during_the_ranks_all_reduce_is_not_lost(recipe, mon
             stop.handle(signal.SIGINT, None)  # Python runs the handler when the blocking C call returns
         return flag  # the other rank saw nothing: the answer is this rank's flag as sent
 
-    monkeypatch.setattr(recipe.distributed, "any_rank", all_reduce_with_a_ctrl_c_in_flight)
+    monkeypatch.setattr(distributed, "any_rank", all_reduce_with_a_ctrl_c_in_flight)
     state, controls = TrainerState(), []
     for step in (1, 2):
         state.global_step = step

@@ -99,3 +99,32 @@ def cuda_graphs_pay_off(batch_size: int, max_seq_length: int, world_size: int) -
     if tokens > GRAPHS_MAX_TOKENS_PER_MICRO_STEP:
         return False, f"off: {shape} keeps the GPU busy without them"
     return True, f"on: {shape} would leave the GPU waiting on the host (the first steps record each layer)"
+
+
+def settle_micro_step(config, model, launch) -> tuple[object, str | None]:
+    """The config with its micro-batch (when sized to the GPU) and `--cuda-graphs auto` decided, now that the
+    model is loaded; and the micro-batch's reason (None when the user or the knobs chose it). Prints both."""
+    import dataclasses
+
+    from . import distributed
+
+    reason = None
+    if config.size_micro_batch_to_gpu:
+        import torch
+
+        rows_per_step = config.batch_size * config.grad_accum
+        # A resumed run keeps its checkpoint's micro-batch: the Trainer skips seen data by counting batches.
+        choice = resumed_micro_batch(config.resume, rows_per_step) if config.resume else None
+        if choice is None:
+            device = next(model.parameters()).device
+            # Every rank sizes from the least free memory of all, so all choose the same micro-batch.
+            free = distributed.least(launch, torch.cuda.mem_get_info(device)[0])
+            choice = choose_micro_batch(rows_per_step, config.max_seq_length, free, model.config)
+        config = dataclasses.replace(config, batch_size=choice.batch_size, grad_accum=choice.grad_accum)
+        reason = choice.reason
+        print(f"micro-batch  {choice.reason} (set --batch-size / --grad-accum to choose)")
+    if config.cuda_graphs == "auto":
+        graphs, why = cuda_graphs_pay_off(config.batch_size, config.max_seq_length, launch.world_size)
+        config = dataclasses.replace(config, cuda_graphs="on" if graphs else "off")
+        print(f"cuda graphs  {why} (--cuda-graphs on/off to choose)")
+    return config, reason

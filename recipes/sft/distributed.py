@@ -25,12 +25,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +45,6 @@ FSDP_LAYER_CLASS = "Gemma2DecoderLayer"
 # The LoRA states are small, and bitsandbytes' paged 8-bit AdamW on FSDP2's sharded (DTensor) parameters is
 # untested here; plain AdamW handles DTensors.
 FSDP_OPTIMIZER = "adamw_torch"
-
-# A test hook: when set to a directory, every rank writes rank<N>.json there with a checksum of its
-# trained adapter, so a test can check that all ranks ended with bit-identical weights.
-CHECKSUM_DIR_ENV = "FASTGEMMA_RECIPE_RANK_CHECKSUMS"
 
 
 @dataclass(frozen=True)
@@ -117,18 +110,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_arguments(args: argparse.Namespace, launch: Launch, on_gpu: bool) -> str | None:
-    """An error message for settings a launch cannot run, or None. Also fills in the FSDP optimizer default."""
-    if args.fsdp and not launch.distributed:
+def check_arguments(fsdp: bool, launch: Launch, on_gpu: bool) -> str | None:
+    """An error message for settings a launch cannot run, or None."""
+    if fsdp and not launch.distributed:
         return (
             "--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N "
             "(or accelerate launch --multi_gpu --num_processes N), N >= 2"
         )
-    if args.fsdp and not on_gpu:
+    if fsdp and not on_gpu:
         # accelerate applies FSDP on accelerators only; on CPU processes it would quietly run DDP instead.
         return "--fsdp needs GPUs (accelerate runs FSDP on GPUs only); on CPU, launch without --fsdp for DDP"
-    if args.fsdp and args.optim is None:
-        args.optim = FSDP_OPTIMIZER
     return None
 
 
@@ -336,52 +327,3 @@ def memory_line(launch: Launch, memory: dict) -> str | None:
     key = "allocated" if "allocated" in memory else "max_rss"
     what = "CUDA peak allocated" if key == "allocated" else "max RSS"
     return f"{what} per rank (MiB): " + ", ".join(f"{value:,.0f}" for value in memory[key])
-
-
-# ---------------------------------------------------------------------------------------
-# The test hook
-# ---------------------------------------------------------------------------------------
-def adapter_checksum(model) -> dict:
-    """sha256 over the adapter as PEFT saves it (sorted names, dtypes, shapes and bytes), computed from
-    this rank's model in memory. Sharded (FSDP) tensors are gathered first, so every rank must call it."""
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(model)
-    return checksum_of(state)
-
-
-def checksum_of(state: dict) -> dict:
-    import torch
-
-    digest = hashlib.sha256()
-    elements = 0
-    for name in sorted(state):
-        tensor = state[name]
-        if hasattr(tensor, "full_tensor"):  # a DTensor (FSDP2)
-            tensor = tensor.full_tensor()
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        elements += tensor.numel()
-    return {"sha256": digest.hexdigest(), "tensors": len(state), "elements": elements}
-
-
-def write_rank_checksum(launch: Launch, trainer) -> None:
-    """If FASTGEMMA_RECIPE_RANK_CHECKSUMS names a directory, write this rank's adapter checksum there."""
-    directory = os.environ.get(CHECKSUM_DIR_ENV)
-    if not directory:
-        return
-    import torch
-
-    record = {
-        **adapter_checksum(trainer.model),
-        "rank": launch.rank,
-        "world_size": launch.world_size,
-        "trainer_world_size": trainer.args.world_size,
-        "parallel_mode": str(trainer.args.parallel_mode),
-        "wrapped_in": type(trainer.model_wrapped).__name__,
-        "backend": torch.distributed.get_backend() if _group_ready(launch) else None,
-        "argv": sys.argv[1:],
-    }
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    (Path(directory) / f"rank{launch.rank}.json").write_text(json.dumps(record, indent=2))
