@@ -1,8 +1,8 @@
 """A Hugging Face trainer whose micro-steps do not stall the GPU: the same training, less host work between them.
 
 With fastgemma's CUDA-graphed layers a 2,048-token QLoRA micro-step costs the GPU about 90 ms, so the trainer's
-own Python between two micro-steps shows. A profiled TRL step (benchmarks/RESULTS.md, 2026-12-02, third
-session) had the GPU idle twice per micro-step for about 15 ms each, while transformers' ``Trainer``:
+own Python between two micro-steps shows. A profiled TRL step (H200) had the GPU idle twice per micro-step for
+about 15 ms each, while transformers' ``Trainer``:
 
 - checked the loss for nan/inf with ``bool(torch.isnan(loss))``: the host waits for the whole backward to
   finish before it may queue anything of the next micro-step;

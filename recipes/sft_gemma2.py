@@ -68,7 +68,6 @@ REAL_MODEL = Knobs(
     seed=42,
     backend="auto",  # fastgemma: flex_attention on Ampere+ GPUs, torch.compile'd dense attention elsewhere
     fused_ops="auto",  # fastgemma: fused norms / RoPE / GeGLU / LoRA-in-GEMM while training, on CUDA
-    compile_layers=False,  # fastgemma: each decoder layer one compiled region (without graphs)
     cuda_graphs="auto",  # fastgemma: compiled layers replayed as CUDA graphs, for small micro-steps on one GPU
     show_generations=0,
     generation_max_new_tokens=32,
@@ -115,9 +114,9 @@ def train(config: RecipeConfig) -> dict:
     # 3. fastgemma: exact softcapped attention, per module instance (so PEFT's wrapping keeps it).
     #    Padding-free packing flattens the micro-batch into one row of batch_size x max_seq_length tokens.
     longest_row = config.max_seq_length * (config.batch_size if config.packing else 1)
-    fastgemma.patch_model(model, max_seq_length=longest_row, backend=config.backend,
+    fastgemma.patch_model(model, max_row_tokens=longest_row, backend=config.backend,
                           fused_ops={"auto": "auto", "on": True, "off": False}[config.fused_ops],
-                          compile_layers=config.compile_layers, cuda_graphs=config.cuda_graphs == "on")
+                          cuda_graphs=config.cuda_graphs == "on")
 
     # 4. LoRA adapters and TRL's SFTTrainer; then the adapter and trainer_state.json are saved.
     trainer, callbacks = training.build_trainer(config, model, tokenizer, splits, launch)

@@ -107,7 +107,7 @@ def test_the_installed_wheel_finds_its_glue_as_fastgemma_patches(wheel, tmp_path
 
 
 def test_a_checkout_that_is_not_installed_still_patches(tmp_path):
-    """recipes/sft_gemma2.py appends the checkout to sys.path: patch_model then uses the checkout's patches/."""
+    """A checkout on sys.path that is not installed (PYTHONPATH=checkout): patch_model uses the checkout's patches/."""
     checkout = copy_sources(tmp_path / "checkout")
     out = run_isolated(PATCH_A_TINY_GEMMA2, [checkout], cwd=tmp_path)
     assert f"fastgemma {checkout / 'fastgemma' / '__init__.py'}" in out

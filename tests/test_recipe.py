@@ -127,26 +127,25 @@ def test_4bit_loading_path(recipe, tmp_path):
     assert (output_dir / "adapter_model.safetensors").is_file()
 
 
-def test_compiled_layers_run_the_recipe_like_the_op_by_op_path(recipe, tmp_path, capsys):
-    """--compile-layers and --cuda-graphs on (with --fused-ops on, on this CPU: graphs without capture)
+def test_graphed_layers_run_the_recipe_like_the_op_by_op_path(recipe, tmp_path, capsys):
+    """--cuda-graphs on (with --fused-ops on, on this CPU: graphs without capture)
     through TRL's packed batches on 4-bit weights: the same losses as the same run op by op, the summary
     says which ran, and the graphed layers really ran graphed (TRL hands every layer packed-sequence
     keyword arguments, which once made them fall back silently)."""
     pytest.importorskip("bitsandbytes")
     losses = {}
-    for name, flags in (("ops", []), ("layers", ["--compile-layers"]), ("graphs", ["--cuda-graphs", "on"])):
+    for name, flags in (("ops", []), ("graphs", ["--cuda-graphs", "on"])):
         output_dir = tmp_path / name
         argv = [*FAST_STEPS, "--load-in-4bit", "--fused-ops", "on", "--show-generations", "0", *flags]
         assert recipe.main([*argv, "--output-dir", str(output_dir)]) == 0
         summary = json.loads((output_dir / "recipe_summary.json").read_text())
-        assert summary["compile_layers"] is (name == "layers") and summary["cuda_graphs"] is (name == "graphs")
+        assert summary["cuda_graphs"] is (name == "graphs")
         assert bool(summary["cuda_graph_lengths"]) is (name == "graphs")
         history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
         losses[name] = [entry["loss"] for entry in history if "loss" in entry]
     out = capsys.readouterr().out
-    assert "fused ops on, compiled layers" in out and "fused ops on, CUDA-graphed layers (recorded at" in out
-    assert len(losses["layers"]) == 3 and losses["layers"] == pytest.approx(losses["ops"], rel=1e-4)
-    assert losses["graphs"] == pytest.approx(losses["ops"], rel=1e-4)
+    assert "fused ops on, CUDA-graphed layers (recorded at" in out
+    assert len(losses["graphs"]) == 3 and losses["graphs"] == pytest.approx(losses["ops"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------

@@ -96,12 +96,6 @@ def test_flex_backend_on_cpu(refuse):
     assert "--backend flex needs a CUDA GPU" in refuse("--backend", "flex")
 
 
-def test_compiled_layers_without_fused_ops(refuse):
-    assert "--compile-layers compiles the fused ops' layers" in refuse("--compile-layers", "--fused-ops", "off")
-    if not __import__("torch").cuda.is_available():
-        assert "--fused-ops auto fuses on a GPU only" in refuse("--compile-layers")
-
-
 def test_cuda_graphs_without_fused_ops_or_with_lora_dropout(refuse):
     assert "--cuda-graphs on replays the fused ops' compiled layers" in refuse("--cuda-graphs", "on", "--fused-ops", "off")
     assert "cannot replay LoRA dropout" in refuse("--cuda-graphs", "on", "--fused-ops", "on", "--lora-dropout", "0.1")

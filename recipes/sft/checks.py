@@ -257,11 +257,9 @@ def check_device(config: RecipeConfig) -> None:
     fused_off = ("(--fused-ops off)" if config.fused_ops == "off"
                  else "(--fused-ops auto fuses on a GPU only)" if config.fused_ops == "auto" and not config.on_gpu
                  else None)
-    for asked, flag, what in ((config.compile_layers, "--compile-layers", "compiles the fused ops' layers"),
-                              (config.cuda_graphs == "on", "--cuda-graphs on", "replays the fused ops' compiled layers")):
-        if asked and fused_off:
-            raise RecipeError(f"{flag} {what}, and fused ops are off here {fused_off}: add --fused-ops on, "
-                              f"or drop {flag}")
+    if config.cuda_graphs == "on" and fused_off:
+        raise RecipeError(f"--cuda-graphs on replays the fused ops' compiled layers, and fused ops are off here "
+                          f"{fused_off}: add --fused-ops on, or drop --cuda-graphs on")
     if config.cuda_graphs == "on" and config.lora_dropout > 0:
         raise RecipeError(f"--cuda-graphs on cannot replay LoRA dropout (--lora-dropout {config.lora_dropout}): "
                           "a graph repeats one random draw; use --lora-dropout 0 or --cuda-graphs off")

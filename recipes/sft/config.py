@@ -52,7 +52,6 @@ class Knobs:
     seed: int
     backend: str
     fused_ops: Switch
-    compile_layers: bool
     cuda_graphs: Switch
     show_generations: int
     generation_max_new_tokens: int
@@ -89,7 +88,6 @@ class RecipeConfig:
     seed: int
     backend: str
     fused_ops: Switch
-    compile_layers: bool
     cuda_graphs: Switch  # "auto" only until the micro-batch is known (batch_sizing.settle_micro_step)
     logging_steps: int
     save_steps: int
@@ -165,9 +163,6 @@ def build_parser(real: Knobs, tiny: Knobs, prog: str, description: str) -> argpa
                      help="fastgemma's fused elementwise ops while training (norms with residual adds, RoPE, GeGLU, "
                      "LoRA added inside its GEMM): auto fuses on CUDA; on also fuses on CPU (a slow first compile "
                      f"there); off keeps Hugging Face's ops [{real.fused_ops}]")
-    how.add_argument("--compile-layers", action="store_true", default=real.compile_layers,
-                     help="run each decoder layer as one torch.compile'd region while training, without CUDA graphs "
-                     "(--cuda-graphs replays these regions as graphs); needs fused ops")
     how.add_argument("--cuda-graphs", default=real.cuda_graphs, choices=["auto", "on", "off"],
                      help="replay each decoder layer's compiled forward and checkpointed backward as CUDA graphs "
                      "while training, so small micro-batches are not bound by the host launching kernels: auto = on "
@@ -286,7 +281,6 @@ def resolve(args: argparse.Namespace, real: Knobs, tiny: Knobs, on_gpu: bool, re
         seed=args.seed,
         backend=args.backend,
         fused_ops=args.fused_ops,
-        compile_layers=args.compile_layers,
         cuda_graphs=cuda_graphs,
         logging_steps=chosen("logging_steps"),
         save_steps=chosen("save_steps"),

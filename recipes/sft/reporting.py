@@ -93,7 +93,7 @@ def summary_lines(summary: dict) -> list[str]:
         f"model        {summary['model']}",
         f"attention    fastgemma, backend={summary['backend']}, fused ops {summary['fused_ops']}"
         + (f", CUDA-graphed layers (recorded at {len(summary.get('cuda_graph_lengths') or [])} lengths)"
-           if summary.get("cuda_graphs") else ", compiled layers" if summary.get("compile_layers") else ""),
+           if summary.get("cuda_graphs") else ""),
     ]
     if world > 1:
         lines.append(f"processes    {summary['processes']}")
@@ -144,7 +144,6 @@ def summarize(config, base_model, trainer, train_output, clock, launch: distribu
         "model": model_description,
         "backend": config.backend,
         "fused_ops": config.fused_ops,
-        "compile_layers": config.compile_layers,
         "cuda_graphs": config.cuda_graphs == "on",
         "cuda_graph_lengths": fastgemma.cuda_graph_lengths(base_model) if config.cuda_graphs == "on" else [],
         "peak_memory": peak_memory_text(config.on_gpu),
