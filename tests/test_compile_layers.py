@@ -61,9 +61,9 @@ def test_compiled_layers_train_like_hf_eager_with_one_graph_per_layer_kind(check
             assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
     assert regions.compiled.cache_info().currsize == 1  # one compiled function for every layer
     # For all three lengths: one graph for the layers (a second when the first layer's input needs no
-    # gradient: no checkpointing), plus the final norm's fused op. On CPU the attention reads a dense mask,
-    # an input of the graph, so sliding and global layers share it. No break split the region.
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    # gradient: no checkpointing), plus the final norm's fused op and the chunked loss's. On CPU the attention
+    # reads a dense mask, an input of the graph, so sliding and global layers share it. No break split the region.
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
