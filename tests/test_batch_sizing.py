@@ -15,7 +15,7 @@ def published(size):
 
 def test_estimate_is_close_to_measured_peaks():
     # trl suite, 4 x 4096 packed tokens: 2B peaked at 6.0 GiB with ~2 GiB of nf4 weights and embeddings,
-    # 9B at 13.7 GiB with ~6 GiB (H200; `git show 745e1f4:benchmarks/RESULTS.md`)
+    # 9B at 13.7 GiB with ~6 GiB (measured on an H200)
     for size, measured_per_token in (("2b", 4.0 * GIB / 16384), ("9b", 7.7 * GIB / 16384)):
         estimate = activation_bytes_per_token(published(size))
         assert 0.8 * measured_per_token < estimate < 1.5 * measured_per_token, size

@@ -102,7 +102,7 @@ def test_tuned_kernel_options_are_used_and_change_results_only_by_rounding(monke
     if tuned is None:
         pytest.skip("fastgemma keeps torch's kernel options on this GPU")
     # warps and stages alone, on torch's tiles (Hopper only: elsewhere torch's tiles may not fit, the
-    # reason for fastgemma's); bit-identical to torch's options on an H200 (H200; `git show 745e1f4:benchmarks/RESULTS.md`)
+    # reason for fastgemma's); bit-identical to torch's options on an H200
     same_tiles = {k: v for k, v in tuned.items() if "BLOCK" not in k} if attention.gpu_class(device) == "sm90" else None
     seen = []
     original = attention.flex_softcap_attention

@@ -18,7 +18,7 @@ from pathlib import Path
 # each layer's saved input (hidden values per token and layer), plus the working set of the
 # one layer being recomputed (its projections and the MLP's intermediate activations, about
 # 16 hidden-sized and 6 intermediate-sized values per token). Measured peaks agree within 20%
-# (H200, `git show 745e1f4:benchmarks/RESULTS.md`: 2B ~250 KB/token, 9B ~570 KB/token; this gives 300 and 590).
+# (measured on an H200: 2B ~250 KB/token, 9B ~570 KB/token; this gives 300 and 590).
 BYTES_PER_VALUE = 2
 HIDDEN_VALUES_PER_LAYER = 1
 WORKING_HIDDEN_VALUES = 16
@@ -83,7 +83,7 @@ def resumed_micro_batch(checkpoint, rows_per_step: int) -> MicroBatch | None:
 
 # Tokens per micro-step up to which `--cuda-graphs auto` replays the layers as CUDA graphs. At 1 row x 2048
 # (2B, H100) graphed layers ran 18.4K tokens/s against 3.2K op by op; at 4x4096 and 8x2048 the step is
-# GPU-bound and graphs only add their first-step recordings and ~8% memory (H200; `git show 745e1f4:benchmarks/RESULTS.md`).
+# GPU-bound and graphs only add their first-step recordings and ~8% memory (measured on an H200).
 GRAPHS_MAX_TOKENS_PER_MICRO_STEP = 4096
 
 
