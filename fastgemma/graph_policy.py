@@ -18,23 +18,12 @@ from .attention import flex_compile_settings
 from .graph_inputs import RotaryMaskInputs
 from .graphs import AUTO_MAX_TOKENS, GraphedLayers, bucket_length
 from .hf_layers import cache_in
+from .log import say_once
 from .masks import AttentionMask
 from .ops.lora import plain_lora_parts
 from .options import fused_here
 from .patching import has_global_hooks, has_own_hooks
 from .regions import reads_block_masks
-
-logger = logging.getLogger("fastgemma")
-
-_said: set = set()  # kinds of choices logged already
-
-
-def say_once(key, level, message: str, *args) -> None:
-    """Log a choice of the graphed path once per kind of choice (a silent fallback hid one such case)."""
-    if key not in _said:
-        _said.add(key)
-        logger.log(level, message, *args)
-
 
 def _refuse(reason: str, level=logging.WARNING, auto: bool = False) -> bool:
     if auto:  # the default: fall back to the op-by-op layers, which is what auto would pick where graphs don't help

@@ -20,19 +20,15 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.gemma2 import modeling_gemma2
 
+from fastgemma.log import say_once
 from fastgemma.ops.linear_cross_entropy import linear_cross_entropy
 from fastgemma.options import fused_here
 
 from fastgemma.patching import PatchedForward, positional_parameters, state_of, unwrapped
 
-logger = logging.getLogger("fastgemma")
-_noted = set()  # reasons for HF's full logits already logged
-
 
 def _note_once(reason: str) -> None:
-    if reason not in _noted:
-        _noted.add(reason)
-        logger.info("fastgemma: %s: the loss uses Hugging Face's full logits", reason)
+    say_once(("full logits", reason), logging.INFO, "fastgemma: %s: the loss uses Hugging Face's full logits", reason)
 
 
 def _plain_head(model) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 import fastgemma
 from conftest import random_gemma2, relative_error, tiny_gemma2_config
-from fastgemma import graph_policy, graphs, regions
+from fastgemma import graph_policy, graphs, log, regions
 from fastgemma.patches import gemma2 as glue
 from test_compile_layers import assert_padded_steps_match, lora_models, packed_step, saved_bytes
 
@@ -168,7 +168,7 @@ def lora_dropout_model(base, **patch):
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    graph_policy._said.clear()
+    log.said.clear()
     return model
 
 
@@ -397,7 +397,7 @@ def test_auto_is_the_default_and_runs_op_by_op_where_graphs_would_not_help(caplo
     _, reference = lora_models(copy.deepcopy(base), True, cuda_graphs=False)
     _, auto = lora_models(copy.deepcopy(base), True)
     assert graph_state(auto).options.cuda_graphs == "auto"
-    graph_policy._said.clear()
+    log.said.clear()
     with caplog.at_level(logging.INFO, logger="fastgemma"):
         for _ in range(2):
             auto_loss = packed_loss(auto, [30, 20], 0)

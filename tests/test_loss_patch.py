@@ -137,9 +137,9 @@ def test_other_calls_run_hf_s_forward(chunked_loss_calls, call):
 
 
 def test_a_lora_lm_head_keeps_hf_s_loss_and_says_so_once(chunked_loss_calls, caplog, monkeypatch):
-    from fastgemma.patches import gemma2_loss
+    from fastgemma import log
 
-    monkeypatch.setattr(gemma2_loss, "_noted", set())
+    monkeypatch.setattr(log, "said", set())
     reference = lora(random_gemma2(tiny_gemma2_config(layers=2)).train(), ("q_proj", "lm_head"))
     patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=128, backend="eager")
     with caplog.at_level(logging.INFO, logger="fastgemma"):
