@@ -86,6 +86,8 @@ LABELS = {
     "fastgemma-attn": "fastgemma, attention only",
     "fastgemma-graphs": "fastgemma, CUDA-graphed layers",
     "fastgemma-flash": "fastgemma, FlashAttention 4 under flex",
+    "fastgemma-checkpoint-all": "fastgemma, every layer checkpointed (memory_budget=None)",
+    "fastgemma-offload": "fastgemma, checkpointed inputs offloaded to CPU",
     "unsloth": "Unsloth",
     "unsloth-nocompile": "Unsloth, no block compile",
 }

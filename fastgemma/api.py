@@ -52,6 +52,7 @@ def patch_model(
     flex_kernel_options="auto",
     softcap_tanh="auto",
     cuda_graphs="auto",
+    memory_budget="auto",
     *,
     options: Optional[PatchOptions] = None,
     **deprecated,
@@ -97,13 +98,23 @@ def patch_model(
             without capture), otherwise one compiled region per layer, with a warning. False: op by op.
             A batch runs at a fixed bucket length (max_row_tokens split into 8 steps; padding rows add
             nothing to the results), so at most 8 lengths are recorded, each the first time it comes.
+        memory_budget: how much of the GPU's memory a training step's activations may use, with gradient
+            checkpointing on. "auto" (default): what the GPU has free for this process, less a margin (10%, at
+            least 2 GiB), measured by torch's allocator; a number of bytes caps it lower (e.g. ``20 * 2**30``).
+            Within it, the last decoder layers keep their activations (no recompute in the backward) as far as
+            they fit; if even the checkpointed layers' inputs do not fit, the first ones wait in pinned CPU
+            memory and come back one layer ahead of their recompute. Until the first steps have measured what
+            a step needs, every layer is checkpointed as before; CUDA-graphed calls always recompute; CPUs
+            checkpoint every layer. None: checkpoint every layer, as transformers does. The log says what was
+            chosen; `fastgemma.memory_plan(model)` returns the last training call's plan.
         options: all of the above as one `fastgemma.PatchOptions`, instead of the keywords.
 
     Returns the same model. Calling it again only updates the settings; `unpatch_model`
     restores the original forwards.
     """
     settings = dict(max_row_tokens=max_row_tokens, backend=backend, fused_ops=fused_ops,
-                    flex_kernel_options=flex_kernel_options, softcap_tanh=softcap_tanh, cuda_graphs=cuda_graphs)
+                    flex_kernel_options=flex_kernel_options, softcap_tanh=softcap_tanh, cuda_graphs=cuda_graphs,
+                    memory_budget=memory_budget)
     if options is None:
         options = PatchOptions(**_without_deprecated_names(settings, deprecated))
     elif deprecated or settings != _DEFAULT_SETTINGS:
@@ -136,7 +147,8 @@ def patch_model(
 
 
 _DEFAULT_SETTINGS = {name: getattr(PatchOptions(), name) for name in
-                     ("max_row_tokens", "backend", "fused_ops", "flex_kernel_options", "softcap_tanh", "cuda_graphs")}
+                     ("max_row_tokens", "backend", "fused_ops", "flex_kernel_options", "softcap_tanh", "cuda_graphs",
+                      "memory_budget")}
 
 
 def _without_deprecated_names(settings: dict, deprecated: dict) -> dict:
@@ -191,6 +203,15 @@ def cuda_graph_lengths(model: torch.nn.Module) -> list:
     """The token lengths at which `patch_model`'s cuda_graphs has recorded the model's layers so far
     (empty when none ran graphed: inference, no checkpointing, or cuda_graphs off; see the log)."""
     return _patcher_for(model).graph_lengths(model)
+
+
+def memory_plan(model: torch.nn.Module):
+    """How `model`'s last training call treated its decoder layers' activations under `patch_model`'s memory
+    budget (a `fastgemma.memory_budget.StepPlan`: layers kept, checkpointed, inputs offloaded; its `describe()`
+    says it in words), or None before one, on a CPU, or with memory_budget=None."""
+    from .step_memory import last_plan
+
+    return last_plan(model)
 
 
 def is_patched(model: torch.nn.Module) -> bool:

@@ -45,6 +45,18 @@ def auto_graphs_decline(device_type: str, tokens: int, processes: int) -> Option
     return None
 
 
+def graphs_expected(options, device: torch.device, tokens: int) -> bool:
+    """Whether a training call of `tokens` tokens on `device` will run its decoder layers as CUDA graphs (which
+    always recompute: the memory budget leaves such calls checkpointed)."""
+    graphs = options.layer_graphs
+    if not graphs or options.fused_ops is False or (options.fused_ops == "auto" and device.type != "cuda"):
+        return False
+    if graphs is True:
+        return True
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return auto_graphs_decline(device.type, tokens, torch.distributed.get_world_size() if distributed else 1) is None
+
+
 def auto_declines(hidden_states) -> Optional[str]:
     """`auto_graphs_decline` for this call, in this process."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

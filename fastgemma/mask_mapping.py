@@ -14,6 +14,7 @@ import torch
 
 from .hf_layers import cache_in
 from .patching import positional_parameters, state_of
+from .step_memory import planned_call
 from .masks import (
     AttentionMask,
     BlockMaskCache,
@@ -103,8 +104,9 @@ def add_mask_mapping(config, cache: BlockMaskCache, kwargs: dict, deferred: Opti
 
 
 def backbone_forward(self, *args, **kwargs):
-    """A patched backbone's forward (a transformers ``*Model``): prepares the batch's masks, then runs the
-    backbone's own forward, or the one someone installed before fastgemma (e.g. accelerate's hooks)."""
+    """A patched backbone's forward (a transformers ``*Model``): prepares the batch's masks and (while training)
+    its memory plan, then runs the backbone's own forward, or the one someone installed before fastgemma (e.g.
+    accelerate's hooks)."""
     state = state_of(self)
     previous = state.patched.get(self)
     original = previous if previous is not None else type(self).forward.__get__(self)
@@ -114,7 +116,8 @@ def backbone_forward(self, *args, **kwargs):
     # The KV cache is read under either name and handed on as the caller named it (HF warns about the old one).
     deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     add_mask_mapping(self.config, state.cache, kwargs, deferred)
-    output = original(**kwargs)
+    with planned_call(self, state, kwargs):  # while training: which layers keep, recompute, offload
+        output = original(**kwargs)
     for check in deferred:  # a bad batch raises before anyone uses this output
         check.raise_if_failed()
     return output

@@ -8,6 +8,7 @@ from typing import Union
 import torch
 
 from .attention import EXPERIMENTAL_FLASH, check_backend, check_kernel_options, check_softcap_tanh
+from .memory_budget import check_budget
 from .patching import state_of
 
 
@@ -28,6 +29,9 @@ class PatchOptions:
         flex_attention as is, or "experimental-flash" (FlashAttention 4's kernels; see docs/design.md).
     softcap_tanh: "auto", "exact" or "approx".
     cuda_graphs: "auto", True or False.
+    memory_budget: "auto", None or a number of bytes.
+    force_offload: not a patch_model argument: offload every checkpointed layer's input to CPU memory whatever
+        the budget (to measure what offloading costs).
     compiled_regions: not a patch_model argument: decoder layers that are not graphed run as one compiled
         region each while training (what cuda_graphs=True falls back to; kept for host-time measurements).
     """
@@ -38,7 +42,9 @@ class PatchOptions:
     flex_kernel_options: Union[str, dict, None] = "auto"
     softcap_tanh: str = "auto"
     cuda_graphs: Union[bool, str] = "auto"
+    memory_budget: Union[str, int, None] = "auto"
     compiled_regions: bool = field(default=False, repr=False)
+    force_offload: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.max_row_tokens, int) or isinstance(self.max_row_tokens, bool) \
@@ -53,6 +59,9 @@ class PatchOptions:
         check_softcap_tanh(self.softcap_tanh)
         if not _is_auto_or_bool(self.cuda_graphs):
             raise ValueError(f"cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
+        check_budget(self.memory_budget)
+        if not isinstance(self.force_offload, bool):
+            raise ValueError(f"force_offload must be True or False, got {self.force_offload!r}")
         if not isinstance(self.compiled_regions, bool):
             raise ValueError(f"compiled_regions must be True or False, got {self.compiled_regions!r}")
         if self.flash and (self.compiled_regions or self.cuda_graphs is True):

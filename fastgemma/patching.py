@@ -124,3 +124,5 @@ class PatchState:
     original_attn_implementation: object
     patched: dict = field(default_factory=dict)  # module -> its own `forward` attribute before, or None
     graphs: object = None  # fastgemma.graphs.GraphedLayers while cuda_graphs is on or "auto"
+    budget: object = None  # fastgemma.memory_budget.MemoryBudget unless memory_budget=None
+    host_buffers: object = None  # fastgemma.offload.HostBuffers, once an input was offloaded

@@ -38,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sft import checks, console, distributed
-from sft.config import Knobs, RecipeConfig, build_parser, negative_numbers_as_values
+from sft.config import Knobs, RecipeConfig, build_parser, negative_numbers_as_values, patch_memory_budget
 from sft.errors import RecipeError, RecipeFinished, RecipeInterrupted
 
 # ---------------------------------------------------------------------------------------
@@ -69,6 +69,7 @@ REAL_MODEL = Knobs(
     backend="auto",  # fastgemma: flex_attention on Ampere+ GPUs, torch.compile'd dense attention elsewhere
     fused_ops="auto",  # fastgemma: fused norms / RoPE / GeGLU / LoRA-in-GEMM while training, on CUDA
     cuda_graphs="auto",  # fastgemma: compiled layers replayed as CUDA graphs, for small micro-steps on one GPU
+    memory_budget="auto",  # fastgemma: GPU memory for activations (GiB, auto or off): layers kept, recomputed, offloaded
     show_generations=0,
     generation_max_new_tokens=32,
 )
@@ -116,7 +117,8 @@ def train(config: RecipeConfig) -> dict:
     longest_row = config.max_seq_length * (config.batch_size if config.packing else 1)
     fastgemma.patch_model(model, max_row_tokens=longest_row, backend=config.backend,
                           fused_ops={"auto": "auto", "on": True, "off": False}[config.fused_ops],
-                          cuda_graphs=config.cuda_graphs == "on")
+                          cuda_graphs=config.cuda_graphs == "on",
+                          memory_budget=patch_memory_budget(config.memory_budget))
 
     # 4. LoRA adapters and TRL's SFTTrainer; then the adapter and trainer_state.json are saved.
     trainer, callbacks = training.build_trainer(config, model, tokenizer, splits, launch)

@@ -53,6 +53,7 @@ class Knobs:
     backend: str
     fused_ops: Switch
     cuda_graphs: Switch
+    memory_budget: str  # "auto", "off" or GiB
     show_generations: int
     generation_max_new_tokens: int
 
@@ -89,6 +90,7 @@ class RecipeConfig:
     backend: str
     fused_ops: Switch
     cuda_graphs: Switch  # "auto" only until the micro-batch is known (batch_sizing.settle_micro_step)
+    memory_budget: str | float  # "auto", "off" or GiB (fastgemma's memory budget for activations)
     logging_steps: int
     save_steps: int
     checkpoints_kept: int
@@ -108,6 +110,24 @@ class RecipeConfig:
     @property
     def has_eval(self) -> bool:
         return self.eval_dataset is not None or self.eval_fraction > 0
+
+
+def memory_budget_arg(text: str) -> str | float:
+    """--memory-budget: auto, off, or a positive number of GiB."""
+    if text in ("auto", "off"):
+        return text
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = 0.0
+    if not gib > 0 or gib == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected auto, off or a positive number of GiB, got {text!r}")
+    return gib
+
+
+def patch_memory_budget(value: str | float):
+    """--memory-budget as fastgemma.patch_model's memory_budget (bytes, "auto" or None)."""
+    return {"auto": "auto", "off": None}[value] if isinstance(value, str) else int(value * 2 ** 30)
 
 
 def build_parser(real: Knobs, tiny: Knobs, prog: str, description: str) -> argparse.ArgumentParser:
@@ -170,6 +190,11 @@ def build_parser(real: Knobs, tiny: Knobs, prog: str, description: str) -> argpa
                      f"{GRAPHS_MAX_TOKENS_PER_MICRO_STEP} tokens (e.g. --batch-size 1); on also runs the same path on "
                      "a CPU (without capture); each new length bucket (up to 8) records every layer again, which "
                      f"makes the first steps slower [{real.cuda_graphs}]")
+    how.add_argument("--memory-budget", type=memory_budget_arg, default=real.memory_budget,
+                     help="GPU memory for the training step's activations, with checkpointing: the last layers keep "
+                     "theirs (no recompute) as far as they fit, and the first layers' inputs wait in CPU memory when "
+                     "even checkpointing does not fit. auto = the GPU's free memory less a margin; a number = GiB; "
+                     f"off = checkpoint every layer [{real.memory_budget}]")
     how.add_argument("--seed", type=int, default=real.seed, help=f"seed for adapter init and data order [{real.seed}]")
 
     evaluation = parser.add_argument_group("evaluation (the eval loss goes to the log, trainer_state.json and the summary)")
@@ -282,6 +307,7 @@ def resolve(args: argparse.Namespace, real: Knobs, tiny: Knobs, on_gpu: bool, re
         backend=args.backend,
         fused_ops=args.fused_ops,
         cuda_graphs=cuda_graphs,
+        memory_budget=args.memory_budget,
         logging_steps=chosen("logging_steps"),
         save_steps=chosen("save_steps"),
         checkpoints_kept=knobs.checkpoints_kept,

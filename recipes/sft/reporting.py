@@ -25,6 +25,14 @@ def peak_memory_text(on_gpu: bool) -> str:
     return f"{max_rss_kib / 1024:,.0f} MiB process max RSS (CPU run)"
 
 
+def memory_plan_text(plan, budget) -> str | None:
+    """What fastgemma's memory budget chose for the last training step (None on a CPU, where every layer is
+    checkpointed, and with --memory-budget off)."""
+    if plan is None:
+        return None
+    return plan.describe() + ("" if budget == "auto" else f" (--memory-budget {budget})")
+
+
 def training_numbers(log_history: list[dict], step_end_times: dict, start_step: int, runtime: float,
                      launch: distributed.Launch | None = None) -> dict:
     """Tokens, throughput and losses of this run (after start_step, when resuming) from the log.
@@ -102,6 +110,8 @@ def summary_lines(summary: dict) -> list[str]:
         f"throughput   {throughput}",
         f"peak memory  {summary['peak_memory']}",
     ]
+    if summary.get("memory_plan"):
+        lines.append(f"activations  {summary['memory_plan']}")
     if summary.get("micro_batch_auto"):  # chosen from the GPU's free memory (batch_sizing.py)
         lines.append(f"micro-batch  {summary['batch_size']} row(s) x {summary['grad_accum']} accumulation step(s), "
                      "sized to the GPU's memory")
@@ -147,6 +157,7 @@ def summarize(config, base_model, trainer, train_output, clock, launch: distribu
         "cuda_graphs": config.cuda_graphs == "on",
         "cuda_graph_lengths": fastgemma.cuda_graph_lengths(base_model) if config.cuda_graphs == "on" else [],
         "peak_memory": peak_memory_text(config.on_gpu),
+        "memory_plan": memory_plan_text(fastgemma.memory_plan(base_model), config.memory_budget),
         "output_dir": str(config.output_dir.resolve()),
         "batch_size": config.batch_size,
         "grad_accum": config.grad_accum,

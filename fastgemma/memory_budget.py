@@ -1,0 +1,178 @@
+"""A training step's activations under a memory budget: which decoder layers keep theirs (no recompute), which
+are checkpointed, and which checkpointed inputs wait in pinned CPU memory (fastgemma.offload).
+
+Decided for each training call of a backbone from what the allocator measures, never from a guess of the GPU:
+
+- the budget is what this process may hold on the device (what is allocated, plus what is free on the device and
+  cached by torch's allocator, within its share under `torch.cuda.set_per_process_memory_fraction`), less a
+  margin for fragmentation, capped by the user's `memory_budget`;
+- what a step needs beyond its layers' saved tensors ("the rest": the loss, the backward's transients) is learned
+  per token from the allocator's peak after each step that set a new one;
+- what a kept layer saves is counted once, on a call that keeps one layer (the last: backward frees it first);
+- checkpointed inputs are exact: tokens x hidden size x bytes per element, one per layer.
+
+Until something is measured a call checkpoints every layer, as without a budget, so the budget never runs out of
+memory where checkpointing everything fits. Kept layers are the last ones; offloaded inputs the first ones (their
+recompute comes last, so their copy back has the whole backward to overlap with).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+GiB = 2 ** 30
+MARGIN_FRACTION = 0.10  # of the device's memory, at least MIN_MARGIN: what fragmentation and other allocations need
+MIN_MARGIN = 2 * GiB
+# One layer's saved activations before any was counted, in copies of its input: Gemma 2's layers save 20-35
+# (attention projections, GeGLU's three 4-8x wide tensors, norms); the first count replaces this.
+LAYER_GUESS_COPIES = 64
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one training call of a backbone treats its `layers` decoder layers' activations."""
+
+    tokens: int
+    layers: int
+    kept: int = 0  # the last `kept` layers save their activations: no recompute in the backward
+    offloaded: int = 0  # the first `offloaded` checkpointed layers' inputs go to pinned CPU memory
+    budget: int = 0  # bytes this process may hold on the device (0: no budget applies)
+    why: str = ""
+
+    @property
+    def checkpointed(self) -> int:
+        return self.layers - self.kept
+
+    @property
+    def counts_layer(self) -> bool:
+        """Whether this call counts a kept layer's saved bytes (the first that keeps one)."""
+        return self.why == PROBE
+
+    def describe(self) -> str:
+        text = (f"{self.tokens:,}-token steps keep {self.kept} of {self.layers} layers' activations, checkpoint "
+                f"{self.checkpointed}")
+        if self.offloaded:
+            text += f" ({self.offloaded} of their inputs offloaded to CPU)"
+        if self.budget:
+            text += f", within a {self.budget / GiB:.1f} GiB budget"
+        return text + (f" ({self.why})" if self.why else "")
+
+
+PROBE = "counting one kept layer's activations"
+
+
+class DeviceMemory:
+    """The allocator's view of one CUDA device; tests put a fake in its place."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def limit(self) -> int:
+        """The most this process could hold: what it holds, what its allocator caches and what the device has
+        free, within the share `torch.cuda.set_per_process_memory_fraction` allows it."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return min(free + torch.cuda.memory_reserved(self.device), self.total())
+
+    def total(self) -> int:
+        """The device's memory, or this process's share of it."""
+        fraction = torch.cuda.get_per_process_memory_fraction(self.device)
+        return int(torch.cuda.mem_get_info(self.device)[1] * fraction)
+
+
+def check_budget(value) -> None:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"memory_budget must be 'auto', None or a positive number of bytes (e.g. 20 * 2**30), "
+                         f"got {value!r}")
+
+
+class MemoryBudget:
+    """One backbone's budget and what it has measured (per token, so every micro-step length shares it)."""
+
+    def __init__(self, cap: Optional[int] = None, force_offload: bool = False):
+        self.cap, self.force_offload = cap, force_offload
+        self.memory = None  # DeviceMemory of the device the last call ran on (or a test's fake)
+        self.rest_per_token: Optional[float] = None
+        self.layer_per_token: Optional[float] = None
+        self.last_plan: Optional[StepPlan] = None
+        self._after_call = None  # (peak before the call, allocated after its forward, tokens)
+
+    def __getstate__(self):  # measurements belong to one process and device: a copy measures its own
+        return {"cap": self.cap, "force_offload": self.force_offload}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def budget(self) -> int:
+        limit = self.memory.limit()
+        margin = max(MIN_MARGIN, int(MARGIN_FRACTION * self.memory.total()))
+        usable = self.memory.allocated() + max(0, limit - self.memory.allocated() - margin)
+        return usable if self.cap is None else min(self.cap, usable)
+
+    def learn(self) -> None:
+        """Learn the rest of the previous step from the allocator's peak, if that step set it."""
+        if self._after_call is None:
+            return
+        peak_before, allocated_after_forward, tokens = self._after_call
+        self._after_call = None
+        peak = self.memory.peak()
+        if peak > peak_before:  # the previous step's peak is the peak: what it needed beyond its forward is exact
+            self.rest_per_token = max(0, peak - allocated_after_forward) / tokens
+        elif self.rest_per_token is None and peak >= allocated_after_forward:  # a bound (a reset lowers the peak)
+            self.rest_per_token = (peak - allocated_after_forward) / tokens
+
+    def plan(self, tokens: int, layers: int, input_bytes: int, graphed: bool) -> StepPlan:
+        """The plan for a training call of `tokens` tokens through `layers` checkpointing layers, each input
+        `input_bytes` bytes; `graphed`: the layers run as CUDA graphs, which always recompute."""
+        self.learn()
+        if self.force_offload:
+            return self._remember(StepPlan(tokens, layers, offloaded=layers, why="offload forced"))
+        budget, allocated = self.budget(), self.memory.allocated()
+        rest = (self.rest_per_token or 0.0) * tokens
+        measured_layer = self.layer_per_token is not None
+        layer_bytes = self.layer_per_token * tokens if measured_layer else LAYER_GUESS_COPIES * input_bytes
+
+        def need(kept: int) -> float:
+            return allocated + (layers - kept) * input_bytes + kept * layer_bytes + rest
+
+        kept, why = 0, ""
+        if graphed:
+            why = "CUDA-graphed layers recompute in their backward graph"
+        elif self.rest_per_token is None:
+            why = "the first step measures the rest of the step"
+        elif not measured_layer:
+            kept, why = (1, PROBE) if need(1) + layer_bytes <= budget else (0, "no room for one more layer")
+        else:
+            room = budget - need(0)
+            kept = max(0, min(layers, math.floor(room / max(1.0, layer_bytes - input_bytes))))
+        offloaded = 0
+        if kept == 0:
+            # Checkpointed inputs that do not fit, with one layer's recompute besides, wait on the CPU.
+            over = need(0) + (0 if self.rest_per_token is not None else layer_bytes) - budget
+            if over > 0:
+                offloaded = min(layers, math.ceil(over / input_bytes))
+                why = "checkpointed inputs beyond the budget wait in CPU memory"
+        return self._remember(StepPlan(tokens, layers, kept, offloaded, int(budget), why))
+
+    def _remember(self, plan: StepPlan) -> StepPlan:
+        self.last_plan = plan
+        return plan
+
+    def finish_forward(self, plan: StepPlan, layer_bytes_counted: Optional[int], input_bytes: int) -> None:
+        """After a planned call's forward: note what it left allocated (the next call learns the rest from the
+        peak), and a kept layer's saved bytes if this call counted them."""
+        if layer_bytes_counted is not None and plan.kept:
+            own = layer_bytes_counted - plan.checkpointed * input_bytes  # the rest are the checkpointed inputs
+            self.layer_per_token = max(own / plan.kept, float(input_bytes)) / plan.tokens
+        self._after_call = (self.memory.peak(), self.memory.allocated(), plan.tokens)

@@ -1,0 +1,90 @@
+"""A backbone's training call under its memory budget (fastgemma.memory_budget): the plan made, applied, said.
+
+Kept layers run this call without checkpointing (their `gradient_checkpointing` flag is lowered for the call
+only, which works wherever transformers checkpoints: in the layer's forward or its ``__call__``); offloaded inputs
+and the one count of a kept layer's saved bytes go through fastgemma.offload's saved-tensor hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+
+from .graph_policy import graphs_expected
+from .log import say_once
+from .memory_budget import DeviceMemory, MemoryBudget, StepPlan
+from .offload import HostBuffers, SavedTensorRouter
+
+
+def budget_for(options, previous: Optional[MemoryBudget]) -> Optional[MemoryBudget]:
+    """The budget a backbone patched with `options` keeps (None: checkpoint every layer, as HF does)."""
+    if options.memory_budget is None and not options.force_offload:
+        return None
+    cap = options.memory_budget if isinstance(options.memory_budget, int) else None
+    if previous is not None and (previous.cap, previous.force_offload) == (cap, options.force_offload):
+        return previous
+    return MemoryBudget(cap, options.force_offload)
+
+
+@contextlib.contextmanager
+def planned_call(backbone, state, kwargs):
+    """Around a backbone's forward: while training with checkpointing on a CUDA device, the call keeps, recomputes
+    and offloads as its budget plans (yields the plan, or None where no budget applies)."""
+    budget = getattr(state, "budget", None)
+    layers = [layer for layer in getattr(backbone, "layers", ()) if getattr(layer, "gradient_checkpointing", False)]
+    reference = kwargs.get("input_ids")
+    if reference is None:
+        reference = kwargs.get("inputs_embeds")
+    if (budget is None or not layers or reference is None or reference.dim() < 2 or not backbone.training
+            or not torch.is_grad_enabled()):
+        yield None
+        return
+    device = reference.device
+    if budget.memory is None or getattr(budget.memory, "device", device) != device:
+        if device.type != "cuda":  # a CPU's memory is the host's: checkpoint every layer, as without a budget
+            yield None
+            return
+        budget.memory = DeviceMemory(device)
+    embeds = kwargs.get("inputs_embeds")
+    dtype = embeds.dtype if embeds is not None else backbone.get_input_embeddings().weight.dtype
+    shape = (reference.shape[0], reference.shape[1], backbone.config.hidden_size)
+    tokens = shape[0] * shape[1]
+    input_bytes = tokens * shape[2] * dtype.itemsize
+    plan = budget.plan(tokens, len(layers), input_bytes, graphs_expected(state.options, device, tokens))
+    router = None
+    if plan.offloaded or plan.counts_layer:
+        storages = _parameter_storages(backbone) if plan.counts_layer else ()
+        host = state.host_buffers = getattr(state, "host_buffers", None) or HostBuffers()
+        router = SavedTensorRouter(shape, dtype, plan.offloaded, plan.counts_layer, storages, host)
+    kept = layers[len(layers) - plan.kept:] if plan.kept else []
+    for layer in kept:
+        layer.gradient_checkpointing = False
+    try:
+        with router if router is not None else contextlib.nullcontext():
+            yield plan
+    finally:
+        for layer in kept:
+            layer.gradient_checkpointing = True
+    budget.finish_forward(plan, router.counted if plan.counts_layer else None, input_bytes)
+    say_once(("memory plan", plan.kept == plan.layers, plan.kept > 0, plan.offloaded > 0, plan.why), logging.INFO,
+             "fastgemma: memory: %s", plan.describe())
+
+
+def _parameter_storages(module: torch.nn.Module) -> set:
+    tensors = [*module.parameters(), *module.buffers()]
+    return {tensor.untyped_storage().data_ptr() for tensor in tensors}
+
+
+def last_plan(model: torch.nn.Module) -> Optional[StepPlan]:
+    """The memory plan of `model`'s last training call (None before one, or where no budget applies)."""
+    from .patching import state_of
+
+    for module in model.modules():
+        state = state_of(module)
+        if state is not None:
+            budget = getattr(state, "budget", None)
+            return budget.last_plan if budget is not None else None
+    return None

@@ -1,0 +1,147 @@
+"""GPU tests (`pytest -m gpu`) of the memory budget: the allocator's real measurements, layers kept, inputs
+offloaded to pinned memory on a stream of their own, and the memory that saves.
+
+Skipped on machines without a CUDA GPU of compute capability >= 8.0.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import fastgemma
+from conftest import random_gemma2, relative_error, tiny_gemma2_config
+from fastgemma import offload
+from fastgemma.attention import flex_supported
+from fastgemma.patching import state_of
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and flex_supported(torch.device("cuda"))),
+        reason="needs a CUDA GPU with compute capability >= 8.0",
+    ),
+]
+
+
+def lora_model(base, **patch):
+    from peft import LoraConfig, get_peft_model
+
+    model = fastgemma.patch_model(copy.deepcopy(base), options=fastgemma.PatchOptions(max_row_tokens=4096, **patch))
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                             init_lora_weights=False))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model.train()
+
+
+def batches(steps, vocab, lengths=((900, 700), (1200, 333), (600, 1000), (2000, 48))):
+    generator = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        documents = lengths[step % len(lengths)]
+        ids = torch.randint(0, vocab, (1, sum(documents)), generator=generator).cuda()
+        positions = torch.cat([torch.arange(n) for n in documents])[None].cuda()
+        yield {"input_ids": ids, "position_ids": positions, "labels": ids}
+
+
+def train(model, steps=4, vocab=512):
+    results = []
+    for batch in batches(steps, vocab):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    return results
+
+
+def assert_same(actual, expected, tolerance=1e-6):
+    for (loss, grads), (loss_ref, grads_ref) in zip(actual, expected, strict=True):
+        assert abs(loss - loss_ref) <= tolerance * abs(loss_ref)
+        assert grads.keys() == grads_ref.keys() and grads
+        for name in grads:
+            assert relative_error(grads[name], grads_ref[name]) <= tolerance, name
+
+
+@pytest.fixture(scope="module")
+def base():
+    config = tiny_gemma2_config(head_dim=256, layers=4, window=256, vocab=512)
+    return random_gemma2(config, device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["op-by-op", "cuda-graphs"])
+def test_offloaded_inputs_train_exactly_like_checkpointing_every_layer(base, graphs, monkeypatch):
+    pinned = []
+    take = offload.HostBuffers.take
+
+    def counting(self, like):
+        flat, host = take(self, like)
+        pinned.append(flat.data_ptr())
+        assert flat.is_pinned() and host.shape == like.shape
+        return flat, host
+
+    monkeypatch.setattr(offload.HostBuffers, "take", counting)
+    reference = train(lora_model(base, memory_budget=None, cuda_graphs=graphs), steps=8)
+    model = lora_model(base, force_offload=True, cuda_graphs=graphs)
+    assert_same(train(model, steps=8), reference)
+    assert fastgemma.memory_plan(model).offloaded == 4
+    assert len(pinned) == 8 * 4
+    # Buffers come back when their step's backward is done; the rows' lengths differ, and still 4 buffers (of
+    # 2 MiB each) serve every step.
+    assert len(set(pinned)) == 4
+
+
+def test_the_auto_budget_measures_and_keeps_every_layer_on_a_big_gpu(base):
+    reference = train(lora_model(base, memory_budget=None, cuda_graphs=False))
+    model = lora_model(base, cuda_graphs=False)
+    assert_same(train(model), reference)
+    budget = state_of(model.base_model.model.model).budget
+    assert budget.rest_per_token is not None and budget.layer_per_token > 0
+    plan = fastgemma.memory_plan(model)
+    assert (plan.kept, plan.offloaded) == (4, 0) and plan.budget > 0, plan
+
+
+def test_offloading_lowers_what_the_forward_leaves_on_the_gpu():
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=256, vocab_size=512, sliding_window=1024,
+                          attn_implementation="eager")
+    base = random_gemma2(config, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 8192), device="cuda")
+    input_bytes = 8192 * 1024 * 2
+
+    def after_forward(**patch):
+        model = fastgemma.patch_model(copy.deepcopy(base), max_row_tokens=8192, cuda_graphs=False, **patch)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.train()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        return held
+
+    everything = after_forward(memory_budget=None)
+    offloaded = after_forward(force_offload=True)
+    # Eight layers' inputs: the last one's memory may still wait on its copy's event when the forward ends.
+    assert everything - offloaded >= 6 * input_bytes, (everything, offloaded)
+
+
+def test_the_budget_stays_within_a_per_process_memory_fraction():
+    """Smaller cards are emulated with torch.cuda.set_per_process_memory_fraction: the budget must see that share,
+    not the device's free memory."""
+    from fastgemma.memory_budget import DeviceMemory
+
+    device = torch.device("cuda")
+    memory = DeviceMemory(device)
+    physical = torch.cuda.mem_get_info(device)[1]
+    before = torch.cuda.get_per_process_memory_fraction(device)
+    try:
+        torch.cuda.set_per_process_memory_fraction(0.25, device)
+        assert memory.total() == int(physical * 0.25)
+        assert memory.limit() <= int(physical * 0.25)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)

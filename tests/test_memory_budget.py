@@ -1,0 +1,298 @@
+"""The memory budget (fastgemma.memory_budget, step_memory, offload): what it plans from what it measures, and that
+every plan (layers kept, checkpointed, inputs offloaded) trains exactly like checkpointing every layer.
+
+A CPU has no allocator to measure, so these tests hand the budget a fake device memory; the GPU tests measure
+the real one.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import fastgemma
+from conftest import random_gemma2, relative_error, tiny_gemma2_config
+from fastgemma import offload
+from fastgemma.memory_budget import GiB, LAYER_GUESS_COPIES, MemoryBudget, StepPlan
+from fastgemma.patching import state_of
+
+
+class FakeMemory:
+    """A device memory whose every read of the peak finds a new one (each step sets it), `allocated` bytes held."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, limit=100 * GiB, allocated=0):
+        self.limit_bytes, self.allocated_bytes, self.peak_bytes = limit, allocated, allocated
+
+    def allocated(self):
+        return self.allocated_bytes
+
+    def peak(self):
+        self.peak_bytes += 1
+        return self.peak_bytes
+
+    def limit(self):
+        return self.limit_bytes
+
+    def total(self):
+        return self.limit_bytes
+
+
+# -- planning -------------------------------------------------------------------------------------------------
+def planned(budget, steps, tokens=1000, layers=26, input_bytes=1000 * 2304 * 2, graphed=False, layer_bytes=None):
+    """The plans of `steps` calls; a call that counts a kept layer finds `layer_bytes` (default 25 inputs)."""
+    plans = []
+    for _ in range(steps):
+        plan = budget.plan(tokens, layers, input_bytes, graphed)
+        counted = None
+        if plan.counts_layer:
+            counted = (layer_bytes or 25 * input_bytes) + plan.checkpointed * input_bytes
+        budget.finish_forward(plan, counted, input_bytes)
+        plans.append(plan)
+    return plans
+
+
+def test_a_big_budget_checkpoints_first_counts_one_layer_then_keeps_every_layer():
+    budget = MemoryBudget()
+    budget.memory = FakeMemory(limit=100 * GiB)
+    first, probe, full = planned(budget, 3)
+    assert (first.kept, first.offloaded) == (0, 0) and "first step" in first.why
+    assert probe.kept == 1 and probe.counts_layer
+    assert full.kept == 26 and full.offloaded == 0
+    assert budget.layer_per_token == pytest.approx(25 * 2304 * 2)
+
+
+def test_the_budget_keeps_as_many_layers_as_fit_and_no_more():
+    input_bytes = 4000 * 2304 * 2
+    layer_bytes = 25 * input_bytes
+    memory = FakeMemory(limit=10 * GiB, allocated=3 * GiB)
+    budget = MemoryBudget()
+    budget.memory = memory
+    plans = planned(budget, 4, tokens=4000, input_bytes=input_bytes, layer_bytes=layer_bytes)
+    margin = 2 * GiB  # 10% of 10 GiB is less than the 2 GiB minimum
+    room = 10 * GiB - margin - 3 * GiB - 26 * input_bytes - budget.rest_per_token * 4000
+    assert 1 < plans[-1].kept == int(room // (layer_bytes - input_bytes)) < 26
+    assert plans[-1].budget == 8 * GiB
+
+
+def test_a_cap_lowers_the_budget():
+    budget = MemoryBudget(cap=4 * GiB)
+    budget.memory = FakeMemory(limit=100 * GiB, allocated=GiB)
+    plans = planned(budget, 3, tokens=4000, input_bytes=4000 * 2304 * 2)
+    assert plans[-1].budget == 4 * GiB and 0 < plans[-1].kept < 26
+
+
+def test_graphed_calls_always_recompute():
+    budget = MemoryBudget()
+    budget.memory = FakeMemory()
+    plans = planned(budget, 3, graphed=True)
+    assert all(plan.kept == 0 and plan.offloaded == 0 for plan in plans)
+    assert "CUDA-graphed" in plans[-1].why
+
+
+def test_a_budget_below_the_checkpointed_inputs_offloads_the_first_inputs():
+    input_bytes = 100 * 2 ** 20
+    budget = MemoryBudget(cap=GiB)
+    budget.memory = FakeMemory(limit=100 * GiB, allocated=0)
+    first, second = planned(budget, 2, layers=26, input_bytes=input_bytes)
+    # First step: 26 inputs and one layer's guessed recompute; then the measured rest instead of the guess.
+    assert first.offloaded == 26 and first.kept == 0
+    assert second.offloaded == 26 - GiB // input_bytes and second.kept == 0
+    assert "CPU memory" in second.why
+
+
+def test_a_lowered_peak_teaches_nothing_new():
+    """After someone resets the allocator's peak statistics, the peak says nothing about the last step."""
+    budget = MemoryBudget()
+    memory = budget.memory = FakeMemory()
+    planned(budget, 2)
+    learned = budget.rest_per_token
+    assert learned is not None
+    memory.peak = lambda: 0
+    planned(budget, 1)
+    assert budget.rest_per_token == learned
+
+
+@pytest.mark.parametrize("value", [-1, 0, 1.5, "1GB", True])
+def test_bad_budgets_are_refused_in_one_line(value):
+    with pytest.raises(ValueError, match="memory_budget must be") as error:
+        fastgemma.PatchOptions(memory_budget=value)
+    assert "\n" not in str(error.value)
+
+
+def test_describe_says_what_was_chosen():
+    text = StepPlan(4096, 26, kept=20, offloaded=0, budget=120 * GiB).describe()
+    assert text == "4,096-token steps keep 20 of 26 layers' activations, checkpoint 6, within a 120.0 GiB budget"
+    assert "3 of their inputs offloaded to CPU" in StepPlan(4096, 26, offloaded=3).describe()
+
+
+# -- training under each plan -----------------------------------------------------------------------------------
+def lora_model(base, reentrant=False, **patch):
+    from peft import LoraConfig, get_peft_model
+
+    model = fastgemma.patch_model(copy.deepcopy(base), options=fastgemma.PatchOptions(max_row_tokens=128, **patch))
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                             init_lora_weights=False))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    return model.train()
+
+
+def backbone_state(model):
+    return next(state_of(m) for m in model.modules() if state_of(m) is not None)
+
+
+def train_steps(model, steps=3, memory=None, saved=None):
+    """Loss and LoRA gradients of `steps` packed training calls (a new batch each); `memory`: the fake device
+    memory the budget reads; `saved`: a list that gets each step's bytes saved outside checkpoints."""
+    if memory is not None:
+        backbone_state(model).budget.memory = memory
+    results = []
+    for step in range(steps):
+        lengths = (40, 24 + step)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        ids = torch.randint(0, 97, (1, sum(lengths)), generator=torch.Generator().manual_seed(step))
+        model.zero_grad(set_to_none=True)
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+        loss.backward()
+        if saved is not None:
+            saved.append(sum(storages.values()))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    return results
+
+
+def assert_same_training(actual, expected, tolerance=1e-6):
+    for (loss, grads), (loss_ref, grads_ref) in zip(actual, expected, strict=True):
+        assert relative_error(loss, loss_ref) < tolerance
+        assert grads.keys() == grads_ref.keys() and grads
+        for name in grads:
+            assert relative_error(grads[name], grads_ref[name]) < tolerance, name
+
+
+@pytest.fixture(scope="module")
+def base():
+    return random_gemma2(tiny_gemma2_config(window=16, layers=4))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_kept_layers_train_exactly_like_checkpointing_every_layer(base, reentrant):
+    reference = train_steps(lora_model(base, reentrant, memory_budget=None))
+    model = lora_model(base, reentrant)
+    saved = []
+    results = train_steps(model, memory=FakeMemory(), saved=saved)
+    assert_same_training(results, reference)
+    plan = fastgemma.memory_plan(model)
+    assert (plan.kept, plan.layers, plan.offloaded) == (4, 4, 0)
+    assert saved[2] > 3 * saved[0]  # the third step kept every layer's activations; the first only their inputs
+    for layer in model.base_model.model.model.layers:  # the call lowered the flags for itself only
+        assert layer.gradient_checkpointing
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_offloaded_inputs_train_exactly_like_checkpointing_every_layer(base, reentrant, monkeypatch):
+    copies = []
+    made = offload._HostCopy.__init__
+
+    def counting(self, *args):
+        made(self, *args)
+        copies.append(self)
+
+    monkeypatch.setattr(offload._HostCopy, "__init__", counting)
+    reference = train_steps(lora_model(base, reentrant, memory_budget=None))
+    model = lora_model(base, reentrant, memory_budget=1)
+    results = train_steps(model, memory=FakeMemory())
+    assert_same_training(results, reference)
+    plan = fastgemma.memory_plan(model)
+    assert (plan.kept, plan.offloaded) == (0, 4)
+    assert len(copies) == 3 * 4  # every layer's input, every step
+    assert all(copy.host.shape == (1, 64 + step, 64) for step in range(3) for copy in copies[4 * step:4 * step + 4])
+
+
+def test_without_a_budget_or_on_a_cpu_every_layer_is_checkpointed(base):
+    model = lora_model(base)
+    train_steps(model, steps=2)  # no fake memory: a CPU
+    assert fastgemma.memory_plan(model) is None
+    off = lora_model(base, memory_budget=None)
+    assert backbone_state(off).budget is None and fastgemma.memory_plan(off) is None
+
+
+def test_evaluation_and_no_grad_calls_plan_nothing(base):
+    model = lora_model(base)
+    backbone_state(model).budget.memory = FakeMemory()
+    ids = torch.randint(0, 97, (1, 32))
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.eval()
+    model(input_ids=ids)
+    assert fastgemma.memory_plan(model) is None
+
+
+def test_a_patched_model_with_a_budget_copies_without_its_measurements(base):
+    model = lora_model(base)
+    train_steps(model, steps=2, memory=FakeMemory())
+    twin = copy.deepcopy(model)
+    budget = backbone_state(twin).budget
+    assert budget.memory is None and budget.rest_per_token is None and budget.last_plan is None
+
+
+def test_graphed_layers_recompute_and_offload_exactly(base):
+    """CUDA-graphed layers (here replayed without capture, on a CPU) always recompute; their saved inputs go to
+    the host like any checkpointed layer's."""
+    reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, cuda_graphs=True))
+    model = lora_model(base, fused_ops=True, cuda_graphs=True)
+    assert_same_training(train_steps(model, memory=FakeMemory()), reference, 1e-5)
+    assert fastgemma.memory_plan(model).kept == 0
+    offloaded = lora_model(base, fused_ops=True, cuda_graphs=True, force_offload=True)
+    assert_same_training(train_steps(offloaded, memory=FakeMemory()), reference, 1e-5)
+    assert fastgemma.memory_plan(offloaded).offloaded == 4
+
+
+def test_compiled_regions_keep_layers_exactly(base):
+    reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, compiled_regions=True))
+    model = lora_model(base, fused_ops=True, compiled_regions=True)
+    assert_same_training(train_steps(model, memory=FakeMemory()), reference, 1e-5)
+    assert fastgemma.memory_plan(model).kept == 4
+
+
+# -- the recipe ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, value, patched", [("auto", "auto", "auto"), ("off", "off", None),
+                                                  ("20", 20.0, 20 * GiB), ("0.5", 0.5, GiB // 2)])
+def test_the_recipe_takes_a_memory_budget_in_gib(text, value, patched):
+    from sft.config import memory_budget_arg, patch_memory_budget
+
+    assert memory_budget_arg(text) == value
+    assert patch_memory_budget(value) == patched
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "lots", "inf", "nan"])
+def test_the_recipe_refuses_a_bad_memory_budget(text):
+    import argparse
+
+    from sft.config import memory_budget_arg
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected auto, off or a positive number of GiB"):
+        memory_budget_arg(text)
+
+
+def test_the_recipe_summary_says_what_the_budget_chose():
+    from sft.reporting import memory_plan_text, summary_lines
+
+    plan = StepPlan(8192, 26, kept=20, budget=120 * GiB)
+    text = memory_plan_text(plan, 100.0)
+    assert text == plan.describe() + " (--memory-budget 100.0)"
+    summary = {"steps": 10, "resumed_from_step": 0, "train_runtime_s": 10.0, "tokens": 1000, "tokens_per_s": 100.0,
+               "warm_from_step": None, "model": "m", "backend": "auto", "fused_ops": "auto", "peak_memory": "1 GiB",
+               "first_loss": None, "last_loss": None, "output_dir": "out", "batch_size": 8, "grad_accum": 1,
+               "memory_plan": text}
+    assert f"activations  {text}" in summary_lines(summary)
+    assert memory_plan_text(None, "auto") is None
