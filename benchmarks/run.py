@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-start", type=int, default=None, help="context suite: first length tried")
     p.add_argument("--context-max", type=int, default=None, help="context suite: cap of the search")
     p.add_argument("--context-step", type=int, default=None, help="context suite: resolution (default 1024)")
+    p.add_argument("--context-gpu-gib", type=float, default=None,
+                   help="context suite: cap this process's GPU memory at this many GiB "
+                   "(torch.cuda.set_per_process_memory_fraction), emulating a smaller card")
     p.add_argument("--context-loss", default="chunked", choices=("chunked", "hf"),
                    help="context suite: 'chunked' = LM head + CE in 4K-token checkpointed chunks for every "
                    "contender (as TRL's fused LM head); 'hf' = the model's own loss from labels")

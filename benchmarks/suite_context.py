@@ -191,6 +191,11 @@ def run(args, device: torch.device) -> C.SuiteResult:
     )
     if device.type != "cuda":
         res.notes.append("CPU run: no OOM can occur, so the search simply reaches its cap.")
+    elif getattr(args, "context_gpu_gib", None):
+        total = torch.cuda.mem_get_info(device)[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.context_gpu_gib * 2 ** 30 / total), device)
+        res.notes.append(f"GPU memory capped at {args.context_gpu_gib:g} GiB for every contender "
+                         "(torch.cuda.set_per_process_memory_fraction), emulating a smaller card.")
     for name in models:
         checkpoint = M.SharedCheckpoint(name, args, device, dtype, f"context {name} checkpoint")
         for cname in contenders:

@@ -271,3 +271,29 @@ def test_fsdp_flag_needs_a_distributed_gpu_launch(tmp_path, capsys):
     assert recipe.main(["--fsdp", "--output-dir", str(tmp_path / "out")]) == 2
     assert "--fsdp shards the model over several processes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+BUDGET_CHECK = REPO / "tests" / "distributed_budget_check.py"
+
+
+def test_ddp_ranks_under_different_memory_plans_train_like_checkpointing_every_layer(tmp_path):
+    """DDP on two processes, one keeping every layer's activations and the other offloading every checkpointed
+    input (their plans changing over the first steps), ends with the weights of checkpointing every layer."""
+    runs = {}
+    for plans in ("none", "mixed"):
+        output = tmp_path / plans
+        output.mkdir()
+        log = tmp_path / f"{plans}.log"
+        command = torchrun("--nproc_per_node", 2, "--master_addr", "127.0.0.1", "--master_port", free_port(),
+                           BUDGET_CHECK, output, plans)
+        env = environment()
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+        wait([start(command, tmp_path, env, log)], [log])
+        runs[plans] = [torch.load(output / f"rank{rank}.pt") for rank in range(2)]
+    assert [(r["kept"], r["offloaded"]) for r in runs["mixed"]] == [(4, 0), (0, 4)]
+    assert all(r["kept"] is None for r in runs["none"])
+    reference = runs["none"][0]["weights"]
+    for rank in runs["mixed"] + runs["none"]:
+        assert rank["weights"].keys() == reference.keys() and reference
+        for name, weight in rank["weights"].items():
+            assert torch.allclose(weight, reference[name], rtol=1e-6, atol=1e-7), name

@@ -12,31 +12,10 @@ import torch
 
 import fastgemma
 from conftest import random_gemma2, relative_error, tiny_gemma2_config
+from fake_memory import FakeMemory
 from fastgemma import offload
 from fastgemma.memory_budget import GiB, LAYER_GUESS_COPIES, MemoryBudget, StepPlan
 from fastgemma.patching import state_of
-
-
-class FakeMemory:
-    """A device memory whose every read of the peak finds a new one (each step sets it), `allocated` bytes held."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, limit=100 * GiB, allocated=0):
-        self.limit_bytes, self.allocated_bytes, self.peak_bytes = limit, allocated, allocated
-
-    def allocated(self):
-        return self.allocated_bytes
-
-    def peak(self):
-        self.peak_bytes += 1
-        return self.peak_bytes
-
-    def limit(self):
-        return self.limit_bytes
-
-    def total(self):
-        return self.limit_bytes
 
 
 # -- planning -------------------------------------------------------------------------------------------------
