@@ -35,6 +35,7 @@ COLUMNS = [
     ("peak_extra_mib", "peak extra MiB", ",.0f"), ("peak_gib_at_max", "peak GiB at max", ".2f"),
     ("step_s_at_max", "step s at max", ".2f"), ("first_step_s", "1st step s", ".1f"),
     ("first_step_from_load_s", "1st step from load s", ".1f"), ("gpu_busy", "GPU busy", "percent"),
+    ("mfu", "MFU (bf16 peak)", "percent"),
     ("graphed_lengths", "graphed lengths", "list"), ("mask_ms", "mask ms", ".2f"), ("err_out", "err out", ".4f"),
     ("err_grad", "err grad", ".4f"), ("steps", "steps", "d"), ("loss_first", "loss@1", ".4f"),
 ]

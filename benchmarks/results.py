@@ -33,6 +33,7 @@ METRICS = {
     "trl": {"tokens_per_s": ("tokens_per_s", 1), "peak_gib": ("peak_mib", 1 / 1024),
             "peak_reserved_gib": ("peak_reserved_mib", 1 / 1024), "first_step_s": ("first_step_from_train_s", 1),
             "first_step_from_load_s": ("first_step_from_load_s", 1), "gpu_busy": ("gpu_busy", 1),
+            "mfu": ("mfu", 1), "model_tflops": ("model_tflops", 1),
             "graphed_lengths": ("graph_lengths", 1), "steps": ("steps_done", 1), "loss_first": ("loss_first", 1)},
     "context": {"max_len": ("max_ok", 1), "first_failure": ("first_fail", 1),
                 "peak_gib_at_max": ("peak_mib_at_max", 1 / 1024), "step_s_at_max": ("s_at_max", 1)},

@@ -594,6 +594,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
                 row["status"] = st
                 if m:
                     row.update(m)
+                    row.update(model_flops(name, max_length, args.lora_r, row.get("tokens_per_s"), device))
                 C.free_memory(device)
             C.log(
                 f"  {name} {cname:<10} {row['status']} 1st step: {C.fmt(row.get('first_step_from_train_s'), 1)} s "
@@ -611,9 +612,23 @@ def run(args, device: torch.device) -> C.SuiteResult:
     return res
 
 
+def model_flops(name: str, max_length: int, lora_r: int, tokens_per_s, device) -> dict:
+    """The row's model TFLOP/s and its share of the GPU's bf16 peak (benchmarks/flops.py's convention)."""
+    from .flops import bf16_peak, training_flops_per_token
+
+    if name not in C.GEMMA2_SHAPES or not tokens_per_s:
+        return {}
+    per_token = training_flops_per_token(C.GEMMA2_SHAPES[name], max_length, lora_r)
+    found = {"model_gflop_per_token": per_token / 1e9, "model_tflops": tokens_per_s * per_token / 1e12}
+    peak = bf16_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if peak:
+        found["mfu"] = tokens_per_s * per_token / peak
+    return found
+
+
 def table(rows: list[dict]) -> str:
     headers = ["model", "micro-batch × accum", "contender", "status", "1st step from train() s",
-               "1st step from load s", "tokens/s", "GPU busy", "vs HF eager", "vs HF flex", "peak GiB",
+               "1st step from load s", "tokens/s", "GPU busy", "MFU", "vs HF eager", "vs HF flex", "peak GiB",
                "peak reserved GiB", "graphed lengths", "steps", "loss@1"]
     keyf = ("model", "config")
     out = []
@@ -628,6 +643,7 @@ def table(rows: list[dict]) -> str:
             C.fmt(r.get("first_step_from_load_s"), 1),
             C.fmt(r.get("tokens_per_s"), 0),
             f"{100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") is not None else "-",
+            f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-",
             C.fmt_ratio(C.ratio(r, rows, keyf, "tokens_per_s", "hf-eager", True)) if ok else "-",
             C.fmt_ratio(C.ratio(r, rows, keyf, "tokens_per_s", "hf-flex", True)) if ok else "-",
             C.fmt(r["peak_mib"] / 1024 if r.get("peak_mib") else None, 2),

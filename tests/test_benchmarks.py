@@ -692,3 +692,19 @@ def test_harness_rows_become_results_rows_with_their_provenance():
     assert eager["versions"] == {"torch": "2.11", "cuda": "13.0", "transformers": "5.25.0"}
     assert "own_process" not in eager and unsloth["own_process"] and unsloth["versions"]["transformers"] == "5.17.0"
     assert unsloth["ratios"] == {"hf-eager": 1.5} and unsloth["notes"] == ["unpacked"]
+
+
+def test_model_flops_of_a_2b_step_and_the_share_of_a_gpu():
+    """The issue's hand count: a 2B LoRA r16 step at 4,096 tokens costs 11.9 GFLOP per token, 16.4 with the
+    checkpoint's recompute; a rate's share of an H200's 989 TFLOP/s follows."""
+    from benchmarks.flops import bf16_peak, mean_context, training_flops_per_token
+    from benchmarks.suite_trl import model_flops
+
+    shape = C.GEMMA2_SHAPES["2b"]
+    assert training_flops_per_token(shape, 4096) / 1e9 == pytest.approx(11.89, abs=0.01)
+    assert training_flops_per_token(shape, 4096, recompute=True) / 1e9 == pytest.approx(16.42, abs=0.01)
+    assert mean_context(4, None) == 2.5 and mean_context(4, 2) == 1.75
+    assert bf16_peak("NVIDIA H200") == bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert bf16_peak("NVIDIA H100 PCIe") == 756e12 and bf16_peak("Some GPU") is None
+    row = model_flops("2b", 4096, 16, 21_500, torch.device("cpu"))
+    assert row["model_tflops"] == pytest.approx(21_500 * 11.89e9 / 1e12, rel=1e-3) and "mfu" not in row
