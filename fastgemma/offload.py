@@ -9,10 +9,13 @@ On a CPU (the tests) an "offloaded" input is a copy, so the same bookkeeping run
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Optional
 
 import torch
+
+from .log import say_once
 
 ROUNDING = 2 ** 21  # pinned buffers are multiples of 2 MiB
 
@@ -145,8 +148,23 @@ class HostBuffers:
             flat = min(fitting, key=torch.Tensor.numel)
             self._free.remove(flat)
         else:
-            flat = torch.empty(-(-nbytes // ROUNDING) * ROUNDING, dtype=torch.uint8, pin_memory=True)
+            flat = _host_memory(-(-nbytes // ROUNDING) * ROUNDING)
         return flat, flat[:nbytes].view(like.dtype).view(like.shape)
 
     def give(self, flat: torch.Tensor) -> None:
         self._free.append(flat)
+
+    def release(self) -> None:
+        """Free the buffers no saved tensor holds (a step that offloads nothing needs none)."""
+        self._free.clear()
+
+
+def _host_memory(nbytes: int) -> torch.Tensor:
+    """Pinned host memory, or pageable memory (slower, synchronous copies) where the host cannot pin that much."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError as error:
+        say_once("unpinned offload", logging.WARNING, "fastgemma: memory: could not pin %.1f GiB of host memory "
+                 "(%s); offloaded inputs use pageable memory, whose copies hold up the GPU", nbytes / 2 ** 30,
+                 str(error).splitlines()[0])
+        return torch.empty(nbytes, dtype=torch.uint8)

@@ -55,6 +55,8 @@ def planned_call(backbone, state, kwargs):
     input_bytes = tokens * shape[2] * dtype.itemsize
     plan = budget.plan(tokens, len(layers), input_bytes, graphs_expected(state.options, device, tokens))
     router = None
+    if not plan.offloaded and state.host_buffers is not None:
+        state.host_buffers.release()
     if plan.offloaded or plan.counts_layer:
         storages = _parameter_storages(backbone) if plan.counts_layer else ()
         host = state.host_buffers = getattr(state, "host_buffers", None) or HostBuffers()

@@ -275,3 +275,24 @@ def test_the_recipe_summary_says_what_the_budget_chose():
                "memory_plan": text}
     assert f"activations  {text}" in summary_lines(summary)
     assert memory_plan_text(None, "auto") is None
+
+
+def test_host_buffers_are_reused_across_lengths_and_released(caplog):
+    """Pinned buffers are rounded up to 2 MiB, so rows of other lengths reuse them; a step that offloads nothing
+    frees them. Where memory cannot be pinned (here: no GPU) they are pageable, and the log says so once."""
+    from fastgemma import log
+
+    log.said.discard("unpinned offload")
+    pool = offload.HostBuffers()
+    with caplog.at_level("WARNING", logger="fastgemma"):
+        first, view = pool.take(torch.empty(1000, 300))
+        assert first.numel() == offload.ROUNDING and view.shape == (1000, 300) and view.dtype == torch.float32
+        pool.give(first)
+        again, _ = pool.take(torch.empty(512, 1000))
+        assert again is first  # another length, the same buffer
+        bigger, _ = pool.take(torch.empty(1000, 1000))
+        assert bigger is not first and bigger.numel() == 2 * offload.ROUNDING
+    assert caplog.text.count("could not pin") == (0 if torch.cuda.is_available() else 1)
+    pool.give(again)
+    pool.release()
+    assert pool.take(torch.empty(10))[0] is not first
