@@ -106,7 +106,7 @@ class MemoryBudget:
         self.rest_per_token: Optional[float] = None
         self.layer_per_token: Optional[float] = None
         self.last_plan: Optional[StepPlan] = None
-        self._after_call = None  # (peak before the call, allocated after its forward, tokens)
+        self._after_call = None  # (the peak when the last call's forward ended, allocated then, its tokens)
 
     def __getstate__(self):  # measurements belong to one process and device: a copy measures its own
         return {"cap": self.cap, "force_offload": self.force_offload}

@@ -69,14 +69,14 @@ class _HostCopy:
 class SavedTensorRouter:
     """The pack / unpack hooks of one planned call (use as a context manager around the backbone's forward).
 
-    `offload`: how many layer inputs (saved tensors of exactly `input_shape` and dtype) go to the host, the
-    first ones of the call; `count`: add up the bytes of every distinct storage saved outside checkpoints,
+    `offload`: how many layer inputs (saved tensors of exactly `input_shape`, whatever their dtype: autocast may
+    keep the residual stream in float32) go to the host, the first ones of the call; `count`: add up the bytes of every distinct storage saved outside checkpoints,
     the model's parameters left out.
     """
 
-    def __init__(self, input_shape, dtype, offload: int = 0, count: bool = False, parameter_storages=(),
+    def __init__(self, input_shape, offload: int = 0, count: bool = False, parameter_storages=(),
                  host_pool: Optional["HostBuffers"] = None):
-        self.input_shape, self.dtype, self.offload = tuple(input_shape), dtype, offload
+        self.input_shape, self.offload = tuple(input_shape), offload
         self.count, self.parameter_storages = count, parameter_storages
         self.counted, self._seen = 0, set()
         self.copies: list = []
@@ -99,7 +99,7 @@ class SavedTensorRouter:
             if pointer not in self._seen and pointer not in self.parameter_storages:
                 self._seen.add(pointer)
                 self.counted += storage.nbytes()
-        if len(self.copies) < self.offload and tuple(tensor.shape) == self.input_shape and tensor.dtype == self.dtype:
+        if len(self.copies) < self.offload and tuple(tensor.shape) == self.input_shape:
             if self.stream is None and tensor.is_cuda:
                 self.stream = self.host_pool.stream(tensor.device)
             copy = _HostCopy(self, len(self.copies), tensor)

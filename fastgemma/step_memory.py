@@ -60,7 +60,7 @@ def planned_call(backbone, state, kwargs):
     if plan.offloaded or plan.counts_layer:
         storages = _parameter_storages(backbone) if plan.counts_layer else ()
         host = state.host_buffers = getattr(state, "host_buffers", None) or HostBuffers()
-        router = SavedTensorRouter(shape, dtype, plan.offloaded, plan.counts_layer, storages, host)
+        router = SavedTensorRouter(shape, plan.offloaded, plan.counts_layer, storages, host)
     kept = layers[len(layers) - plan.kept:] if plan.kept else []
     for layer in kept:
         layer.gradient_checkpointing = False

@@ -177,8 +177,8 @@ def test_kept_layers_train_exactly_like_checkpointing_every_layer(base, reentran
         assert layer.gradient_checkpointing
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_offloaded_inputs_train_exactly_like_checkpointing_every_layer(base, reentrant, monkeypatch):
+def host_copies(monkeypatch) -> list:
+    """The list every offloaded tensor's host copy will be appended to."""
     copies = []
     made = offload._HostCopy.__init__
 
@@ -187,6 +187,12 @@ def test_offloaded_inputs_train_exactly_like_checkpointing_every_layer(base, ree
         copies.append(self)
 
     monkeypatch.setattr(offload._HostCopy, "__init__", counting)
+    return copies
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_offloaded_inputs_train_exactly_like_checkpointing_every_layer(base, reentrant, monkeypatch):
+    copies = host_copies(monkeypatch)
     reference = train_steps(lora_model(base, reentrant, memory_budget=None))
     model = lora_model(base, reentrant, memory_budget=1)
     results = train_steps(model, memory=FakeMemory())
@@ -224,23 +230,28 @@ def test_a_patched_model_with_a_budget_copies_without_its_measurements(base):
     assert budget.memory is None and budget.rest_per_token is None and budget.last_plan is None
 
 
-def test_graphed_layers_recompute_and_offload_exactly(base):
+def test_graphed_layers_recompute_and_offload_exactly(base, monkeypatch):
     """CUDA-graphed layers (here replayed without capture, on a CPU) always recompute; their saved inputs go to
     the host like any checkpointed layer's."""
     reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, cuda_graphs=True))
     model = lora_model(base, fused_ops=True, cuda_graphs=True)
     assert_same_training(train_steps(model, memory=FakeMemory()), reference, 1e-5)
     assert fastgemma.memory_plan(model).kept == 0
+    copies = host_copies(monkeypatch)
     offloaded = lora_model(base, fused_ops=True, cuda_graphs=True, force_offload=True)
     assert_same_training(train_steps(offloaded, memory=FakeMemory()), reference, 1e-5)
-    assert fastgemma.memory_plan(offloaded).offloaded == 4
+    assert fastgemma.memory_plan(offloaded).offloaded == 4 and len(copies) == 3 * 4
 
 
-def test_compiled_regions_keep_layers_exactly(base):
+def test_compiled_regions_keep_layers_and_offload_exactly(base, monkeypatch):
     reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, compiled_regions=True))
     model = lora_model(base, fused_ops=True, compiled_regions=True)
     assert_same_training(train_steps(model, memory=FakeMemory()), reference, 1e-5)
     assert fastgemma.memory_plan(model).kept == 4
+    copies = host_copies(monkeypatch)
+    offloaded = lora_model(base, fused_ops=True, compiled_regions=True, force_offload=True)
+    assert_same_training(train_steps(offloaded, memory=FakeMemory()), reference, 1e-5)
+    assert len(copies) == 3 * 4
 
 
 # -- the recipe ---------------------------------------------------------------------------------------------------
