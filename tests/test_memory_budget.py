@@ -307,3 +307,17 @@ def test_host_buffers_are_reused_across_lengths_and_released(caplog):
     pool.give(again)
     pool.release()
     assert pool.take(torch.empty(10))[0] is not first
+
+
+@pytest.mark.parametrize("graphs, fused, device, tokens, expected", [
+    ("auto", "auto", "cuda", 2048, True),    # a short micro-step on a GPU: graphed, so the plan recomputes
+    ("auto", "auto", "cuda", 16384, False),  # long ones run op by op: layers may be kept
+    ("auto", "auto", "cpu", 2048, False),    # auto graphs only on CUDA
+    (True, True, "cpu", 2048, True),         # forced graphs run anywhere (without capture on a CPU)
+    (False, "auto", "cuda", 2048, False),
+])
+def test_the_plan_knows_which_calls_run_graphed(graphs, fused, device, tokens, expected):
+    from fastgemma.graph_policy import graphs_expected
+
+    options = fastgemma.PatchOptions(cuda_graphs=graphs, fused_ops=fused)
+    assert graphs_expected(options, torch.device(device), tokens) is expected
