@@ -118,7 +118,7 @@ def graphs_apply(layer, state, hidden_states, kwargs) -> bool:
         if declined is not None:
             return _refuse(declined, auto=True)
     refuse = functools.partial(_refuse, auto=auto)
-    if not layer.gradient_checkpointing:
+    if not layer.gradient_checkpointing and layer not in state.kept_layers:  # (the budget's kept layers are graphed)
         return refuse("gradient checkpointing is off (the graphed backward recomputes each layer, as "
                       "checkpointing does)", logging.INFO)
     if hidden_states.dim() != 3 or not isinstance(kwargs.get("attention_mask"), AttentionMask):
@@ -164,4 +164,5 @@ def run_graphed(layer, attention, state, hidden_states, kwargs):
     sources = (cos, sin, kwargs["attention_mask"], reads_block_masks(attention, cos.device))
     longest = state.cache.max_row_tokens
     return state.graphs(layer, hidden_states, sources, graph_length(state, hidden_states),
-                        kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest))
+                        kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest),
+                        keep=layer in state.kept_layers)

@@ -126,3 +126,4 @@ class PatchState:
     graphs: object = None  # fastgemma.graphs.GraphedLayers while cuda_graphs is on or "auto"
     budget: object = None  # fastgemma.memory_budget.MemoryBudget unless memory_budget=None
     host_buffers: object = None  # fastgemma.offload.HostBuffers, once an input was offloaded
+    kept_layers: frozenset = frozenset()  # during a training call: the layers the memory budget keeps

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .graph_policy import graphs_expected
+from .graphs import bucket_length
 from .log import say_once
 from .memory_budget import DeviceMemory, MemoryBudget, StepPlan
 from .offload import HostBuffers, SavedTensorRouter
@@ -24,9 +25,10 @@ def budget_for(options, previous: Optional[MemoryBudget]) -> Optional[MemoryBudg
     if options.memory_budget is None and not options.force_offload:
         return None
     cap = options.memory_budget if isinstance(options.memory_budget, int) else None
-    if previous is not None and (previous.cap, previous.force_offload) == (cap, options.force_offload):
+    settings = (cap, options.force_offload, options.keep_graphed_layers)
+    if previous is not None and (previous.cap, previous.force_offload, previous.keep_graphed) == settings:
         return previous
-    return MemoryBudget(cap, options.force_offload)
+    return MemoryBudget(*settings)
 
 
 @contextlib.contextmanager
@@ -53,24 +55,31 @@ def planned_call(backbone, state, kwargs):
     shape = (reference.shape[0], reference.shape[1], backbone.config.hidden_size)
     tokens = shape[0] * shape[1]
     input_bytes = tokens * shape[2] * dtype.itemsize
-    plan = budget.plan(tokens, len(layers), input_bytes, graphs_expected(state.options, device, tokens))
+    graphed = graphs_expected(state.options, device, tokens)
+    bucket = bucket_length(shape[1], state.cache.max_row_tokens) if graphed else None
+    plan = budget.plan(tokens, len(layers), input_bytes, graphed, bucket)
     router = None
     if not plan.offloaded and state.host_buffers is not None:
         state.host_buffers.release()
-    if plan.offloaded or plan.counts_layer:
-        storages = _parameter_storages(backbone) if plan.counts_layer else ()
+    count = plan.counts_layer and not graphed  # a graphed layer's recording counts what it keeps itself
+    if plan.offloaded or count:
+        storages = _parameter_storages(backbone) if count else ()
         host = state.host_buffers = getattr(state, "host_buffers", None) or HostBuffers()
-        router = SavedTensorRouter(shape, plan.offloaded, plan.counts_layer, storages, host)
+        router = SavedTensorRouter(shape, plan.offloaded, count, storages, host)
     kept = layers[len(layers) - plan.kept:] if plan.kept else []
     for layer in kept:
         layer.gradient_checkpointing = False
+    state.kept_layers = frozenset(kept)  # graphed layers among them run their kept recordings
     try:
         with router if router is not None else contextlib.nullcontext():
             yield plan
     finally:
         for layer in kept:
             layer.gradient_checkpointing = True
-    budget.finish_forward(plan, router.counted if plan.counts_layer else None, input_bytes)
+        state.kept_layers = frozenset()
+    graphed_bytes = state.graphs.kept_bytes.get(bucket) if graphed and state.graphs is not None else None
+    budget.finish_forward(plan, router.counted if count else None, input_bytes,
+                          graphed_bytes, bucket)
     say_once(("memory plan", plan.kept == plan.layers, plan.kept > 0, plan.offloaded > 0, plan.why), logging.INFO,
              "fastgemma: memory: %s", plan.describe())
 

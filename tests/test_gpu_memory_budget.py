@@ -145,3 +145,14 @@ def test_the_budget_stays_within_a_per_process_memory_fraction():
         assert memory.limit() <= int(physical * 0.25)
     finally:
         torch.cuda.set_per_process_memory_fraction(before, device)
+
+
+def test_kept_graphed_layers_captured_on_the_gpu_train_exactly(base):
+    """PatchOptions(keep_graphed_layers=True): captured forward graphs keep their autograd graphs (activations in
+    the pool), the backward graphs differentiate them; the same losses and gradients as recomputing graphs."""
+    reference = train(lora_model(base, memory_budget=None, cuda_graphs=True), steps=6)
+    model = lora_model(base, cuda_graphs=True, keep_graphed_layers=True)
+    assert_same(train(model, steps=6), reference, 1e-5)
+    state = state_of(model.base_model.model.model)
+    assert fastgemma.memory_plan(model).kept == 4 and state.budget.graphed_kept
+    assert sum(graphs.kept for graphs in state.graphs._layers.values()) >= 4

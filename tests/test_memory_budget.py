@@ -321,3 +321,77 @@ def test_the_plan_knows_which_calls_run_graphed(graphs, fused, device, tokens, e
 
     options = fastgemma.PatchOptions(cuda_graphs=graphs, fused_ops=fused)
     assert graphs_expected(options, torch.device(device), tokens) is expected
+
+
+# -- kept CUDA-graphed layers (PatchOptions(keep_graphed_layers=True); replayed without capture on a CPU) -------
+def test_graphed_calls_keep_layers_once_measured_and_for_good():
+    budget = MemoryBudget(keep_graphed=True)
+    budget.memory = FakeMemory(limit=10 * GiB, allocated=3 * GiB)
+    input_bytes, layer_bytes = 2048 * 2304 * 2, 250 * 2 ** 20
+
+    def call(bucket=2048):
+        plan = budget.plan(2048, 26, input_bytes, graphed=True, bucket=bucket)
+        budget.finish_forward(plan, None, input_bytes, layer_bytes if plan.counts_layer else None, bucket)
+        return plan
+
+    first, probe, decided = call(), call(), call()
+    assert first.kept == 0 and probe.kept == 1 and probe.counts_layer
+    room = 8 * GiB - 3 * GiB - 26 * input_bytes - budget.rest_per_token * 2048
+    assert 1 < decided.kept == 1 + int(room // layer_bytes) < 26
+    budget.memory.allocated_bytes = 7 * GiB  # the kept layers' recordings now hold their activations
+    assert call().kept == decided.kept  # decided once per length
+    assert call(bucket=1024).kept == 1  # another length measures anew
+
+
+def test_kept_graphed_layers_train_exactly_like_recomputing_ones(base):
+    reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, cuda_graphs=True), steps=4)
+    model = lora_model(base, fused_ops=True, cuda_graphs=True, keep_graphed_layers=True)
+    assert_same_training(train_steps(model, steps=4, memory=FakeMemory()), reference, 1e-5)
+    state = backbone_state(model)
+    assert fastgemma.memory_plan(model).kept == 4 and state.budget.graphed_kept == {128: 4}
+    assert state.graphs.kept_bytes[128] > 4 * 128 * 64 * 4  # a layer keeps several times its input
+    kept_recordings = [graphs for graphs in state.graphs._layers.values() if graphs.kept]
+    assert len(kept_recordings) == 4 and all(graphs.forwards >= 1 for graphs in kept_recordings)
+
+
+def test_a_kept_graphed_layer_recomputes_when_another_forward_came_between(base, monkeypatch):
+    """Two forwards, then their backwards: the second forward's replay holds the kept activations, so the first
+    call's backward recomputes its layer outside the graphs; both end with the op-by-op path's gradients."""
+    from fastgemma.graphs import GraphedLayers
+
+    recomputed = []
+    original = GraphedLayers._recomputed_backward
+
+    def counting(self, *args):
+        recomputed.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(GraphedLayers, "_recomputed_backward", counting)
+
+    def two_forwards(model, memory=None):
+        train_steps(model, steps=3, memory=memory)  # the kept recordings are made by now
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for seed in (7, 8):
+            ids = torch.randint(0, 97, (1, 70), generator=torch.Generator().manual_seed(seed))
+            losses.append(model(input_ids=ids, labels=ids, use_cache=False).loss)
+        sum(losses).backward()
+        return [(sum(losses).detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})]
+
+    reference = two_forwards(lora_model(base, memory_budget=None, fused_ops=True, cuda_graphs=True))
+    model = lora_model(base, fused_ops=True, cuda_graphs=True, keep_graphed_layers=True)
+    assert_same_training(two_forwards(model, FakeMemory()), reference, 1e-5)
+    assert len(recomputed) == 4  # the first call's four layers
+
+
+def test_kept_graphed_layers_take_a_retained_graph(base):
+    model = lora_model(base, fused_ops=True, cuda_graphs=True, keep_graphed_layers=True)
+    train_steps(model, steps=3, memory=FakeMemory())
+    ids = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(3))
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward(retain_graph=True)
+    once = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss.backward()
+    for name, grad in once.items():
+        assert relative_error(dict(model.named_parameters())[name].grad, 2 * grad) < 1e-6, name
