@@ -27,8 +27,8 @@ import torch
 GiB = 2 ** 30
 MARGIN_FRACTION = 0.10  # of the device's memory, at least MIN_MARGIN: what fragmentation and other allocations need
 MIN_MARGIN = 2 * GiB
-# One layer's saved activations before any was counted, in copies of its input: Gemma 2's layers save 20-35
-# (attention projections, GeGLU's three 4-8x wide tensors, norms); the first count replaces this.
+# One layer's saved activations before any was counted, in copies of its input: a transformer decoder layer saves
+# some 20-35 (attention projections, a gated MLP's 4-8x wide tensors, norms); the first count replaces this.
 LAYER_GUESS_COPIES = 64
 
 
