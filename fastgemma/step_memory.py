@@ -50,8 +50,7 @@ def planned_call(backbone, state, kwargs):
             yield None
             return
         budget.memory = DeviceMemory(device)
-    embeds = kwargs.get("inputs_embeds")
-    dtype = embeds.dtype if embeds is not None else backbone.get_input_embeddings().weight.dtype
+    dtype = _hidden_dtype(backbone, kwargs.get("inputs_embeds"))
     shape = (reference.shape[0], reference.shape[1], backbone.config.hidden_size)
     tokens = shape[0] * shape[1]
     input_bytes = tokens * shape[2] * dtype.itemsize
@@ -82,6 +81,16 @@ def planned_call(backbone, state, kwargs):
                           graphed_bytes, bucket)
     say_once(("memory plan", plan.kept == plan.layers, plan.kept > 0, plan.offloaded > 0, plan.why), logging.INFO,
              "fastgemma: memory: %s", plan.describe())
+
+
+def _hidden_dtype(backbone, embeds) -> torch.dtype:
+    """The dtype of the hidden states the layers pass on: the embeddings' (a wrapped embedding, such as PEFT's
+    modules_to_save, included)."""
+    if embeds is not None:
+        return embeds.dtype
+    embedding = backbone.get_input_embeddings()
+    weight = next((p for p in embedding.parameters() if p.is_floating_point()), None) if embedding is not None else None
+    return weight.dtype if weight is not None else torch.get_default_dtype()
 
 
 def _parameter_storages(module: torch.nn.Module) -> set:

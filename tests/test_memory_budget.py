@@ -395,3 +395,22 @@ def test_kept_graphed_layers_take_a_retained_graph(base):
     loss.backward()
     for name, grad in once.items():
         assert relative_error(dict(model.named_parameters())[name].grad, 2 * grad) < 1e-6, name
+
+
+def test_a_trained_embedding_wrapped_by_peft_is_planned_too(base):
+    """LoRA with modules_to_save=["embed_tokens"]: PEFT wraps the embedding, which still tells the hidden
+    states' dtype; training keeps layers and matches checkpointing every layer."""
+    from peft import LoraConfig, get_peft_model
+
+    def model_with(**patch):
+        model = fastgemma.patch_model(copy.deepcopy(base), max_row_tokens=128, **patch)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 modules_to_save=["embed_tokens"], init_lora_weights=False))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    reference = train_steps(model_with(memory_budget=None))
+    model = model_with()
+    assert_same_training(train_steps(model, memory=FakeMemory()), reference)
+    assert fastgemma.memory_plan(model).kept == 4
