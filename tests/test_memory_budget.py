@@ -123,13 +123,14 @@ def backbone_state(model):
     return next(state_of(m) for m in model.modules() if state_of(m) is not None)
 
 
-def train_steps(model, steps=3, memory=None, saved=None):
-    """Loss and LoRA gradients of `steps` packed training calls (a new batch each); `memory`: the fake device
-    memory the budget reads; `saved`: a list that gets each step's bytes saved outside checkpoints."""
+def train_steps(model, steps=3, memory=None, saved=None, first=0):
+    """Loss and LoRA gradients of `steps` packed training calls (a new batch each, from batch `first` on);
+    `memory`: the fake device memory the budget reads; `saved`: a list that gets each step's bytes saved outside
+    checkpoints."""
     if memory is not None:
         backbone_state(model).budget.memory = memory
     results = []
-    for step in range(steps):
+    for step in range(first, first + steps):
         lengths = (40, 24 + step)
         positions = torch.cat([torch.arange(n) for n in lengths])[None]
         ids = torch.randint(0, 97, (1, sum(lengths)), generator=torch.Generator().manual_seed(step))
@@ -414,3 +415,24 @@ def test_a_trained_embedding_wrapped_by_peft_is_planned_too(base):
     model = model_with()
     assert_same_training(train_steps(model, memory=FakeMemory()), reference)
     assert fastgemma.memory_plan(model).kept == 4
+
+
+def test_some_layers_kept_and_the_rest_checkpointed_train_exactly(base):
+    """A budget that holds two layers' activations besides the checkpointed inputs: the last layers keep theirs,
+    the others recompute, and training is still exactly that of checkpointing every layer."""
+    reference = train_steps(lora_model(base, memory_budget=None), steps=5)
+    model = lora_model(base)
+    memory = FakeMemory()
+    results = train_steps(model, steps=2, memory=memory)  # measures the rest and one kept layer
+    budget = backbone_state(model).budget
+    tokens = 66
+    input_bytes, layer_bytes = tokens * 64 * 4, budget.layer_per_token * tokens
+    rest = budget.rest_per_token * tokens
+    memory.limit_bytes = int(2 * GiB + 4 * input_bytes + rest + 2.5 * (layer_bytes - input_bytes))
+    results += train_steps(model, steps=3, first=2)  # the reference's steps 3 to 5
+    assert_same_training(results, reference)
+    plan = fastgemma.memory_plan(model)
+    assert plan.kept == 2 and plan.offloaded == 0, plan
+    layers = model.base_model.model.model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+
