@@ -102,7 +102,8 @@ def patch_model(
             checkpointing on. "auto" (default): what the GPU has free for this process, less a margin (10%, at
             least 2 GiB), measured by torch's allocator; a number of bytes caps it lower (e.g. ``20 * 2**30``).
             Within it, the last decoder layers keep their activations (no recompute in the backward) as far as
-            they fit; if even the checkpointed layers' inputs do not fit, the first ones wait in pinned CPU
+            they fit, and with flex attention the layers before them save their attention (its recompute is
+            skipped); if even the checkpointed layers' inputs do not fit, the first ones wait in pinned CPU
             memory and come back one layer ahead of their recompute. Until the first steps have measured what
             a step needs, every layer is checkpointed as before; CUDA-graphed calls always recompute; CPUs
             checkpoint every layer. None: checkpoint every layer, as transformers does. The log says what was

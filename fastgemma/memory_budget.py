@@ -42,19 +42,23 @@ class StepPlan:
     offloaded: int = 0  # the first `offloaded` checkpointed layers' inputs go to pinned CPU memory
     budget: int = 0  # bytes this process may hold on the device (0: no budget applies)
     why: str = ""
+    attention_saved: int = 0  # the layers before the kept ones save their attention: its recompute is skipped
 
     @property
     def checkpointed(self) -> int:
-        return self.layers - self.kept
+        """Layers that save their input only (the whole layer is recomputed)."""
+        return self.layers - self.kept - self.attention_saved
 
     @property
     def counts_layer(self) -> bool:
-        """Whether this call counts a kept layer's saved bytes (the first that keeps one)."""
-        return self.why == PROBE
+        """Whether this call counts a layer's saved bytes (the first that keeps one, or saves one's attention)."""
+        return self.why in (PROBE, PROBE_ATTENTION)
 
     def describe(self) -> str:
-        text = (f"{self.tokens:,}-token steps keep {self.kept} of {self.layers} layers' activations, checkpoint "
-                f"{self.checkpointed}")
+        text = f"{self.tokens:,}-token steps keep {self.kept} of {self.layers} layers' activations, "
+        if self.attention_saved:
+            text += f"save the attention of {self.attention_saved} more, "
+        text += f"checkpoint {self.checkpointed}"
         if self.offloaded:
             text += f" ({self.offloaded} of their inputs offloaded to CPU)"
         if self.budget:
@@ -63,6 +67,10 @@ class StepPlan:
 
 
 PROBE = "counting one kept layer's activations"
+PROBE_ATTENTION = "counting what one layer saving its attention keeps"
+# What a layer saving its attention keeps before it was counted, in copies of its input: with flex attention,
+# its input, queries, keys, values, output and log-sum-exp come to some 3-4; the first count replaces this.
+ATTENTION_GUESS_COPIES = 8
 
 
 class DeviceMemory:
@@ -107,6 +115,7 @@ class MemoryBudget:
         self.memory = None  # DeviceMemory of the device the last call ran on (or a test's fake)
         self.rest_per_token: Optional[float] = None
         self.layer_per_token: Optional[float] = None
+        self.attention_per_token: Optional[float] = None  # what a layer saving its attention keeps
         self.last_plan: Optional[StepPlan] = None
         self._after_call = None  # (the peak when the last call's forward ended, allocated then, its tokens)
 
@@ -134,10 +143,12 @@ class MemoryBudget:
         elif self.rest_per_token is None and peak >= allocated_after_forward:  # a bound (a reset lowers the peak)
             self.rest_per_token = (peak - allocated_after_forward) / tokens
 
-    def plan(self, tokens: int, layers: int, input_bytes: int, graphed: bool, bucket: Optional[int] = None) -> StepPlan:
+    def plan(self, tokens: int, layers: int, input_bytes: int, graphed: bool, bucket: Optional[int] = None,
+             save_attention: bool = False) -> StepPlan:
         """The plan for a training call of `tokens` tokens through `layers` checkpointing layers, each input
         `input_bytes` bytes; `graphed`: the layers run as CUDA graphs at `bucket` tokens, which recompute unless
-        the budget keeps graphed layers too."""
+        the budget keeps graphed layers too; `save_attention`: layers may save their attention's inputs and
+        output instead of recomputing it."""
         self.learn()
         if self.force_offload:
             return self._remember(StepPlan(tokens, layers, offloaded=layers, why="offload forced"))
@@ -151,7 +162,7 @@ class MemoryBudget:
         def need(kept: int) -> float:
             return allocated + (layers - kept) * input_bytes + kept * layer_bytes + rest
 
-        kept, why = 0, ""
+        kept, saved, why = 0, 0, ""
         if graphed:
             why = "CUDA-graphed layers recompute in their backward graph"
         elif self.rest_per_token is None:
@@ -159,16 +170,44 @@ class MemoryBudget:
         elif not measured_layer:
             kept, why = (1, PROBE) if need(1) + layer_bytes <= budget else (0, "no room for one more layer")
         else:
-            room = budget - need(0)
-            kept = max(0, min(layers, math.floor(room / max(1.0, layer_bytes - input_bytes))))
+            kept, saved, why = self._kept_and_saved(budget - need(0), tokens, layers, input_bytes, layer_bytes,
+                                                    save_attention)
         offloaded = 0
-        if kept == 0:
+        if kept == 0 and saved == 0:
             # Checkpointed inputs that do not fit, with one layer's recompute besides, wait on the CPU.
             over = need(0) + (0 if self.rest_per_token is not None else layer_bytes) - budget
             if over > 0:
                 offloaded = min(layers, math.ceil(over / input_bytes))
                 why = "checkpointed inputs beyond the budget wait in CPU memory"
-        return self._remember(StepPlan(tokens, layers, kept, offloaded, int(budget), why))
+        return self._remember(StepPlan(tokens, layers, kept, offloaded, int(budget), why, saved))
+
+    def _kept_and_saved(self, room: float, tokens: int, layers: int, input_bytes: int, layer_bytes: float,
+                        save_attention: bool) -> tuple:
+        """(layers kept, layers saving their attention, why) within `room` bytes beyond checkpointing every layer.
+
+        Every layer kept if they fit; otherwise, where attention may be saved (its saved tensors grow with the
+        tokens, as flex attention's do), first every layer saves its attention, as far as that fits, then the
+        room left keeps whole layers: skipping the attention's recompute costs a few inputs per layer, keeping a
+        layer some twenty."""
+        extra_kept = max(1.0, layer_bytes - input_bytes)
+        if room >= layers * extra_kept or not save_attention:
+            return max(0, min(layers, math.floor(room / extra_kept))), 0, ""
+        if self.attention_per_token is None:  # one layer saves its attention, and counts what that keeps
+            kept = max(0, math.floor(room / extra_kept))
+            guess = (ATTENTION_GUESS_COPIES - 1) * input_bytes
+            if room - kept * extra_kept < guess and kept > 0:
+                kept -= 1  # one kept layer fewer makes room for it
+            probe = room - kept * extra_kept >= guess
+            return kept, int(probe), PROBE_ATTENTION if probe else ""
+        attention_bytes = self.attention_per_token * tokens
+        if attention_bytes >= layer_bytes:  # saving attention keeps as much as keeping the layer: no middle tier
+            return max(0, min(layers, math.floor(room / extra_kept))), 0, ""
+        saved = max(0, min(layers, math.floor(room / max(1.0, attention_bytes - input_bytes))))
+        if saved < layers:
+            return 0, saved, ""
+        left = room - layers * max(0.0, attention_bytes - input_bytes)
+        kept = max(0, min(layers, math.floor(left / max(1.0, layer_bytes - attention_bytes))))
+        return kept, layers - kept, ""
 
     def _graphed_plan(self, tokens: int, layers: int, input_bytes: int, bucket: int) -> StepPlan:
         """Graphed calls keep layers for good: a kept layer's recording holds its activations in the graphs' pool,
@@ -204,6 +243,10 @@ class MemoryBudget:
         graphed layer's recording at `bucket` holds)."""
         if graphed_layer_bytes and plan.counts_layer:
             self.graphed_layer_bytes[bucket] = graphed_layer_bytes
+        elif layer_bytes_counted is not None and plan.why == PROBE_ATTENTION:
+            kept_bytes = plan.kept * self.layer_per_token * plan.tokens
+            own = layer_bytes_counted - plan.checkpointed * input_bytes - kept_bytes
+            self.attention_per_token = max(own, float(input_bytes)) / plan.tokens
         elif layer_bytes_counted is not None and plan.kept:
             own = layer_bytes_counted - plan.checkpointed * input_bytes  # the rest are the checkpointed inputs
             self.layer_per_token = max(own / plan.kept, float(input_bytes)) / plan.tokens

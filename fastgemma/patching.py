@@ -127,3 +127,4 @@ class PatchState:
     budget: object = None  # fastgemma.memory_budget.MemoryBudget unless memory_budget=None
     host_buffers: object = None  # fastgemma.offload.HostBuffers, once an input was offloaded
     kept_layers: frozenset = frozenset()  # during a training call: the layers the memory budget keeps
+    attention_saved_layers: frozenset = frozenset()  # ... and those whose attention it saves (the rest recomputed)

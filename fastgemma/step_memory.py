@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .attention import auto_picks_flex
 from .graph_policy import graphs_expected
 from .graphs import bucket_length
 from .log import say_once
@@ -56,7 +57,9 @@ def planned_call(backbone, state, kwargs):
     input_bytes = tokens * shape[2] * dtype.itemsize
     graphed = graphs_expected(state.options, device, tokens)
     bucket = bucket_length(shape[1], state.cache.max_row_tokens) if graphed else None
-    plan = budget.plan(tokens, len(layers), input_bytes, graphed, bucket)
+    save_attention = not graphed and not state.options.compiles_layers and attention_memory_is_linear(
+        state.options, device, backbone.config)
+    plan = budget.plan(tokens, len(layers), input_bytes, graphed, bucket, save_attention)
     router = None
     if not plan.offloaded and state.host_buffers is not None:
         state.host_buffers.release()
@@ -65,22 +68,35 @@ def planned_call(backbone, state, kwargs):
         storages = _parameter_storages(backbone) if count else ()
         host = state.host_buffers = getattr(state, "host_buffers", None) or HostBuffers()
         router = SavedTensorRouter(shape, plan.offloaded, count, storages, host)
-    kept = layers[len(layers) - plan.kept:] if plan.kept else []
-    for layer in kept:
+    split = len(layers) - plan.kept
+    kept, saved = layers[split:], layers[split - plan.attention_saved:split]
+    for layer in (*saved, *kept):  # the glue checkpoints the attention-saving layers itself, in two pieces
         layer.gradient_checkpointing = False
     state.kept_layers = frozenset(kept)  # graphed layers among them run their kept recordings
+    state.attention_saved_layers = frozenset(saved)
     try:
         with router if router is not None else contextlib.nullcontext():
             yield plan
     finally:
-        for layer in kept:
+        for layer in (*saved, *kept):
             layer.gradient_checkpointing = True
-        state.kept_layers = frozenset()
+        state.kept_layers = state.attention_saved_layers = frozenset()
     graphed_bytes = state.graphs.kept_bytes.get(bucket) if graphed and state.graphs is not None else None
     budget.finish_forward(plan, router.counted if count else None, input_bytes,
                           graphed_bytes, bucket)
     say_once(("memory plan", plan.kept == plan.layers, plan.kept > 0, plan.offloaded > 0, plan.why), logging.INFO,
              "fastgemma: memory: %s", plan.describe())
+
+
+def attention_memory_is_linear(options, device: torch.device, config) -> bool:
+    """Whether a layer's attention saves tensors that grow with the tokens (flex attention: queries, keys, values,
+    output, log-sum-exp), not with their square (the dense backends keep the probabilities): only then may the
+    budget save a layer's attention instead of recomputing it."""
+    if options.backend == "flex":
+        return True
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (options.backend == "auto" and not getattr(config, "attention_dropout", 0.0)
+            and auto_picks_flex(device, head_dim))
 
 
 def _hidden_dtype(backbone, embeds) -> torch.dtype:

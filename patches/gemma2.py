@@ -15,6 +15,7 @@ independent):
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -22,7 +23,7 @@ from transformers.models.gemma2 import modeling_gemma2
 
 from fastgemma.attention import dense_softcap_attention, softcap_attention
 from fastgemma.graph_policy import graphed_layers, graphs_apply, run_graphed
-from fastgemma.hf_layers import pop_cache, run_checkpointed
+from fastgemma.hf_layers import cache_in, pop_cache, run_checkpointed
 from fastgemma.mask_mapping import backbone_forward, mask_cache
 from fastgemma.masks import AttentionMask
 from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
@@ -30,6 +31,8 @@ from fastgemma.options import PatchOptions, fused_here
 from fastgemma.patching import (
     PatchState,
     call_module,
+    has_global_hooks,
+    has_own_hooks,
     restore_forwards,
     set_state,
     state_of,
@@ -98,44 +101,55 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     """
     legacy = pop_cache(kwargs)
     cache = cache if cache is not None else legacy
-    options = state_of(self).options
+    query, key, value = queries_keys_values(self, hidden_states, position_embeddings)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    output, weights = attention_core(self, query, key, value, attention_mask, kwargs.get("output_attentions"))
+    return attention_output(self, output, hidden_states), weights
+
+
+def queries_keys_values(self, hidden_states, position_embeddings):
+    """The projections (module calls: LoRA and 4-bit linears work) and RoPE, as (batch, heads, tokens, dim)."""
     fused = fused_here(self, hidden_states)
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
+    hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     query = lora_linear(self.q_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
     key = lora_linear(self.k_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
     value = lora_linear(self.v_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
-
     cos, sin = position_embeddings
     if fused:
-        query, key = rotate_pairs(query, key, cos, sin)
-    else:  # HF's own function, so anything that replaces it (a hub kernel, another patch) still applies
-        query, key = modeling_gemma2.apply_rotary_pos_emb(query, key, cos, sin)
-    if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx)
+        return (*rotate_pairs(query, key, cos, sin), value)
+    # HF's own function, so anything that replaces it (a hub kernel, another patch) still applies
+    return (*modeling_gemma2.apply_rotary_pos_emb(query, key, cos, sin), value)
 
+
+def attention_core(self, query, key, value, attention_mask, output_attentions=False):
+    """Softcapped attention (the dense path when the caller wants the weights): (output, weights or None)."""
+    options = state_of(self).options
     dropout_p = self.attention_dropout if self.training else 0.0
-    weights = None
-    if kwargs.get("output_attentions"):
+    if output_attentions:
         mask = attention_mask.dense(query.device) if isinstance(attention_mask, AttentionMask) else attention_mask
-        output, weights = dense_softcap_attention(
+        return dense_softcap_attention(
             query, key, value, mask, self.scaling, self.attn_logit_softcapping, dropout_p, return_weights=True,
         )
-    else:
-        output = softcap_attention(
-            query,
-            key,
-            value,
-            attention_mask,
-            scale=self.scaling,
-            softcap=self.attn_logit_softcapping,
-            backend=options.backend,
-            dropout_p=dropout_p,
-            kernel_options=options.flex_kernel_options,
-            softcap_tanh=options.softcap_tanh,
-        )
-    output = output.transpose(1, 2).reshape(*input_shape, -1)
-    return lora_linear(self.o_proj, output, fused), weights
+    output = softcap_attention(
+        query,
+        key,
+        value,
+        attention_mask,
+        scale=self.scaling,
+        softcap=self.attn_logit_softcapping,
+        backend=options.backend,
+        dropout_p=dropout_p,
+        kernel_options=options.flex_kernel_options,
+        softcap_tanh=options.softcap_tanh,
+    )
+    return output, None
+
+
+def attention_output(self, output, hidden_states):
+    """The heads joined and projected back (o_proj) to `hidden_states`' shape."""
+    output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
+    return lora_linear(self.o_proj, output, fused_here(self, hidden_states))
 
 
 # --------------------------------------------------------------------------------------
@@ -152,6 +166,8 @@ def decoder_layer_forward(self, hidden_states, *args, **kwargs):
         return run_graphed(self, self.self_attn, state, hidden_states, kwargs)
     if state.options.compiles_layers and region_applies(self, hidden_states):
         return run_region(checkpointed_layer, self, self.self_attn, hidden_states, *args, **kwargs)
+    if self in state.attention_saved_layers:  # the memory budget saves this layer's attention
+        return attention_saved_layer(self, hidden_states, *args, **kwargs)
     return checkpointed_layer(self, hidden_states, *args, **kwargs)
 
 
@@ -176,6 +192,38 @@ def decoder_layer_body(self, hidden_states, position_embeddings=None, attention_
         cache=cache,
         **kwargs,
     )
+    stream, normed = norm_add_norm(
+        attended, hidden_states, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+        eps, UNIT_OFFSET, fused=fused,
+    )
+    return norm_add(call_module(self.mlp, normed), stream, self.post_feedforward_layernorm.weight, eps, UNIT_OFFSET,
+                    fused=fused)
+
+
+def attention_saved_layer(self, hidden_states, *args, position_embeddings=None, attention_mask=None, **kwargs):
+    """The layer checkpointed in two pieces around its attention, whose inputs and output stay saved: the backward
+    recomputes the norms, projections and MLP, not the attention. Where its attention module is hooked (or the
+    call is not the usual training call) the whole layer is checkpointed instead."""
+    checkpoint = self._gradient_checkpointing_func
+    if args or cache_in(kwargs) is not None or kwargs.get("output_attentions") or has_global_hooks() \
+            or has_own_hooks(self.self_attn):
+        body = functools.partial(decoder_layer_body, self, *args, position_embeddings=position_embeddings,
+                                 attention_mask=attention_mask, **kwargs)
+        return checkpoint(body, hidden_states)
+    query, key, value = checkpoint(functools.partial(_attention_inputs, self, position_embeddings), hidden_states)
+    output, _ = attention_core(self.self_attn, query, key, value, attention_mask)
+    return checkpoint(functools.partial(_after_attention, self), output, hidden_states)
+
+
+def _attention_inputs(self, position_embeddings, hidden_states):
+    normed = rms_norm(hidden_states, self.input_layernorm.weight, self.input_layernorm.eps, UNIT_OFFSET,
+                      fused=fused_here(self, hidden_states))
+    return queries_keys_values(self.self_attn, normed, position_embeddings)
+
+
+def _after_attention(self, output, hidden_states):
+    fused, eps = fused_here(self, hidden_states), self.input_layernorm.eps
+    attended = attention_output(self.self_attn, output, hidden_states)
     stream, normed = norm_add_norm(
         attended, hidden_states, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
         eps, UNIT_OFFSET, fused=fused,

@@ -156,3 +156,32 @@ def test_kept_graphed_layers_captured_on_the_gpu_train_exactly(base):
     state = state_of(model.base_model.model.model)
     assert fastgemma.memory_plan(model).kept == 4 and state.budget.graphed_kept
     assert sum(graphs.kept for graphs in state.graphs._layers.values()) >= 4
+
+
+def test_layers_saving_their_flex_attention_train_exactly(base):
+    """The middle tier on flex attention: a budget (read from a stand-in allocator, to place it between
+    checkpointing and keeping every layer) that saves some layers' attention and keeps others trains exactly like
+    checkpointing every layer."""
+    from fake_memory import FakeMemory
+    from fastgemma.memory_budget import GiB, PROBE_ATTENTION
+
+    reference = train(lora_model(base, memory_budget=None, cuda_graphs=False), steps=6)
+    model = lora_model(base, cuda_graphs=False)
+    memory = FakeMemory()
+    memory.device = torch.device("cuda", torch.cuda.current_device())
+    budget = state_of(model.base_model.model.model).budget
+    budget.memory = memory
+    results, plans = [], []
+    for step, batch in enumerate(batches(6, 512)):
+        if step == 2:  # the rest and one kept layer are measured: room for 2.5 more kept layers
+            tokens = batch["input_ids"].numel()
+            input_bytes, layer_bytes = tokens * 64 * 2, budget.layer_per_token * tokens
+            memory.limit_bytes = int(2 * GiB + 4 * input_bytes + budget.rest_per_token * tokens
+                                     + 2.5 * (layer_bytes - input_bytes))
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+        plans.append(fastgemma.memory_plan(model))
+    assert_same(results, reference, 1e-5)
+    assert plans[2].why == PROBE_ATTENTION and plans[-1].attention_saved >= 1, plans

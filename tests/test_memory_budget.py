@@ -14,7 +14,7 @@ import fastgemma
 from conftest import random_gemma2, relative_error, tiny_gemma2_config
 from fake_memory import FakeMemory
 from fastgemma import offload
-from fastgemma.memory_budget import GiB, LAYER_GUESS_COPIES, MemoryBudget, StepPlan
+from fastgemma.memory_budget import GiB, LAYER_GUESS_COPIES, PROBE, PROBE_ATTENTION, MemoryBudget, StepPlan
 from fastgemma.patching import state_of
 
 
@@ -436,3 +436,67 @@ def test_some_layers_kept_and_the_rest_checkpointed_train_exactly(base):
     layers = model.base_model.model.model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
 
+
+
+# -- layers that save their attention (the middle tier, where attention's saved tensors grow with the tokens) --
+def test_attention_saving_fills_the_room_before_whole_layers_are_kept():
+    budget = MemoryBudget()
+    budget.memory = FakeMemory(limit=10 * GiB, allocated=3 * GiB)
+    input_bytes = 4000 * 2304 * 2
+    layer_bytes, attention_bytes = 25 * input_bytes, 4 * input_bytes
+
+    def call():
+        plan = budget.plan(4000, 26, input_bytes, graphed=False, save_attention=True)
+        counted = None
+        if plan.why == PROBE:
+            counted = layer_bytes + plan.checkpointed * input_bytes
+        elif plan.why == PROBE_ATTENTION:
+            counted = attention_bytes + plan.kept * layer_bytes + plan.checkpointed * input_bytes
+        budget.finish_forward(plan, counted, input_bytes)
+        return plan
+
+    first, kept_probe, attention_probe, planned = call(), call(), call(), call()
+    assert kept_probe.kept == 1 and attention_probe.why == PROBE_ATTENTION and attention_probe.attention_saved == 1
+    assert budget.attention_per_token * 4000 == pytest.approx(attention_bytes)
+    room = 10 * GiB - 2 * GiB - 3 * GiB - 26 * input_bytes - budget.rest_per_token * 4000
+    assert planned.attention_saved + planned.kept == 26 and planned.kept >= 1
+    assert planned.kept == int((room - 26 * (attention_bytes - input_bytes)) // (layer_bytes - attention_bytes))
+    assert "save the attention of" in planned.describe()
+    without = MemoryBudget()
+    without.memory, without.rest_per_token, without.layer_per_token = budget.memory, budget.rest_per_token, \
+        budget.layer_per_token
+    assert without.plan(4000, 26, input_bytes, graphed=False).attention_saved == 0  # dense attention: no tier
+
+
+def test_layers_saving_their_attention_train_exactly(base, monkeypatch):
+    """Where attention may be saved (flex on a GPU; here the dense path, allowed for the test), a budget between
+    checkpointing and keeping every layer saves some layers' attention and keeps others: the same training."""
+    import fastgemma.patches.gemma2 as glue
+    from fastgemma import step_memory
+
+    monkeypatch.setattr(step_memory, "attention_memory_is_linear", lambda *args: True)
+    split_calls = []
+    original = glue._attention_inputs
+
+    def counting(*args):
+        split_calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(glue, "_attention_inputs", counting)
+    for reentrant in (False, True):
+        reference = train_steps(lora_model(base, reentrant, memory_budget=None), steps=6)
+        model = lora_model(base, reentrant)
+        memory = FakeMemory()
+        results = train_steps(model, steps=2, memory=memory)  # the rest, then one kept layer, measured
+        budget = backbone_state(model).budget
+        input_bytes, layer_bytes = 66 * 64 * 4, budget.layer_per_token * 66
+        room = 2.5 * (layer_bytes - input_bytes)
+        memory.limit_bytes = int(2 * GiB + 4 * input_bytes + budget.rest_per_token * 66 + room)
+        plans = []
+        for step in range(2, 6):
+            results += train_steps(model, steps=1, first=step)
+            plans.append(fastgemma.memory_plan(model))
+        assert_same_training(results, reference)
+        assert plans[0].why == PROBE_ATTENTION and budget.attention_per_token is not None
+        assert plans[-1].attention_saved >= 1 and plans[-1].kept >= 1, plans[-1]
+    assert split_calls  # the two-piece layers ran (and recomputed their pieces in the backward)
