@@ -192,6 +192,12 @@ def decoder_layer_body(self, hidden_states, position_embeddings=None, attention_
         cache=cache,
         **kwargs,
     )
+    return after_attention(self, attended, hidden_states)
+
+
+def after_attention(self, attended, hidden_states):
+    """norm + add + norm -> MLP -> norm + add: the layer's second half, from its attention's projected output."""
+    fused, eps = fused_here(self, hidden_states), self.input_layernorm.eps
     stream, normed = norm_add_norm(
         attended, hidden_states, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
         eps, UNIT_OFFSET, fused=fused,
@@ -222,14 +228,7 @@ def _attention_inputs(self, position_embeddings, hidden_states):
 
 
 def _after_attention(self, output, hidden_states):
-    fused, eps = fused_here(self, hidden_states), self.input_layernorm.eps
-    attended = attention_output(self.self_attn, output, hidden_states)
-    stream, normed = norm_add_norm(
-        attended, hidden_states, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
-        eps, UNIT_OFFSET, fused=fused,
-    )
-    return norm_add(call_module(self.mlp, normed), stream, self.post_feedforward_layernorm.weight, eps, UNIT_OFFSET,
-                    fused=fused)
+    return after_attention(self, attention_output(self.self_attn, output, hidden_states), hidden_states)
 
 
 def mlp_forward(self, x):
