@@ -1,8 +1,10 @@
 """A backbone's training call under its memory budget (fastgemma.memory_budget): the plan made, applied, said.
 
 Kept layers run this call without checkpointing (their `gradient_checkpointing` flag is lowered for the call
-only, which works wherever transformers checkpoints: in the layer's forward or its ``__call__``); offloaded inputs
-and the one count of a kept layer's saved bytes go through fastgemma.offload's saved-tensor hooks.
+only, which works wherever transformers checkpoints: in the layer's forward or its ``__call__``); layers that save
+their attention have the flag lowered too, and the model's glue checkpoints them in two pieces around the
+attention (`PatchState.attention_saved_layers`); offloaded inputs and the counts of what a layer keeps go through
+fastgemma.offload's saved-tensor hooks.
 """
 
 from __future__ import annotations
