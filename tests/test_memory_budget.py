@@ -398,6 +398,7 @@ def test_kept_graphed_layers_take_a_retained_graph(base):
         assert relative_error(dict(model.named_parameters())[name].grad, 2 * grad) < 1e-6, name
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 def test_a_trained_embedding_wrapped_by_peft_is_planned_too(base):
     """LoRA with modules_to_save=["embed_tokens"]: PEFT wraps the embedding, which still tells the hidden
     states' dtype; training keeps layers and matches checkpointing every layer."""
