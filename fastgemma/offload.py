@@ -70,8 +70,8 @@ class SavedTensorRouter:
     """The pack / unpack hooks of one planned call (use as a context manager around the backbone's forward).
 
     `offload`: how many layer inputs (saved tensors of exactly `input_shape`, whatever their dtype: autocast may
-    keep the residual stream in float32) go to the host, the first ones of the call; `count`: add up the bytes of every distinct storage saved outside checkpoints,
-    the model's parameters left out.
+    keep the residual stream in float32) go to the host, the first ones of the call; `count`: add up the bytes of
+    every distinct storage saved outside checkpoints, the model's parameters left out.
     """
 
     def __init__(self, input_shape, offload: int = 0, count: bool = False, parameter_storages=(),
@@ -143,10 +143,9 @@ class HostBuffers:
         """(a flat pinned buffer, a view of it shaped like `like`): the smallest free buffer that holds it, else a
         new one (sizes rounded up, so that packed rows of varying lengths reuse each other's buffers)."""
         nbytes = like.numel() * like.element_size()
-        fitting = [buffer for buffer in self._free if buffer.numel() >= nbytes]
-        if fitting:
-            flat = min(fitting, key=torch.Tensor.numel)
-            self._free.remove(flat)
+        fitting = [index for index, buffer in enumerate(self._free) if buffer.numel() >= nbytes]
+        if fitting:  # (by index: comparing tensors with == would compare their elements)
+            flat = self._free.pop(min(fitting, key=lambda index: self._free[index].numel()))
         else:
             flat = _host_memory(-(-nbytes // ROUNDING) * ROUNDING)
         return flat, flat[:nbytes].view(like.dtype).view(like.shape)

@@ -305,7 +305,11 @@ def test_host_buffers_are_reused_across_lengths_and_released(caplog):
         bigger, _ = pool.take(torch.empty(1000, 1000))
         assert bigger is not first and bigger.numel() == 2 * offload.ROUNDING
     assert caplog.text.count("could not pin") == (0 if torch.cuda.is_available() else 1)
+    pool.give(bigger)
     pool.give(again)
+    small, _ = pool.take(torch.empty(10))  # the smallest buffer that holds it, of several free ones
+    assert small is first
+    pool.give(small)
     pool.release()
     assert pool.take(torch.empty(10))[0] is not first
 
