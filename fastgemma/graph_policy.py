@@ -47,7 +47,7 @@ def auto_graphs_decline(device_type: str, tokens: int, processes: int) -> Option
 
 def graphs_expected(options, device: torch.device, tokens: int) -> bool:
     """Whether a training call of `tokens` tokens on `device` will run its decoder layers as CUDA graphs (which
-    always recompute: the memory budget leaves such calls checkpointed)."""
+    recompute, unless the memory budget may keep graphed layers: PatchOptions.keep_graphed_layers)."""
     graphs = options.layer_graphs
     if not graphs or options.fused_ops is False or (options.fused_ops == "auto" and device.type != "cuda"):
         return False
