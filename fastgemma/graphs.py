@@ -45,6 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .offload import SavedBytes
 from .ops.compile import mark_dynamic
 
 logger = logging.getLogger("fastgemma")
@@ -309,7 +310,7 @@ class GraphedLayers:
         # A kept layer's input must outlive the other layers' replays (its activations may be views of it).
         source = torch.zeros_like(buffers.x, memory_format=torch.contiguous_format) if keep else buffers.x
         recorded = {}  # a kept recording's autograd graph: (input, stand-ins, output)
-        counter = _SavedBytes({p.untyped_storage().data_ptr() for _, _, p in slots}) if keep else None
+        counter = SavedBytes({p.untyped_storage().data_ptr() for _, _, p in slots}) if keep else None
 
         def differentiable_body():
             # Autograd on, over stand-ins that share the parameters' storage: autograd keeps one gradient
@@ -465,7 +466,7 @@ class LayerPlan:
         self.signature = (tuple(map(id, modules)), tuple(storage), extra(layer) if extra else None)
 
 
-def _private_saved_tensors(counter: Optional["_SavedBytes"] = None):
+def _private_saved_tensors(counter: Optional[SavedBytes] = None):
     """Saved-tensor hooks that keep tensors as they are (counting their bytes into `counter`, if given),
     shadowing any the caller set."""
     return torch.autograd.graph.saved_tensors_hooks(counter.pack if counter is not None else _keep, _keep)
@@ -473,27 +474,6 @@ def _private_saved_tensors(counter: Optional["_SavedBytes"] = None):
 
 def _keep(tensor):
     return tensor
-
-
-class _SavedBytes:
-    """Adds up the distinct storages saved for backward, the parameters' own left out."""
-
-    def __init__(self, parameter_storages: set):
-        self.parameter_storages = parameter_storages
-        self.reset()
-
-    def reset(self) -> None:
-        self.total, self._seen, self.active = 0, set(), True
-
-    def pack(self, tensor):
-        if not self.active:
-            return tensor
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in self._seen and pointer not in self.parameter_storages:
-            self._seen.add(pointer)
-            self.total += storage.nbytes()
-        return tensor
 
 
 class _parameters_replaced:

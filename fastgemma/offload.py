@@ -77,8 +77,7 @@ class SavedTensorRouter:
     def __init__(self, input_shape, offload: int = 0, count: bool = False, parameter_storages=(),
                  host_pool: Optional["HostBuffers"] = None):
         self.input_shape, self.offload = tuple(input_shape), offload
-        self.count, self.parameter_storages = count, parameter_storages
-        self.counted, self._seen = 0, set()
+        self.counter = SavedBytes(parameter_storages) if count else None
         self.copies: list = []
         self.host_pool = host_pool
         self.stream = None
@@ -92,13 +91,14 @@ class SavedTensorRouter:
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
 
+    @property
+    def counted(self) -> int:
+        """Bytes of the distinct storages saved so far (with `count`)."""
+        return self.counter.total
+
     def pack(self, tensor: torch.Tensor):
-        if self.count:
-            storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
-            if pointer not in self._seen and pointer not in self.parameter_storages:
-                self._seen.add(pointer)
-                self.counted += storage.nbytes()
+        if self.counter is not None:
+            self.counter.pack(tensor)
         if len(self.copies) < self.offload and tuple(tensor.shape) == self.input_shape:
             if self.stream is None and tensor.is_cuda:
                 self.stream = self.host_pool.stream(tensor.device)
@@ -117,6 +117,27 @@ class SavedTensorRouter:
             copy = self.copies[index - 1]()
             if copy is not None:
                 copy.fetch()
+
+
+class SavedBytes:
+    """Adds up the distinct storages saved for backward (as a pack hook), the parameters' own left out."""
+
+    def __init__(self, parameter_storages):
+        self.parameter_storages = parameter_storages
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self._seen, self.active = 0, set(), True
+
+    def pack(self, tensor):
+        if not self.active:
+            return tensor
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self._seen and pointer not in self.parameter_storages:
+            self._seen.add(pointer)
+            self.total += storage.nbytes()
+        return tensor
 
 
 class HostBuffers:

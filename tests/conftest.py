@@ -89,6 +89,24 @@ def random_gemma2(config, seed=0, dtype=torch.float32, device="cpu"):
     return model.to(device=device, dtype=dtype)
 
 
+def lora_training_model(base, rank=4, max_row_tokens=128, reentrant=False, **patch):
+    """A patched copy of `base` with non-zero LoRA (`rank`) on all linears, gradient checkpointing and train mode;
+    `patch`: PatchOptions settings."""
+    import copy
+
+    import fastgemma
+    from peft import LoraConfig, get_peft_model
+
+    options = fastgemma.PatchOptions(max_row_tokens=max_row_tokens, **patch)
+    model = fastgemma.patch_model(copy.deepcopy(base), options=options)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                             init_lora_weights=False))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    return model.train()
+
+
 def reference_attention(query, key, value, allowed, scale, softcap):
     """Softcapped attention in float64, as HF eager computes it. `allowed` is bool (B|1, 1, Q, K), or a padded
     batch's int8 dense mask (only its 1s are allowed pairs).

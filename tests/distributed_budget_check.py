@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import fastgemma
-from conftest import random_gemma2, tiny_gemma2_config  # (this script's folder, tests/, is on sys.path)
+# (this script's folder, tests/, is on sys.path)
+from conftest import lora_training_model, random_gemma2, tiny_gemma2_config
 from fake_memory import FakeMemory
 from fastgemma.patching import state_of
 
@@ -23,18 +24,10 @@ STEPS = 3
 
 
 def main(output: Path, plans: str) -> None:
-    from peft import LoraConfig, get_peft_model
-
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     budget = None if plans == "none" else ("auto" if rank == 0 else 1)
-    model = fastgemma.patch_model(random_gemma2(tiny_gemma2_config(window=16, layers=4)), max_row_tokens=128,
-                                  memory_budget=budget)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.train()
+    model = lora_training_model(random_gemma2(tiny_gemma2_config(window=16, layers=4)), memory_budget=budget)
     state = next(state_of(m) for m in model.modules() if state_of(m) is not None)
     if state.budget is not None:
         state.budget.memory = FakeMemory()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastgemma
-from conftest import random_gemma2, relative_error, tiny_gemma2_config
+from conftest import lora_training_model, random_gemma2, relative_error, tiny_gemma2_config
 from fastgemma import offload
 from fastgemma.attention import flex_supported
 from fastgemma.patching import state_of
@@ -25,15 +25,7 @@ pytestmark = [
 
 
 def lora_model(base, **patch):
-    from peft import LoraConfig, get_peft_model
-
-    model = fastgemma.patch_model(copy.deepcopy(base), options=fastgemma.PatchOptions(max_row_tokens=4096, **patch))
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                             init_lora_weights=False))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    return model.train()
+    return lora_training_model(base, rank=8, max_row_tokens=4096, **patch)
 
 
 def batches(steps, vocab, lengths=((900, 700), (1200, 333), (600, 1000), (2000, 48))):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastgemma
-from conftest import random_gemma2, relative_error, tiny_gemma2_config
+from conftest import lora_training_model, random_gemma2, relative_error, tiny_gemma2_config
 from fake_memory import FakeMemory
 from fastgemma import offload
 from fastgemma.memory_budget import GiB, LAYER_GUESS_COPIES, PROBE, PROBE_ATTENTION, MemoryBudget, StepPlan
@@ -108,15 +108,7 @@ def test_describe_says_what_was_chosen():
 
 # -- training under each plan -----------------------------------------------------------------------------------
 def lora_model(base, reentrant=False, **patch):
-    from peft import LoraConfig, get_peft_model
-
-    model = fastgemma.patch_model(copy.deepcopy(base), options=fastgemma.PatchOptions(max_row_tokens=128, **patch))
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                             init_lora_weights=False))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    model.enable_input_require_grads()
-    return model.train()
+    return lora_training_model(base, reentrant=reentrant, **patch)
 
 
 def backbone_state(model):
@@ -231,28 +223,19 @@ def test_a_patched_model_with_a_budget_copies_without_its_measurements(base):
     assert budget.memory is None and budget.rest_per_token is None and budget.last_plan is None
 
 
-def test_graphed_layers_recompute_and_offload_exactly(base, monkeypatch):
-    """CUDA-graphed layers (here replayed without capture, on a CPU) always recompute; their saved inputs go to
-    the host like any checkpointed layer's."""
-    reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, cuda_graphs=True))
-    model = lora_model(base, fused_ops=True, cuda_graphs=True)
+@pytest.mark.parametrize("layers, kept", [({"cuda_graphs": True}, 0), ({"compiled_regions": True}, 4)],
+                         ids=["cuda-graphs", "compiled-regions"])
+def test_compiled_layers_keep_or_recompute_and_offload_exactly(base, monkeypatch, layers, kept):
+    """CUDA-graphed layers (here replayed without capture, on a CPU) always recompute, compiled regions keep
+    layers like the op-by-op path; the inputs of both go to the host like any checkpointed layer's."""
+    reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, **layers))
+    model = lora_model(base, fused_ops=True, **layers)
     assert_same_training(train_steps(model, memory=FakeMemory()), reference, 1e-5)
-    assert fastgemma.memory_plan(model).kept == 0
+    assert fastgemma.memory_plan(model).kept == kept
     copies = host_copies(monkeypatch)
-    offloaded = lora_model(base, fused_ops=True, cuda_graphs=True, force_offload=True)
+    offloaded = lora_model(base, fused_ops=True, force_offload=True, **layers)
     assert_same_training(train_steps(offloaded, memory=FakeMemory()), reference, 1e-5)
     assert fastgemma.memory_plan(offloaded).offloaded == 4 and len(copies) == 3 * 4
-
-
-def test_compiled_regions_keep_layers_and_offload_exactly(base, monkeypatch):
-    reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, compiled_regions=True))
-    model = lora_model(base, fused_ops=True, compiled_regions=True)
-    assert_same_training(train_steps(model, memory=FakeMemory()), reference, 1e-5)
-    assert fastgemma.memory_plan(model).kept == 4
-    copies = host_copies(monkeypatch)
-    offloaded = lora_model(base, fused_ops=True, compiled_regions=True, force_offload=True)
-    assert_same_training(train_steps(offloaded, memory=FakeMemory()), reference, 1e-5)
-    assert len(copies) == 3 * 4
 
 
 # -- the recipe ---------------------------------------------------------------------------------------------------
