@@ -206,7 +206,9 @@ def load_for_training(path: str, contender: str, device: torch.device, quantize:
     """from_pretrained with the contender's attention implementation, nf4 double-quant when ``quantize``."""
     from transformers import AutoModelForCausalLM
 
-    kw = dict(attn_implementation=IMPL[contender], dtype=dtype)
+    # No hub kernels (transformers 5.25 loads them by default on a GPU; for Gemma 2 only the attention's rotary
+    # embedding): fetching them needs the hub, which the GPU machines of these runs cannot reach.
+    kw = dict(attn_implementation=IMPL[contender], dtype=dtype, use_kernels=False)
     if quantize:
         from transformers import BitsAndBytesConfig
 

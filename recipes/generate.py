@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load(model_dir: Path, dtype_name: str):
     """The model (base + adapter, or a standalone one) and its tokenizer, on the GPU when there is one."""
     import torch
+    from sft.model import NO_HUB_KERNELS
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,10 +49,12 @@ def load(model_dir: Path, dtype_name: str):
         from peft import PeftModel
 
         base_source = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(base_source, dtype=dtype, attn_implementation="eager")
+        base = AutoModelForCausalLM.from_pretrained(base_source, dtype=dtype, attn_implementation="eager",
+                                                    **NO_HUB_KERNELS)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager",
+                                                     **NO_HUB_KERNELS)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 

@@ -212,3 +212,30 @@ def test_generate_script_chats_with_the_merged_model_like_with_base_plus_adapter
 def test_generate_script_refuses_a_folder_without_a_model(tmp_path):
     result = generate_script(str(tmp_path), "--prompt", "hi")
     assert result.returncode == 2 and "holds neither an adapter" in result.stderr
+
+
+def test_models_load_without_hub_kernels(monkeypatch, tmp_path):
+    """transformers 5.25 fetches hub kernels while loading on a GPU, which fails without network even for a local
+    model: the recipe and generate.py load without them (fastgemma's attention replaces what they would swap)."""
+    import transformers
+    from sft.model import load_base_model
+
+    class Loaded(Exception):
+        pass
+
+    calls = []
+
+    def from_pretrained(source, **kwargs):
+        calls.append(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    (tmp_path / "config.json").write_text("{}")
+    spec = importlib.util.spec_from_file_location("generate_script", RECIPES_DIR / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    for load in (lambda: load_base_model(str(tmp_path), load_in_4bit=False, on_gpu=False),
+                 lambda: generate.load(tmp_path, "auto")):
+        with pytest.raises(Loaded):
+            load()
+    assert [call.get("use_kernels") for call in calls] == [False, False]

@@ -59,6 +59,12 @@ def compute_dtype(on_gpu: bool):
     return torch.float32
 
 
+# Loading options for every Gemma 2 the recipe reads. transformers 5.25 swaps in hub kernels while loading on a GPU
+# (for Gemma 2: the rotary embedding inside the attention, which fastgemma's attention replaces), and fetching them
+# needs the hub even for a local model: a machine without network could not load at all.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def load_base_model(model_source: str, load_in_4bit: bool, on_gpu: bool, fsdp: bool = False):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -82,6 +88,7 @@ def load_base_model(model_source: str, load_in_4bit: bool, on_gpu: bool, fsdp: b
         # Gemma 2 needs softcapping, which sdpa lacks; eager is HF's exact path, and what
         # fastgemma leaves in place for anything it does not take over.
         attn_implementation="eager",
+        **NO_HUB_KERNELS,
     )
     if load_in_4bit:
         prepare_4bit_model_for_training(model)
