@@ -60,7 +60,7 @@ def compute_dtype(on_gpu: bool):
 
 
 # Loading options for every Gemma 2 the recipe reads. transformers 5.25 swaps in hub kernels while loading on a GPU
-# (for Gemma 2: the rotary embedding inside the attention, which fastgemma's attention replaces), and fetching them
+# (for Gemma 2: the attention's rotary embedding, which fastgemma's fused ops compute in training), and fetching them
 # needs the hub even for a local model: a machine without network could not load at all.
 NO_HUB_KERNELS = {"use_kernels": False}
 
