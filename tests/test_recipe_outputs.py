@@ -216,7 +216,8 @@ def test_generate_script_refuses_a_folder_without_a_model(tmp_path):
 
 def test_models_load_without_hub_kernels(monkeypatch, tmp_path):
     """transformers 5.25 fetches hub kernels while loading on a GPU, which fails without network even for a local
-    model: the recipe and generate.py load without them (fastgemma's attention replaces what they would swap)."""
+    model: the recipe and generate.py load without them (for Gemma 2 they swap only the rotary embedding, which
+    fastgemma's fused ops compute themselves in training)."""
     import transformers
     from sft.model import load_base_model
 
