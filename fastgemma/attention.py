@@ -78,6 +78,11 @@ def auto_picks_flex(device: torch.device, head_dim: int) -> bool:
     return flex_supported(device) and flex_head_dim_ok(head_dim)
 
 
+def backend_runs_flex(backend: str, device: torch.device, head_dim: int, dropout: float = 0.0) -> bool:
+    """Whether attention under patch option `backend` runs flex for fastgemma's masks on `device`."""
+    return backend == "flex" or (backend == "auto" and dropout == 0.0 and auto_picks_flex(device, head_dim))
+
+
 # --------------------------------------------------------------------------------------
 # Score functions (flex_attention's score_mod signature)
 # --------------------------------------------------------------------------------------

@@ -190,10 +190,11 @@ class MemoryBudget:
         room left keeps whole layers: skipping the attention's recompute costs a few inputs per layer, keeping a
         layer some twenty."""
         extra_kept = max(1.0, layer_bytes - input_bytes)
+        whole_layers = max(0, min(layers, math.floor(room / extra_kept)))
         if room >= layers * extra_kept or not save_attention:
-            return max(0, min(layers, math.floor(room / extra_kept))), 0, ""
+            return whole_layers, 0, ""
         if self.attention_per_token is None:  # one layer saves its attention, and counts what that keeps
-            kept = max(0, math.floor(room / extra_kept))
+            kept = whole_layers
             guess = (ATTENTION_GUESS_COPIES - 1) * input_bytes
             if room - kept * extra_kept < guess and kept > 0:
                 kept -= 1  # one kept layer fewer makes room for it
@@ -201,7 +202,7 @@ class MemoryBudget:
             return kept, int(probe), PROBE_ATTENTION if probe else ""
         attention_bytes = self.attention_per_token * tokens
         if attention_bytes >= layer_bytes:  # saving attention keeps as much as keeping the layer: no middle tier
-            return max(0, min(layers, math.floor(room / extra_kept))), 0, ""
+            return whole_layers, 0, ""
         saved = max(0, min(layers, math.floor(room / max(1.0, attention_bytes - input_bytes))))
         if saved < layers:
             return 0, saved, ""

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .attention import auto_picks_flex, flex_compile_settings
+from .attention import backend_runs_flex, flex_compile_settings
 from .masks import AttentionMask
 from .ops.compile import compile_function, mark_dynamic
 from .options import fused_here
@@ -39,9 +39,8 @@ def region_applies(layer, hidden_states) -> bool:
 def reads_block_masks(attention, device) -> bool:
     """Whether a patched attention layer runs flex (block masks) on `device`, rather than a dense backend
     (dense masks)."""
-    backend = state_of(attention).options.backend
     dropout = attention.attention_dropout if attention.training else 0.0
-    return backend == "flex" or (backend == "auto" and dropout == 0.0 and auto_picks_flex(device, attention.head_dim))
+    return backend_runs_flex(state_of(attention).options.backend, device, attention.head_dim, dropout)
 
 
 def prepare_masks(attention, hidden_states, mask) -> None:

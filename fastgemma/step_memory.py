@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .attention import auto_picks_flex
+from .attention import backend_runs_flex
 from .graph_policy import graphs_expected
 from .graphs import bucket_length
 from .log import say_once
@@ -94,11 +94,8 @@ def attention_memory_is_linear(options, device: torch.device, config) -> bool:
     """Whether a layer's attention saves tensors that grow with the tokens (flex attention: queries, keys, values,
     output, log-sum-exp), not with their square (the dense backends keep the probabilities): only then may the
     budget save a layer's attention instead of recomputing it."""
-    if options.backend == "flex":
-        return True
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return (options.backend == "auto" and not getattr(config, "attention_dropout", 0.0)
-            and auto_picks_flex(device, head_dim))
+    return backend_runs_flex(options.backend, device, head_dim, getattr(config, "attention_dropout", 0.0) or 0.0)
 
 
 def _hidden_dtype(backbone, embeds) -> torch.dtype:
