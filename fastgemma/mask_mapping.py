@@ -14,7 +14,7 @@ import torch
 
 from .hf_layers import cache_in
 from .patching import positional_parameters, state_of
-from .step_memory import planned_call
+from .step_memory import run_planned
 from .masks import (
     AttentionMask,
     BlockMaskCache,
@@ -116,8 +116,7 @@ def backbone_forward(self, *args, **kwargs):
     # The KV cache is read under either name and handed on as the caller named it (HF warns about the old one).
     deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     add_mask_mapping(self.config, state.cache, kwargs, deferred)
-    with planned_call(self, state, kwargs):  # while training: which layers keep, recompute, offload
-        output = original(**kwargs)
+    output = run_planned(self, state, kwargs, original)  # while training: which layers keep, recompute, offload
     for check in deferred:  # a bad batch raises before anyone uses this output
         check.raise_if_failed()
     return output

@@ -12,7 +12,8 @@ Decided for each training call of a backbone from what the allocator measures, n
 - checkpointed inputs are exact: tokens x hidden size x bytes per element, one per layer.
 
 Until something is measured a call checkpoints every layer, as without a budget, so the budget never runs out of
-memory where checkpointing everything fits. Kept layers are the last ones; offloaded inputs the first ones (their
+memory where checkpointing everything fits; a forward that still runs out of memory with layers kept (something
+else took the room) is run again checkpointing every layer, and the budget keeps none from then on. Kept layers are the last ones; offloaded inputs the first ones (their
 recompute comes last, so their copy back has the whole backward to overlap with).
 """
 
@@ -68,6 +69,7 @@ class StepPlan:
 
 PROBE = "counting one kept layer's activations"
 PROBE_ATTENTION = "counting what one layer saving its attention keeps"
+OUT_OF_MEMORY = "a forward ran out of memory with layers kept"
 # What a layer saving its attention keeps before it was counted, in copies of its input: with flex attention,
 # its input, queries, keys, values, output and log-sum-exp come to some 3-4; the first count replaces this.
 ATTENTION_GUESS_COPIES = 8
@@ -117,6 +119,7 @@ class MemoryBudget:
         self.layer_per_token: Optional[float] = None
         self.attention_per_token: Optional[float] = None  # what a layer saving its attention keeps
         self.last_plan: Optional[StepPlan] = None
+        self.backed_off = False  # a forward ran out of memory with layers kept: checkpoint every layer from then on
         self._after_call = None  # (the peak when the last call's forward ended, allocated then, its tokens)
 
     def __getstate__(self):  # measurements belong to one process and device: a copy measures its own
@@ -165,6 +168,8 @@ class MemoryBudget:
         kept, saved, why = 0, 0, ""
         if graphed:
             why = "CUDA-graphed layers recompute in their backward graph"
+        elif self.backed_off:
+            why = OUT_OF_MEMORY
         elif self.rest_per_token is None:
             why = "the first step measures the rest of the step"
         elif not measured_layer:
@@ -232,6 +237,16 @@ class MemoryBudget:
         self.graphed_kept[bucket] = kept
         return StepPlan(tokens, layers, kept, 0, int(budget), "kept graphed layers hold their activations "
                         "between steps")
+
+    def back_off(self, plan: Optional[StepPlan]) -> bool:
+        """A call planned as `plan` ran out of memory in its forward: whether it kept layers (or saved attention)
+        and so may fit checkpointing every layer; if it did, no later plan keeps any. Graphed layers kept for good
+        hold their activations in the graphs' pool, which checkpointing would not give back: no back-off there."""
+        if plan is None or plan.kept + plan.attention_saved == 0 or self.keep_graphed:
+            return False
+        self.backed_off = True
+        self._after_call = None  # the failed forward's peak is no step's
+        return True
 
     def _remember(self, plan: StepPlan) -> StepPlan:
         self.last_plan = plan

@@ -10,6 +10,7 @@ fastgemma.offload's saved-tensor hooks.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from typing import Optional
 
@@ -32,6 +33,31 @@ def budget_for(options, previous: Optional[MemoryBudget]) -> Optional[MemoryBudg
     if previous is not None and (previous.cap, previous.force_offload, previous.keep_graphed) == settings:
         return previous
     return MemoryBudget(*settings)
+
+
+def run_planned(backbone, state, kwargs, forward):
+    """`forward(**kwargs)` under the call's memory plan (`planned_call`). A forward that runs out of memory with
+    layers kept runs once more checkpointing every layer, as it would without a budget (in one process only:
+    ranks that ran a forward twice would no longer meet in FSDP's collectives)."""
+    try:
+        with planned_call(backbone, state, kwargs):
+            return forward(**kwargs)
+    except torch.OutOfMemoryError:
+        budget = getattr(state, "budget", None)
+        if budget is None or _several_processes() or not budget.back_off(budget.last_plan):
+            raise
+    plan = budget.last_plan
+    say_once("memory back-off", logging.WARNING, "fastgemma: memory: out of memory in a forward that kept %d "
+             "layers' activations (saved the attention of %d); it runs again checkpointing every layer, and so "
+             "will later steps (memory_budget=None does so from the start)", plan.kept, plan.attention_saved)
+    gc.collect()  # the failed forward's tensors, held by its frames
+    with planned_call(backbone, state, kwargs):
+        return forward(**kwargs)
+
+
+def _several_processes() -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return distributed and torch.distributed.get_world_size() > 1
 
 
 @contextlib.contextmanager

@@ -426,6 +426,51 @@ def test_some_layers_kept_and_the_rest_checkpointed_train_exactly(base):
 
 
 
+def test_a_forward_out_of_memory_with_layers_kept_runs_again_checkpointing_every_layer(base, monkeypatch, caplog):
+    """Something else took the room the budget planned for: the forward that kept layers runs out of memory, runs
+    again checkpointing every layer (the step's results unchanged), and later steps keep none."""
+    from fastgemma.memory_budget import OUT_OF_MEMORY
+
+    reference = train_steps(lora_model(base, memory_budget=None), steps=4)
+    model = lora_model(base)
+    layers = model.base_model.model.model.layers
+    kept_calls = []
+
+    def short_of_memory(layer, forward):
+        def call(*args, **kwargs):
+            if not layer.gradient_checkpointing:  # a kept layer
+                kept_calls.append(layer)
+                if len(kept_calls) == 3:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(*args, **kwargs)
+        return call
+
+    for layer in layers:
+        monkeypatch.setattr(layer, "forward", short_of_memory(layer, layer.forward))
+    with caplog.at_level("WARNING", logger="fastgemma"):
+        results = train_steps(model, steps=4, memory=FakeMemory())  # step 2 keeps one layer, step 3 would keep 4
+    assert_same_training(results, reference)
+    assert len(kept_calls) == 3  # one in step 2, two in step 3 before the error; none after
+    plan = fastgemma.memory_plan(model)
+    assert (plan.kept, plan.attention_saved, plan.why) == (0, 0, OUT_OF_MEMORY), plan
+    assert "runs again checkpointing every layer" in caplog.text
+    assert all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_an_out_of_memory_forward_that_kept_nothing_raises(base, monkeypatch):
+    def short_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = lora_model(base, memory_budget=None)
+    monkeypatch.setattr(model.base_model.model.model.layers[2], "forward", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        train_steps(model, steps=1)
+    model = lora_model(base)
+    monkeypatch.setattr(model.base_model.model.model.layers[2], "forward", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # the first step checkpoints every layer: nothing to give back
+        train_steps(model, steps=1, memory=FakeMemory())
+    assert not backbone_state(model).budget.backed_off
+
 # -- layers that save their attention (the middle tier, where attention's saved tensors grow with the tokens) --
 def test_attention_saving_fills_the_room_before_whole_layers_are_kept():
     budget = MemoryBudget()
