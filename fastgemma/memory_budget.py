@@ -80,6 +80,7 @@ class DeviceMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._physical = torch.cuda.mem_get_info(device)[1]  # read once: each read is a driver call
 
     def allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
@@ -96,7 +97,7 @@ class DeviceMemory:
     def total(self) -> int:
         """The device's memory, or this process's share of it."""
         fraction = torch.cuda.get_per_process_memory_fraction(self.device)
-        return int(torch.cuda.mem_get_info(self.device)[1] * fraction)
+        return int(self._physical * fraction)
 
 
 def check_budget(value) -> None:
