@@ -10,7 +10,7 @@ independent):
   gradient checkpointing; while training it runs as CUDA graphs or one compiled region when the options
   say so (`fastgemma.graph_policy`, `fastgemma.regions`);
 - ``Gemma2Model.forward`` first describes the batch's masks as ``AttentionMask`` objects and hands them
-  to HF's forward as a prepared mask mapping (`fastgemma.mask_mapping.backbone_forward`).
+  to HF's forward as a prepared mask mapping (`fastgemma.backbone.backbone_forward`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import torch
 from transformers.models.gemma2 import modeling_gemma2
 
 from fastgemma.attention import dense_softcap_attention, softcap_attention
+from fastgemma.backbone import backbone_forward
 from fastgemma.graph_policy import graphed_layers, graphs_apply, run_graphed
 from fastgemma.hf_layers import cache_in, pop_cache, run_checkpointed
-from fastgemma.mask_mapping import backbone_forward, mask_cache
+from fastgemma.mask_mapping import mask_cache
 from fastgemma.masks import AttentionMask
 from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
 from fastgemma.options import PatchOptions, fused_here
