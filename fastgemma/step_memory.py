@@ -39,17 +39,16 @@ def run_planned(backbone, state, kwargs, forward):
     """`forward(**kwargs)` under the call's memory plan (`planned_call`). A forward that runs out of memory with
     layers kept runs once more checkpointing every layer, as it would without a budget (in one process only:
     ranks that ran a forward twice would no longer meet in FSDP's collectives)."""
+    plan = None  # this call's plan, once made (None also where no budget applies)
     try:
-        with planned_call(backbone, state, kwargs):
+        with planned_call(backbone, state, kwargs) as plan:
             return forward(**kwargs)
     except torch.OutOfMemoryError:
-        budget = getattr(state, "budget", None)
-        if budget is None or _several_processes() or not budget.back_off(budget.last_plan):
+        if plan is None or _several_processes() or not state.budget.back_off(plan):
             raise
-    plan = budget.last_plan
     say_once("memory back-off", logging.WARNING, "fastgemma: memory: out of memory in a forward that kept %d "
-             "layers' activations (saved the attention of %d); it runs again checkpointing every layer, and so "
-             "will later steps (memory_budget=None does so from the start)", plan.kept, plan.attention_saved)
+             "layers' activations and saved %d layers' attention; it runs again checkpointing every layer, and "
+             "so will later steps (memory_budget=None does so from the start)", plan.kept, plan.attention_saved)
     gc.collect()  # the failed forward's tensors, held by its frames
     with planned_call(backbone, state, kwargs):
         return forward(**kwargs)

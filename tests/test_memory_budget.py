@@ -470,6 +470,14 @@ def test_an_out_of_memory_forward_that_kept_nothing_raises(base, monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):  # the first step checkpoints every layer: nothing to give back
         train_steps(model, steps=1, memory=FakeMemory())
     assert not backbone_state(model).budget.backed_off
+    monkeypatch.undo()
+    train_steps(model, steps=3, first=1)  # the third step keeps every layer
+    assert fastgemma.memory_plan(model).kept == 4
+    layer = model.base_model.model.model.layers[2]
+    monkeypatch.setattr(layer, "forward", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad():  # an evaluation call has no plan to back off
+        model.eval()(input_ids=torch.zeros(1, 8, dtype=torch.long), use_cache=False)
+    assert not backbone_state(model).budget.backed_off
 
 # -- layers that save their attention (the middle tier, where attention's saved tensors grow with the tokens) --
 def test_attention_saving_fills_the_room_before_whole_layers_are_kept():
