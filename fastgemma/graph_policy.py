@@ -23,6 +23,7 @@ from .masks import AttentionMask
 from .ops.lora import plain_lora_parts
 from .options import fused_here
 from .patching import has_global_hooks, has_own_hooks
+from .processes import world_size
 from .regions import reads_block_masks
 
 def _refuse(reason: str, level=logging.WARNING, auto: bool = False) -> bool:
@@ -53,15 +54,13 @@ def graphs_expected(options, device: torch.device, tokens: int) -> bool:
         return False
     if graphs is True:
         return True
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return auto_graphs_decline(device.type, tokens, torch.distributed.get_world_size() if distributed else 1) is None
+    return auto_graphs_decline(device.type, tokens, world_size()) is None
 
 
 def auto_declines(hidden_states) -> Optional[str]:
     """`auto_graphs_decline` for this call, in this process."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return auto_graphs_decline(hidden_states.device.type, hidden_states.shape[0] * hidden_states.shape[1],
-                               torch.distributed.get_world_size() if distributed else 1)
+                               world_size())
 
 
 _PLAIN_LORA_STATES: set = set()  # adapter states (lora_states) whose LoRA layers were all found plain

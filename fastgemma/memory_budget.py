@@ -240,11 +240,11 @@ class MemoryBudget:
         return StepPlan(tokens, layers, kept, 0, int(budget), "kept graphed layers hold their activations "
                         "between steps")
 
-    def back_off(self, plan: Optional[StepPlan]) -> bool:
+    def back_off(self, plan: StepPlan) -> bool:
         """A call planned as `plan` ran out of memory in its forward: whether it kept layers (or saved attention)
         and so may fit checkpointing every layer; if it did, no later plan keeps any. Graphed layers kept for good
         hold their activations in the graphs' pool, which checkpointing would not give back: no back-off there."""
-        if plan is None or plan.kept + plan.attention_saved == 0 or self.keep_graphed:
+        if plan.kept + plan.attention_saved == 0 or self.keep_graphed:
             return False
         self.backed_off = True
         self._after_call = None  # the failed forward's peak is no step's

@@ -22,6 +22,7 @@ from .graphs import bucket_length
 from .log import say_once
 from .memory_budget import DeviceMemory, MemoryBudget, StepPlan
 from .offload import HostBuffers, SavedTensorRouter
+from .processes import world_size
 
 
 def budget_for(options, previous: Optional[MemoryBudget]) -> Optional[MemoryBudget]:
@@ -44,7 +45,7 @@ def run_planned(backbone, state, kwargs, forward):
         with planned_call(backbone, state, kwargs) as plan:
             return forward(**kwargs)
     except torch.OutOfMemoryError:
-        if plan is None or _several_processes() or not state.budget.back_off(plan):
+        if plan is None or world_size() > 1 or not state.budget.back_off(plan):
             raise
     say_once("memory back-off", logging.WARNING, "fastgemma: memory: out of memory in a forward that kept %d "
              "layers' activations and saved %d layers' attention; it runs again checkpointing every layer, and "
@@ -52,11 +53,6 @@ def run_planned(backbone, state, kwargs, forward):
     gc.collect()  # the failed forward's tensors, held by its frames
     with planned_call(backbone, state, kwargs):
         return forward(**kwargs)
-
-
-def _several_processes() -> bool:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return distributed and torch.distributed.get_world_size() > 1
 
 
 @contextlib.contextmanager
