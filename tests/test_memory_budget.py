@@ -425,7 +425,6 @@ def test_some_layers_kept_and_the_rest_checkpointed_train_exactly(base):
     assert all(layer.gradient_checkpointing for layer in layers)
 
 
-
 def test_a_forward_out_of_memory_with_layers_kept_runs_again_checkpointing_every_layer(base, monkeypatch, caplog):
     """Something else took the room the budget planned for: the forward that kept layers runs out of memory, runs
     again checkpointing every layer (the step's results unchanged), and later steps keep none."""
@@ -478,6 +477,7 @@ def test_an_out_of_memory_forward_that_kept_nothing_raises(base, monkeypatch):
     with pytest.raises(torch.OutOfMemoryError), torch.no_grad():  # an evaluation call has no plan to back off
         model.eval()(input_ids=torch.zeros(1, 8, dtype=torch.long), use_cache=False)
     assert not backbone_state(model).budget.backed_off
+
 
 # -- layers that save their attention (the middle tier, where attention's saved tensors grow with the tokens) --
 def test_attention_saving_fills_the_room_before_whole_layers_are_kept():
