@@ -18,7 +18,6 @@ def backbone_forward(self, *args, **kwargs):
     kwargs.update(zip(positional_parameters(type(self).forward), args))
     if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
         kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
-    # The KV cache is read under either name and handed on as the caller named it (HF warns about the old one).
     deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     add_mask_mapping(self.config, state.cache, kwargs, deferred)
     output = run_planned(self, state, kwargs, original)  # while training: which layers keep, recompute, offload

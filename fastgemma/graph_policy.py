@@ -113,7 +113,7 @@ def graphs_apply(layer, state, hidden_states, kwargs) -> bool:
         return False  # inference: the usual path
     auto = state.options.layer_graphs == "auto"
     if auto:
-        declined = auto_declines(hidden_states)
+        declined = auto_declines(hidden_states) or state.graphs_declined
         if declined is not None:
             return _refuse(declined, auto=True)
     refuse = functools.partial(_refuse, auto=auto)

@@ -128,3 +128,4 @@ class PatchState:
     host_buffers: object = None  # fastgemma.offload.HostBuffers, once an input was offloaded
     kept_layers: frozenset = frozenset()  # during a training call: the layers the memory budget keeps
     attention_saved_layers: frozenset = frozenset()  # ... and those whose attention it saves (the rest recomputed)
+    graphs_declined: object = None  # during a training call: why cuda_graphs="auto" runs its layers op by op

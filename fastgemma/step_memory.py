@@ -97,6 +97,10 @@ def planned_call(backbone, state, kwargs):
         layer.gradient_checkpointing = False
     state.kept_layers = frozenset(kept)  # graphed layers among them run their kept recordings
     state.attention_saved_layers = frozenset(saved)
+    if graphed and plan.offloaded and state.options.layer_graphs == "auto":
+        # A step short of room to checkpoint runs op by op: the graphs' pool and static buffers would take room
+        # it lacks. cuda_graphs=True still offloads the graphed layers' inputs.
+        state.graphs_declined = "the memory plan offloads checkpointed inputs to CPU memory"
     try:
         with router if router is not None else contextlib.nullcontext():
             yield plan
@@ -104,6 +108,7 @@ def planned_call(backbone, state, kwargs):
         for layer in (*saved, *kept):
             layer.gradient_checkpointing = True
         state.kept_layers = state.attention_saved_layers = frozenset()
+        state.graphs_declined = None
     graphed_bytes = state.graphs.kept_bytes.get(bucket) if graphed and state.graphs is not None else None
     budget.finish_forward(plan, router.counted if count else None, input_bytes,
                           graphed_bytes, bucket)

@@ -238,6 +238,28 @@ def test_compiled_layers_keep_or_recompute_and_offload_exactly(base, monkeypatch
     assert fastgemma.memory_plan(offloaded).offloaded == 4 and len(copies) == 3 * 4
 
 
+def test_under_auto_a_call_that_offloads_runs_op_by_op(base, monkeypatch, caplog):
+    """cuda_graphs="auto" (pretended on a CPU) graphs a call with room to checkpoint, and runs one whose plan
+    offloads op by op: the same results, inputs on the host, nothing recorded, and the log says why."""
+    import logging
+
+    from fastgemma import graph_policy, log
+
+    monkeypatch.setattr(graph_policy, "auto_graphs_decline", lambda *args: None)
+    reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, cuda_graphs=False))
+    graphed = lora_model(base, fused_ops=True)
+    assert_same_training(train_steps(graphed, memory=FakeMemory()), reference, 1e-5)
+    assert backbone_state(graphed).graphs.captures > 0
+    copies = host_copies(monkeypatch)
+    log.said.clear()
+    offloaded = lora_model(base, fused_ops=True, force_offload=True)
+    with caplog.at_level(logging.INFO, logger="fastgemma"):
+        assert_same_training(train_steps(offloaded, memory=FakeMemory()), reference, 1e-5)
+    assert fastgemma.memory_plan(offloaded).offloaded == 4 and len(copies) == 3 * 4
+    assert backbone_state(offloaded).graphs.captures == 0 and backbone_state(offloaded).graphs_declined is None
+    assert "cuda_graphs=auto: the memory plan offloads checkpointed inputs" in caplog.text
+
+
 # -- the recipe ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, value, patched", [("auto", "auto", "auto"), ("off", "off", None),
                                                   ("20", 20.0, 20 * GiB), ("0.5", 0.5, GiB // 2)])
