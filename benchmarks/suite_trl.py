@@ -92,6 +92,7 @@ def _make_trainer_cls(pad_token_id: int | None = None, trainer: str = "trl"):
             self.device = device
             self.t_begin = None
             self.ends: list[float] = []
+            self.graph_lengths: list[int] = []  # after each step: how many lengths fastgemma has recorded graphs at
 
         def on_train_begin(self, args, state, control, **kw):
             C.sync(self.device)
@@ -100,6 +101,8 @@ def _make_trainer_cls(pad_token_id: int | None = None, trainer: str = "trl"):
         def on_step_end(self, args, state, control, **kw):
             C.sync(self.device)
             self.ends.append(time.perf_counter())
+            model = kw.get("model")
+            self.graph_lengths.append(len(_graph_lengths(model)) if model is not None else 0)
 
     class CountingSFTTrainer(SFTTrainer):
         """SFTTrainer that records the real, the loss-bearing and the computed (padded) tokens of every
@@ -227,6 +230,25 @@ def uneven_steps_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
+def recording_steps(graph_lengths: list[int]) -> list[int]:
+    """The steps (0-based) in which fastgemma recorded CUDA graphs at a new length, from the count of recorded
+    lengths after each step."""
+    return [k for k, count in enumerate(graph_lengths) if count > (graph_lengths[k - 1] if k else 0)]
+
+
+def recording_notes(rows: list[dict]) -> list[str]:
+    """A note per row that recorded CUDA graphs in a steady step: that recording's time is in its tokens/s."""
+    notes = []
+    for r in rows:
+        warm, profiled = r.get("warmup_steps", 0), r.get("profiled_step")
+        steady = [k for k in r.get("recording_steps") or [] if k >= warm and k != profiled]
+        if r.get("status") == "ok" and steady:
+            notes.append(f"NOTE: {r.get('label', r['contender'])} ({r['model']}) recorded CUDA graphs at a new "
+                         f"length in steady step(s) {', '.join(map(str, steady))} (counting from 0), so its tokens/s "
+                         f"includes those recordings; more --warmup moves them out")
+    return notes
+
+
 def busy_over_unprofiled(kernel_s: float | None, profiled_tokens: int, steady: list[float]) -> float | None:
     """CUDA time over wall time for an unprofiled step: the profiled step's kernel seconds per token
     times the steady steps' tokens per second (the profiler inflates the host's share of its own step)."""
@@ -305,6 +327,7 @@ def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_
         "gpu_kernel_s": probe.kernel_s,
         "gpu_idle_gaps": probe.idle_gaps,
         "profiled_step": profiled,
+        "recording_steps": recording_steps(getattr(clock, "graph_lengths", [])),
     }
 
 
@@ -605,6 +628,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
             if getattr(args, "on_row", None):
                 args.on_row(res)
     res.notes.extend(uneven_steps_notes(res.rows))
+    res.notes.extend(recording_notes(res.rows))
     versions = unsloth_versions_note(res.rows)
     if versions:
         res.notes.append(versions)

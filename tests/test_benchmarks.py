@@ -624,6 +624,17 @@ def test_trl_rows_with_a_recompile_among_their_steady_steps_are_flagged():
     assert len(notes) == 1 and "HF flex_attention (2b)" in notes[0] and "332-13,753" in notes[0]
 
 
+def test_trl_rows_that_record_cuda_graphs_in_a_steady_step_are_noted():
+    """Each step's count of recorded lengths gives the steps that recorded; only steady ones get a note."""
+    from benchmarks.suite_trl import recording_notes, recording_steps
+
+    assert recording_steps([2, 3, 3, 4]) == [0, 1, 3] and recording_steps([0, 0]) == [] and recording_steps([]) == []
+    late = {"status": "ok", "contender": "fastgemma", "label": "fastgemma", "model": "2b", "warmup_steps": 2,
+            "profiled_step": 5, "recording_steps": [0, 1, 3, 5]}
+    notes = recording_notes([late, {**late, "recording_steps": [0, 1, 5]}, {**late, "status": "failed"}])
+    assert len(notes) == 1 and "fastgemma (2b)" in notes[0] and "step(s) 3 " in notes[0]
+
+
 def test_unsloth_documents_are_cut_to_max_length_before_its_trainer_sees_them():
     """Unsloth cuts an over-long batch's input_ids but not its labels, and its fused loss then indexed out of
     bounds on the GPU: the Unsloth process cuts every document to max_length first."""
