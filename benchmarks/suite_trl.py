@@ -27,6 +27,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -619,6 +620,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
                     row.update(m)
                     row.update(model_flops(name, max_length, args.lora_r, row.get("tokens_per_s"), device))
                 C.free_memory(device)
+                shutil.rmtree(out_dir, ignore_errors=True)  # the trainers' output: nothing the row needs
             C.log(
                 f"  {name} {cname:<10} {row['status']} 1st step: {C.fmt(row.get('first_step_from_train_s'), 1)} s "
                 f"(from load {C.fmt(row.get('first_step_from_load_s'), 1)} s) tok/s={C.fmt(row.get('tokens_per_s'), 0)} "

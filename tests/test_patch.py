@@ -194,10 +194,13 @@ _SAVED = {}
 
 
 def _saved_tiny_model():
+    import atexit
+    import shutil
     import tempfile
 
     if "path" not in _SAVED:
         path = tempfile.mkdtemp(prefix="fastgemma-tiny-")
+        atexit.register(shutil.rmtree, path, True)
         random_gemma2(tiny_gemma2_config(head_dim=64, heads=2, kv_heads=1)).save_pretrained(path)
         _SAVED["path"] = path
     return _SAVED["path"]
