@@ -3,6 +3,7 @@ while training, its memory plan (fastgemma.step_memory), around the backbone's o
 
 from __future__ import annotations
 
+from .hf_layers import checkpointing_in_forward
 from .mask_mapping import add_mask_mapping
 from .patching import positional_parameters, state_of
 from .step_memory import run_planned
@@ -20,7 +21,9 @@ def backbone_forward(self, *args, **kwargs):
         kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
     deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     add_mask_mapping(self.config, state.cache, kwargs, deferred)
-    output = run_planned(self, state, kwargs, original)  # while training: which layers keep, recompute, offload
+    layers = getattr(self, "layers", ()) if self.training else ()
+    with checkpointing_in_forward(layers):  # (where transformers checkpoints around the layers' forwards)
+        output = run_planned(self, state, kwargs, original)  # while training: which layers keep, recompute, offload
     for check in deferred:  # a bad batch raises before anyone uses this output
         check.raise_if_failed()
     return output

@@ -12,6 +12,7 @@ import functools
 import torch
 
 from .attention import backend_runs_flex, flex_compile_settings
+from .hf_layers import checkpoint_function
 from .masks import AttentionMask
 from .ops.compile import compile_function, mark_dynamic
 from .options import fused_here
@@ -30,7 +31,7 @@ def region_applies(layer, hidden_states) -> bool:
     if not fused_here(layer, hidden_states):
         return False
     if layer.gradient_checkpointing and layer.training:
-        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        checkpoint = checkpoint_function(layer)
         if getattr(checkpoint, "keywords", {}).get("use_reentrant", True) is not False:
             return False
     return True
@@ -64,7 +65,7 @@ def run_region(checkpointed_layer, layer, attention, hidden_states, *args, **kwa
     prepare_masks(attention, hidden_states, kwargs.get("attention_mask"))
     for tensor in (hidden_states, *(kwargs.get("position_embeddings") or ())):
         mark_dynamic(tensor)  # batch and tokens vary; features do not
-    checkpoint = recompute_everything_checkpoint(getattr(layer, "_gradient_checkpointing_func", None))
+    checkpoint = recompute_everything_checkpoint(checkpoint_function(layer))
     with flex_compile_settings():  # the region traces flex_attention (on GPUs)
         return compiled(checkpointed_layer)(layer, hidden_states, *args, checkpoint=checkpoint, **kwargs)
 

@@ -24,7 +24,7 @@ from transformers.models.gemma2 import modeling_gemma2
 from fastgemma.attention import dense_softcap_attention, softcap_attention
 from fastgemma.backbone import backbone_forward
 from fastgemma.graph_policy import graphed_layers, graphs_apply, run_graphed
-from fastgemma.hf_layers import cache_in, pop_cache, run_checkpointed
+from fastgemma.hf_layers import cache_in, checkpoint_function, pop_cache, run_checkpointed
 from fastgemma.mask_mapping import mask_cache
 from fastgemma.masks import AttentionMask
 from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
@@ -211,7 +211,7 @@ def attention_saved_layer(self, hidden_states, *args, position_embeddings=None, 
     """The layer checkpointed in two pieces around its attention, whose inputs and output stay saved: the backward
     recomputes the norms, projections and MLP, not the attention. Where its attention module is hooked (or the
     call is not the usual training call) the whole layer is checkpointed instead."""
-    checkpoint = self._gradient_checkpointing_func
+    checkpoint = checkpoint_function(self)
     if args or cache_in(kwargs) is not None or kwargs.get("output_attentions") or has_global_hooks() \
             or has_own_hooks(self.self_attn):
         body = functools.partial(decoder_layer_body, self, *args, position_embeddings=position_embeddings,

@@ -84,21 +84,27 @@ def test_gradient_checkpointing_saves_what_hf_saves(order, with_peft, use_reentr
         assert relative_error(patched_grads[name], reference_grads[name]) < GRAD_TOLERANCE, name
 
 
-def test_checkpointing_in_call_layout_recomputes_each_layer_once(monkeypatch):
-    """Older transformers 5.x checkpoint in GradientCheckpointingLayer.__call__ (around the instance
-    forward); there fastgemma must not checkpoint a second time inside its forward."""
+def checkpointing_in_call(monkeypatch):
+    """Emulates transformers before 5.23, which checkpoint in GradientCheckpointingLayer.__call__ (around the
+    instance forward), in a few lines."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    import fastgemma.patches.gemma2 as glue
     from fastgemma import hf_layers
 
-    def call_with_checkpointing(self, *args, **kwargs):  # the older layout, in a few lines
+    def call_with_checkpointing(self, *args, **kwargs):
         if self.gradient_checkpointing and self.training:
             return self._gradient_checkpointing_func(functools.partial(torch.nn.Module.__call__, self, **kwargs), *args)
         return torch.nn.Module.__call__(self, *args, **kwargs)
 
     monkeypatch.setattr(GradientCheckpointingLayer, "__call__", call_with_checkpointing, raising=False)
     assert not hf_layers.hf_checkpoints_in_forward()
+
+
+def test_checkpointing_in_call_layout_recomputes_each_layer_once(monkeypatch):
+    """Where transformers checkpoints in a layer's __call__, fastgemma must not checkpoint a second time."""
+    import fastgemma.patches.gemma2 as glue
+
+    checkpointing_in_call(monkeypatch)
     calls = []
     body = glue.decoder_layer_body
     monkeypatch.setattr(glue, "decoder_layer_body", lambda *a, **k: calls.append(1) or body(*a, **k))
@@ -110,6 +116,30 @@ def test_checkpointing_in_call_layout_recomputes_each_layer_once(monkeypatch):
     model.train()
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     assert len(calls) == 2 * 2  # per layer: the forward and one recompute, not two
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointing_in_call_layout_runs_graphed_layers_once_per_step(monkeypatch, use_reentrant):
+    """There a graphed layer (its backward graph recomputes it) must not be run again by a recompute around it:
+    one graphed call per layer and step, HF eager's loss and gradients, HF's own checkpoint function restored."""
+    from test_compile_layers import lora_models, packed_step
+
+    from fastgemma import graphs
+
+    checkpointing_in_call(monkeypatch)
+    calls = []
+    record = graphs.GraphedLayers.__call__
+    monkeypatch.setattr(graphs.GraphedLayers, "__call__", lambda *a, **k: calls.append(1) or record(*a, **k))
+    reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, reentrant=use_reentrant,
+                                     cuda_graphs=True)
+    functions = [layer._gradient_checkpointing_func for layer in patched.base_model.model.model.layers]
+    for step, lengths in enumerate([[40, 9, 30], [25, 50]]):
+        calls.clear()
+        _, ref_loss, ref_grads = packed_step(reference, lengths, step)
+        _, loss, grads = packed_step(patched, lengths, step)
+        assert len(calls) == 4 and relative_error(loss, ref_loss) < 1e-4
+        assert_same_gradients(grads, ref_grads, GRAD_TOLERANCE)
+    assert [layer._gradient_checkpointing_func for layer in patched.base_model.model.model.layers] == functions
 
 
 # --------------------------------------------------------------------------------------
