@@ -188,7 +188,8 @@ def test_compiled_backward_runs_again_through_a_retained_graph_whatever_the_cach
     out = ours(*inputs, mask, 0.25, 50.0)
     got = torch.autograd.grad(out, inputs, torch.ones_like(out), create_graph=True)
     assert all(relative_error(g, w / 2) < 1e-5 for g, w in zip(got, expected))
-    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+    # (torch 2.11 refuses earlier: its compiled backward returns gradients without a grad_fn)
+    with pytest.raises(RuntimeError, match="does not currently support double backward|does not have a grad_fn"):
         sum(g.square().sum() for g in got).backward()
     torch._dynamo.reset()
 
