@@ -93,17 +93,20 @@ def _make_trainer_cls(pad_token_id: int | None = None, trainer: str = "trl"):
             self.device = device
             self.t_begin = None
             self.ends: list[float] = []
+            self.starts: list[float] = []  # each step's start: the previous end, after this clock's own work
             self.graph_lengths: list[int] = []  # after each step: how many lengths fastgemma has recorded graphs at
 
         def on_train_begin(self, args, state, control, **kw):
             C.sync(self.device)
             self.t_begin = time.perf_counter()
+            self.starts = [self.t_begin]
 
         def on_step_end(self, args, state, control, **kw):
             C.sync(self.device)
             self.ends.append(time.perf_counter())
             model = kw.get("model")
             self.graph_lengths.append(len(_graph_lengths(model)) if model is not None else 0)
+            self.starts.append(time.perf_counter())  # (the module walk above is no step's time)
 
     class CountingSFTTrainer(SFTTrainer):
         """SFTTrainer that records the real, the loss-bearing and the computed (padded) tokens of every
@@ -294,7 +297,7 @@ def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_
     # one entry per optimizer step: the sums over its `accum` micro-batches
     toks = [tuple(sum(t[i] or 0 for t in micro[k:k + accum]) for i in range(4)) for k in range(0, len(micro), accum)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    starts = [clock.t_begin] + ends[:-1]
+    starts = (getattr(clock, "starts", None) or [clock.t_begin] + ends[:-1])[:len(ends)]
     durs = [e - s for s, e in zip(starts, ends)]
     per_step = [t[0] / d for t, d in zip(toks, durs) if d > 0]
     warm = min(warmup, max(0, len(per_step) - 1))

@@ -271,6 +271,20 @@ def test_trl_gpu_busy_follows_the_computed_tokens_of_padded_batches():
     assert row["gpu_busy"] == pytest.approx(0.5)  # not min(1, 0.5 / 1000 * 3500)
 
 
+def test_trl_step_times_leave_out_the_clocks_own_work_between_steps():
+    """The step clock's bookkeeping after a step (reading the recorded graph lengths) is no step's time."""
+    from types import SimpleNamespace
+
+    from benchmarks.suite_trl import summarize
+
+    clock = SimpleNamespace(t_begin=0.0, ends=[1.0, 2.5, 3.5], starts=[0.0, 1.5, 2.5, 3.7], graph_lengths=[1, 1, 1])
+    probe = SimpleNamespace(step=None, busy=None, kernel_s=None, idle_gaps=None)
+    trainer = SimpleNamespace(_bench_tokens=[(1000, 900, 1000, 1000)] * 3,
+                              state=SimpleNamespace(log_history=[{"loss": 1.0}]))
+    row = summarize(clock, probe, trainer, accum=1, warmup=1, t_load0=0.0, t_loaded=0.0, t_trainer=0.0, peak=None)
+    assert row["step_s"] == [1.0, 1.0, 1.0] and row["tokens_per_s"] == 1000.0
+
+
 def test_idle_gaps_name_the_longest_kernel_free_stretches_and_what_the_host_ran():
     from benchmarks.suite_trl import idle_gaps
 
