@@ -1,4 +1,4 @@
-"""GPU check of issue #12's levers: the approximate softcap tanh and fastgemma's flex kernel options.
+"""GPU check of the softcap's speed levers: the approximate softcap tanh and fastgemma's flex kernel options.
 
     python -m benchmarks.check_softcap                      # all of it, about 3-4 min on an H100
     python -m benchmarks.check_softcap --models 2b --cases 8192:causal
@@ -19,7 +19,7 @@ at 8192 tokens causal, 2048 causal and 8192 sliding(4096). Variants:
 
 Each is timed forward and backward apart (benchmarks/tune_flex.py's `measure`) and checked against the
 kernel suite's float64 reference on the first call (benchmarks/suite_kernel.py). The verdict: the
-approximate tanh passes issue #12's accuracy rule where its 'err out' and 'err grad' (the kernel
+approximate tanh passes the accuracy rule where its 'err out' and 'err grad' (the kernel
 suite's two error columns) are no larger than HF eager bf16's. Writes $OUT/softcap.json (or --json)
 after every row. A variant that fails prints its error in its row and the table goes on.
 """
@@ -43,7 +43,7 @@ VARIANTS = ("approx+tuned", "approx", "exact", "hf-eager", "fa4", "flex-flash")
 DEFAULT_VARIANTS = ("approx+tuned", "approx", "exact", "hf-eager")
 CASES = ((8192, "causal"), (2048, "causal"), (8192, "sliding"))  # the target first, in case time runs out
 WINDOW = 4096
-TARGET_TFLOPS = 200  # issue #12: fwd+bwd at 8192 tokens causal, kernel suite's count
+TARGET_TFLOPS = 200  # the softcapped kernels' goal: fwd+bwd at 8192 tokens causal, kernel suite's count
 
 
 def variant_forward(variant: str, spec: MaskSpec, heads, scale: float, softcap: float, query):
@@ -227,7 +227,7 @@ def table(rows: list[dict], found: list[dict], env: dict) -> str:
         ])
     notes = [
         (
-            "TFLOP/s: forward 4·D·H·pairs; backward 2.5x that (FlashAttention's count, issue #12's numbers); "
+            "TFLOP/s: forward 4·D·H·pairs; backward 2.5x that (FlashAttention's count); "
             "fwd+bwd 2.5x forward (the kernel suite's count). 'vs HF eager': fwd+bwd time ratio. Errors against "
             "float64 on kv head 0's query heads: err out = max|Δ| of the output, rel = max|Δ|/max|ref|, "
             "err grad = worst of rel dq, dk, dv. compile s = first call (fwd+bwd, compiles included)."

@@ -1,4 +1,4 @@
-"""Past one GPU: the recipe on 1 and 2 GPUs (DDP), and FSDP under a per-GPU memory cap (issue #14).
+"""Past one GPU: the recipe on 1 and 2 GPUs (DDP), and FSDP under a per-GPU memory cap.
 
 Commands of at most 10 minutes each on a 2-GPU machine (NCCL_NVLS_ENABLE=0 is set for the runs):
 

@@ -77,8 +77,8 @@ def parse_options(text: str) -> dict | str | None:
 
 
 def flop_rates(fwd_flops: float, result: dict) -> dict:
-    """TFLOP/s with fwd_flops = 4·D·H·pairs: forward; backward at 2.5x that (FlashAttention's count, as in
-    issue #12); fwd+bwd at 2.5x (the kernel suite's count, benchmarks/README.md)."""
+    """TFLOP/s with fwd_flops = 4·D·H·pairs: forward; backward at 2.5x that (FlashAttention's count);
+    fwd+bwd at 2.5x (the kernel suite's count, benchmarks/README.md)."""
     rates = {}
     for key, flops in (("fwd", fwd_flops), ("bwd", 2.5 * fwd_flops), ("total", 2.5 * fwd_flops)):
         ms = result.get(f"{key}_ms")

@@ -3,7 +3,7 @@
 FlashAttention 2 and 3 compute their logit softcap with CUTLASS's fast tanh, that one hardware
 instruction (relative error about 2^-11). ``torch.tanh`` compiles to a libdevice routine of a few
 dozen instructions, evaluated for every (query, key) pair: at head_dim 256 it bounds the
-softcapped flex_attention kernels (issue #12).
+softcapped flex_attention kernels' speed.
 
 ``tanh_approx(x)`` is a torch custom op, ``fastgemma::tanh_approx``:
 

@@ -155,7 +155,7 @@ def run_fwd_bwd(fn, tensors, grad_out):
 @pytest.mark.parametrize("head_dim,heads,kv_heads,scalar", [(256, 8, 4, 256), (128, 16, 8, 144)])
 @pytest.mark.parametrize("kind", ["sliding", "packed"])  # both are causal too
 def test_approx_tanh_flex_is_no_further_from_float64_than_hf_eager_bf16(head_dim, heads, kv_heads, scalar, kind):
-    """Issue #12's accuracy rule on fresh inputs: the approximate-tanh kernels' output and gradients
+    """The approximate tanh's accuracy rule, on fresh inputs: the approximate-tanh kernels' output and gradients
     are no further from float64 than HF eager's in bf16 (and within the bf16 tolerance)."""
     device = torch.device("cuda")
     assert resolve_softcap_tanh("approx", device) == "approx", "no approximate tanh with this torch (see the log)"
