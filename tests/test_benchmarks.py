@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -299,12 +300,13 @@ def test_idle_gaps_name_the_longest_kernel_free_stretches_and_what_the_host_ran(
     assert idle_gaps([(0.0, 10.0)], host) == [] and idle_gaps([], host) == []
 
 
-def test_context_suite_tiny_and_default_results_untouched(tmp_path, ckpt_dir):
+def test_context_suite_tiny_and_default_results_untouched(tmp_path, ckpt_dir, request):
     before = _results_file_state()
     js = tmp_path / "ctx.json"
     payload = bench_run.main(["--suite", "context", "--tiny", *CPU, "--ckpt-dir", ckpt_dir, "--json", str(js)])
     assert _results_file_state() == before  # --tiny never writes benchmarks/results.jsonl by itself
     assert payload["results_file"] and os.path.abspath(payload["results_file"]) != bench_run.DEFAULT_RESULTS
+    request.addfinalizer(lambda: shutil.rmtree(os.path.dirname(payload["results_file"]), ignore_errors=True))
     text = payload["sections"]["context"]
     _check_header(text, "context", "--suite context --tiny")
     rows = json.loads(js.read_text())["suites"]["context"]["rows"]
