@@ -88,7 +88,6 @@ LABELS = {
     "fastgemma-flash": "fastgemma, FlashAttention 4 under flex",
     "fastgemma-checkpoint-all": "fastgemma, every layer checkpointed (memory_budget=None)",
     "fastgemma-offload": "fastgemma, checkpointed inputs offloaded to CPU",
-    "fastgemma-graphs-keep": "fastgemma, graphed layers kept (no recompute)",
     "unsloth": "Unsloth",
     "unsloth-nocompile": "Unsloth, no block compile",
 }

@@ -11,14 +11,12 @@ from . import common as C
 
 IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager", "fastgemma-ops": "eager",
         "fastgemma-attn": "eager", "fastgemma-graphs": "eager",
-        "fastgemma-flash": "eager", "fastgemma-checkpoint-all": "eager", "fastgemma-offload": "eager",
-        "fastgemma-graphs-keep": "eager"}
+        "fastgemma-flash": "eager", "fastgemma-checkpoint-all": "eager", "fastgemma-offload": "eager"}
 # patch_model's settings per fastgemma contender. fastgemma-attn: attention only, to measure what the fused
 # elementwise ops add; fastgemma-graphs: per-layer CUDA graphs wherever they can run (cuda_graphs=True);
 # fastgemma-flash: FlashAttention 4's kernels under flex_attention (flex_kernel_options="experimental-flash";
 # needs flash-attn-4); fastgemma-checkpoint-all: every layer recomputed, as without the memory budget;
 # fastgemma-offload: every checkpointed input offloaded to CPU memory, for what offloading costs;
-# fastgemma-graphs-keep: the budget also keeps CUDA-graphed layers' activations (no recompute at small micro-steps).
 FASTGEMMA_PATCH = {
     "fastgemma": {},  # patch_model's defaults: what the README's snippet runs
     "fastgemma-ops": {"cuda_graphs": False},  # the op-by-op layers, for the graphs' memory and speed
@@ -27,7 +25,6 @@ FASTGEMMA_PATCH = {
     "fastgemma-flash": {"fused_ops": "auto", "flex_kernel_options": "experimental-flash"},
     "fastgemma-checkpoint-all": {"memory_budget": None},
     "fastgemma-offload": {"force_offload": True},
-    "fastgemma-graphs-keep": {"keep_graphed_layers": True},
 }
 
 # Unsloth, trl suite only, in a process of its own (benchmarks/unsloth_trl.py): importing it patches transformers

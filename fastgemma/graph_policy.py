@@ -48,7 +48,7 @@ def auto_graphs_decline(device_type: str, tokens: int, processes: int) -> Option
 
 def graphs_expected(options, device: torch.device, tokens: int) -> bool:
     """Whether a training call of `tokens` tokens on `device` will run its decoder layers as CUDA graphs (which
-    recompute, unless the memory budget may keep graphed layers: PatchOptions.keep_graphed_layers)."""
+    recompute each layer in its backward graph)."""
     graphs = options.layer_graphs
     if not graphs or options.fused_ops is False or (options.fused_ops == "auto" and device.type != "cuda"):
         return False
@@ -117,7 +117,7 @@ def graphs_apply(layer, state, hidden_states, kwargs) -> bool:
         if declined is not None:
             return _refuse(declined, auto=True)
     refuse = functools.partial(_refuse, auto=auto)
-    if not layer.gradient_checkpointing and layer not in state.kept_layers:  # (the budget's kept layers are graphed)
+    if not layer.gradient_checkpointing:
         return refuse("gradient checkpointing is off (the graphed backward recomputes each layer, as "
                       "checkpointing does)", logging.INFO)
     if hidden_states.dim() != 3 or not isinstance(kwargs.get("attention_mask"), AttentionMask):
@@ -163,5 +163,4 @@ def run_graphed(layer, attention, state, hidden_states, kwargs):
     sources = (cos, sin, kwargs["attention_mask"], reads_block_masks(attention, cos.device))
     longest = state.cache.max_row_tokens
     return state.graphs(layer, hidden_states, sources, graph_length(state, hidden_states),
-                        kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest),
-                        keep=layer in state.kept_layers)
+                        kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest))

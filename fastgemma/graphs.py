@@ -23,12 +23,6 @@ shapes and fixed addresses, so:
 
 Padding rows are zeros with a zero output gradient, so they add exactly nothing to any gradient.
 
-A layer may also be recorded *kept* (`keep=True`, where the memory budget lets a layer keep its activations):
-its forward graph keeps its autograd graph, whose saved tensors then stay in the pool for good, with a static
-input of its own, and its backward graph differentiates that graph without recomputing the layer. A kept layer's
-backward needs the activations of its own forward: when another forward of the layer came in between (two
-forwards, then their backwards), it recomputes the layer outside the graphs instead.
-
 On a CPU (and wherever `replay="rerun"`), the same machinery runs without capture: "replaying"
 re-runs the recorded call on the static buffers. The CPU tests use it to check everything but the
 capture itself.
@@ -45,7 +39,6 @@ from typing import Callable, Optional
 
 import torch
 
-from .offload import SavedBytes
 from .ops.compile import mark_dynamic
 
 logger = logging.getLogger("fastgemma")
@@ -156,18 +149,11 @@ class _Buffers:
 
 
 class _LayerGraphs:
-    """The forward and backward recordings of one layer at one bucket (and, when kept, the static input its
-    activations were recorded from, and how many forwards it has replayed: a backward must follow its own)."""
+    """The forward and backward recordings of one layer at one bucket."""
 
-    def __init__(self, layer, signature, forward: _Recording, backward: _Recording, kept_input=None):
+    def __init__(self, layer, signature, forward: _Recording, backward: _Recording):
         self.layer, self.signature = layer, signature
         self.forward, self.backward = forward, backward
-        self.kept_input = kept_input
-        self.forwards = 0
-
-    @property
-    def kept(self) -> bool:
-        return self.kept_input is not None
 
 
 class GraphedLayers:
@@ -198,13 +184,12 @@ class GraphedLayers:
         self._stream = None
         self.captures = 0          # layer recordings made (each is a forward and a backward graph)
         self.recordings_again = 0  # of those, layers recorded again at a length (their signature changed)
-        self.kept_bytes: dict = {}  # bucket length -> the most bytes one kept layer's recording keeps saved
 
     def __getstate__(self):
         # Graphs and static buffers belong to one process and one set of weights: a copy records its own.
         state = dict(self.__dict__)
         for name in ("_buffers", "_storages", "_grad_buffers", "_statics", "_layers", "_stand_ins", "_lengths",
-                     "_pool", "_stream", "captures", "recordings_again", "kept_bytes"):
+                     "_pool", "_stream", "captures", "recordings_again"):
             state.pop(name, None)
         return state
 
@@ -226,12 +211,11 @@ class GraphedLayers:
         return LayerPlan(layer, self.layer_signature)
 
     def __call__(self, layer, x: torch.Tensor, sources, length: int, plan: "LayerPlan" = None,
-                 capacity: int = 0, keep: bool = False) -> torch.Tensor:
+                 capacity: int = 0) -> torch.Tensor:
         """The layer's output for `x` (batch, tokens, ...) at bucket `length` >= tokens. `capacity`: the longest
-        bucket the caller expects; static buffers are sized for it, so that later, longer buckets share them.
-        `keep`: run the layer's kept recording (its activations stay saved: no recompute in the backward)."""
+        bucket the caller expects; static buffers are sized for it, so that later, longer buckets share them."""
         plan = plan or self.plan(layer)
-        return _GraphedCall.apply(self, plan, sources, (length, capacity, keep), x, *plan.trainable)
+        return _GraphedCall.apply(self, plan, sources, (length, capacity), x, *plan.trainable)
 
     # -- static inputs ------------------------------------------------------------------
     def _mode(self, device):
@@ -292,8 +276,7 @@ class GraphedLayers:
         logger.warning("fastgemma: cuda_graphs: recording a %s again (%d so far): %s changed since its last "
                        "recording at this length", type(layer).__name__, self.recordings_again, ", ".join(changed))
 
-    def _graphs_for(self, plan: "LayerPlan", key, kwargs, buffers: _Buffers, device, keep: bool = False,
-                    length: int = 0) -> _LayerGraphs:
+    def _graphs_for(self, plan: "LayerPlan", key, kwargs, buffers: _Buffers, device) -> _LayerGraphs:
         layer, signature = plan.layer, plan.signature
         graphs = self._layers.get((id(layer), key))
         if graphs is not None and graphs.layer is layer and graphs.signature == signature:
@@ -307,10 +290,6 @@ class GraphedLayers:
 
         slots = plan.slots
         grad_buffers = self._grad_buffers_for(slots)
-        # A kept layer's input must outlive the other layers' replays (its activations may be views of it).
-        source = torch.zeros_like(buffers.x, memory_format=torch.contiguous_format) if keep else buffers.x
-        recorded = {}  # a kept recording's autograd graph: (input, stand-ins, output)
-        counter = SavedBytes({p.untyped_storage().data_ptr() for _, _, p in slots}) if keep else None
 
         def differentiable_body():
             # Autograd on, over stand-ins that share the parameters' storage: autograd keeps one gradient
@@ -319,8 +298,8 @@ class GraphedLayers:
             # The autograd graph is the recording's own: a caller's saved-tensor hooks (offloading, say)
             # must neither see it nor run inside a capture, hence private hooks innermost.
             stand_ins = [self._stand_in(p) for _, _, p in slots]
-            with torch.enable_grad(), _parameters_replaced(slots, stand_ins), _private_saved_tensors(counter):
-                x = source.detach().requires_grad_(True)
+            with torch.enable_grad(), _parameters_replaced(slots, stand_ins), _private_saved_tensors():
+                x = buffers.x.detach().requires_grad_(True)
                 mark_dynamic(x)
                 return x, stand_ins, self.body(layer, x, **kwargs)
 
@@ -333,19 +312,9 @@ class GraphedLayers:
                 buffers.out.copy_(y)
             return (buffers.out,)
 
-        def kept_forward_call():
-            # The autograd graph stays (in the pool, under capture): the backward differentiates it as it is.
-            recorded["graph"] = differentiable_body()
-            return (recorded["graph"][2],)
-
         def backward_call():
-            if keep:
-                x, stand_ins, y = recorded["graph"]
-                grads = torch.autograd.grad(y, (x, *stand_ins), buffers.grad_out, allow_unused=True,
-                                            retain_graph=True)
-            else:
-                x, stand_ins, y = differentiable_body()
-                grads = torch.autograd.grad(y, (x, *stand_ins), buffers.grad_out, allow_unused=True)
+            x, stand_ins, y = differentiable_body()
+            grads = torch.autograd.grad(y, (x, *stand_ins), buffers.grad_out, allow_unused=True)
             with torch.no_grad():
                 buffers.out.copy_(grads[0])
                 for buffer, grad in zip(grad_buffers, grads[1:]):
@@ -354,72 +323,47 @@ class GraphedLayers:
             # The gradients themselves are freed into the pool, for the next recording to reuse.
             return (buffers.out, *(None if g is None else b for b, g in zip(grad_buffers, grads[1:])))
 
-        forward_function = kept_forward_call if keep else forward_call
         started = time.perf_counter()
         if mode == "cuda":
             # Warm up on the capture stream (compiles, autotuning, lazy library setup), then capture.
             self._stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(self._stream):
-                forward_function()
+                forward_call()
                 backward_call()
             torch.cuda.current_stream(device).wait_stream(self._stream)
         forward, backward = _Recording(mode, self._pool, self._stream), _Recording(mode, self._pool, self._stream)
-        if counter is not None:
-            counter.reset()
-        forward.record(forward_function)
-        if counter is not None:  # what this layer keeps saved at this length, for the memory budget
-            self.kept_bytes[length] = max(self.kept_bytes.get(length, 0), counter.total + source.nbytes)
-            counter.active = False  # (replays without capture run the hooks again)
+        forward.record(forward_call)
         backward.record(backward_call)
         seconds = time.perf_counter() - started
         if seconds > 5:  # the warm-up compiled something: the first layer of a kind, or an unexpected recompile
             logger.info("fastgemma: cuda_graphs: recording a %s took %.1f s (warm-up and capture)",
                         type(layer).__name__, seconds)
-        graphs = self._layers[(id(layer), key)] = _LayerGraphs(layer, signature, forward, backward,
-                                                               source if keep else None)
+        graphs = self._layers[(id(layer), key)] = _LayerGraphs(layer, signature, forward, backward)
         self.captures += 1
         return graphs
 
-    def run_forward(self, plan, sources, length, x, capacity: int = 0, keep: bool = False) -> tuple:
-        """(output, the graphs that made it: its backward replays their backward, their forward count)."""
+    def run_forward(self, plan, sources, length, x, capacity: int = 0) -> tuple:
+        """(output, the graphs that made it: its backward replays their backward)."""
         shape, buffers = self._buffers_for(x, length, capacity)
         key, kwargs = self._bind(sources, length)
-        graphs = self._graphs_for(plan, (shape, key, _autocast_state(x.device), keep), kwargs, buffers, x.device,
-                                  keep, length)
+        graphs = self._graphs_for(plan, (shape, key, _autocast_state(x.device)), kwargs, buffers, x.device)
         if length not in self._lengths:
             self._lengths.add(length)
             logger.info("fastgemma: CUDA-graphed layers recorded at %d tokens (%d of at most %d lengths)",
                         length, len(self._lengths), self.max_buckets)
-        buffers.fill(graphs.kept_input if graphs.kept else buffers.x, x)
+        buffers.fill(buffers.x, x)
         (out,) = graphs.forward.replay()
-        graphs.forwards += 1
-        return out[:, : x.shape[1]].clone(), graphs, graphs.forwards
+        return out[:, : x.shape[1]].clone(), graphs
 
-    def run_backward(self, graphs: _LayerGraphs, sources, length, x, grad_out, forwards: int = 0, plan=None):
+    def run_backward(self, graphs: _LayerGraphs, sources, length, x, grad_out):
         # The graphs the forward replayed (recorded for the weights and inputs of that call), whatever was
         # recorded since; the static inputs are loaded again, as another batch may have run in between.
         _, buffers = self._buffers_for(x, length)
-        if graphs.kept and graphs.forwards != forwards:  # its activations are another forward's by now
-            return self._recomputed_backward(plan, sources, length, x, grad_out)
         self._bind(sources, length)
-        if not graphs.kept:
-            buffers.fill(buffers.x, x)
+        buffers.fill(buffers.x, x)
         buffers.fill(buffers.grad_out, grad_out)
         grad_x, *grad_params = graphs.backward.replay()
         return grad_x[:, : x.shape[1]].clone(), [None if g is None else g.clone() for g in grad_params]
-
-    def _recomputed_backward(self, plan: "LayerPlan", sources, length, x, grad_out):
-        """A kept layer's backward after another forward of it replaced its activations: recompute the layer
-        (outside the graphs, on the layer's own parameters) and differentiate it."""
-        _, kwargs = self._bind(sources, length)
-        padded, grad_padded = (static_like(t, length) for t in (x, grad_out))
-        copy_padded(padded, x)
-        copy_padded(grad_padded, grad_out)
-        with torch.enable_grad(), _private_saved_tensors():
-            padded.requires_grad_(True)
-            y = self.body(plan.layer, padded, **kwargs)
-        grads = torch.autograd.grad(y, (padded, *plan.trainable), grad_padded, allow_unused=True)
-        return grads[0][:, : x.shape[1]], list(grads[1:])
 
 
 def _no_signature(layer) -> None:
@@ -466,10 +410,9 @@ class LayerPlan:
         self.signature = (tuple(map(id, modules)), tuple(storage), extra(layer) if extra else None)
 
 
-def _private_saved_tensors(counter: Optional[SavedBytes] = None):
-    """Saved-tensor hooks that keep tensors as they are (counting their bytes into `counter`, if given),
-    shadowing any the caller set."""
-    return torch.autograd.graph.saved_tensors_hooks(counter.pack if counter is not None else _keep, _keep)
+def _private_saved_tensors():
+    """Saved-tensor hooks that keep tensors as they are, shadowing any the caller set."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def _keep(tensor):
@@ -497,11 +440,10 @@ class _GraphedCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, runner: GraphedLayers, plan: LayerPlan, sources, lengths: tuple, x: torch.Tensor, *trainable):
-        length, capacity, keep = lengths
-        out, graphs, forwards = runner.run_forward(plan, sources, length, x, capacity, keep)
+        length, capacity = lengths
+        out, graphs = runner.run_forward(plan, sources, length, x, capacity)
         ctx.runner, ctx.graphs, ctx.sources, ctx.length = runner, graphs, sources, length
-        ctx.forwards, ctx.plan = forwards, plan
-        ctx.save_for_backward(x)  # a kept layer too: its backward recomputes from it if its activations are gone
+        ctx.save_for_backward(x)
         return out
 
     @staticmethod
@@ -509,8 +451,7 @@ class _GraphedCall(torch.autograd.Function):
         # ctx keeps the graphs and sources afterwards: backward(retain_graph=True) replays them again.
         (x,) = ctx.saved_tensors
         with torch.no_grad():  # create_graph=True runs this with grad mode on; a replay records nothing anyway
-            grad_x, grad_params = ctx.runner.run_backward(ctx.graphs, ctx.sources, ctx.length, x, grad_out.contiguous(),
-                                                          ctx.forwards, ctx.plan)
+            grad_x, grad_params = ctx.runner.run_backward(ctx.graphs, ctx.sources, ctx.length, x, grad_out.contiguous())
         grads = [grad_x if ctx.needs_input_grad[4] else None, *grad_params]
         if torch.is_grad_enabled():
             grads = _not_differentiable_again(grads)

@@ -80,7 +80,8 @@ class DeviceMemory:
     """The allocator's view of one CUDA device; tests put a fake in its place."""
 
     def __init__(self, device: torch.device):
-        self.device = device
+        # torch.cuda's memory-fraction calls need an index: "cuda" means the current device
+        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         self._physical = torch.cuda.mem_get_info(device)[1]  # read once: each read is a driver call
 
     def allocated(self) -> int:
@@ -112,10 +113,8 @@ def check_budget(value) -> None:
 class MemoryBudget:
     """One backbone's budget and what it has measured (per token, so every micro-step length shares it)."""
 
-    def __init__(self, cap: Optional[int] = None, force_offload: bool = False, keep_graphed: bool = False):
-        self.cap, self.force_offload, self.keep_graphed = cap, force_offload, keep_graphed
-        self.graphed_layer_bytes: dict = {}  # bucket length -> what one kept graphed layer holds there
-        self.graphed_kept: dict = {}  # bucket length -> how many graphed layers are kept there, for good
+    def __init__(self, cap: Optional[int] = None, force_offload: bool = False):
+        self.cap, self.force_offload = cap, force_offload
         self.memory = None  # DeviceMemory of the device the last call ran on (or a test's fake)
         self.rest_per_token: Optional[float] = None
         self.layer_per_token: Optional[float] = None
@@ -125,7 +124,7 @@ class MemoryBudget:
         self._after_call = None  # (the peak when the last call's forward ended, allocated then, its tokens)
 
     def __getstate__(self):  # measurements belong to one process and device: a copy measures its own
-        return {"cap": self.cap, "force_offload": self.force_offload, "keep_graphed": self.keep_graphed}
+        return {"cap": self.cap, "force_offload": self.force_offload}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -148,17 +147,13 @@ class MemoryBudget:
         elif self.rest_per_token is None and peak >= allocated_after_forward:  # a bound (a reset lowers the peak)
             self.rest_per_token = (peak - allocated_after_forward) / tokens
 
-    def plan(self, tokens: int, layers: int, input_bytes: int, graphed: bool, bucket: Optional[int] = None,
-             save_attention: bool = False) -> StepPlan:
+    def plan(self, tokens: int, layers: int, input_bytes: int, graphed: bool, save_attention: bool = False) -> StepPlan:
         """The plan for a training call of `tokens` tokens through `layers` checkpointing layers, each input
-        `input_bytes` bytes; `graphed`: the layers run as CUDA graphs at `bucket` tokens, which recompute unless
-        the budget keeps graphed layers too; `save_attention`: layers may save their attention's inputs and
-        output instead of recomputing it."""
+        `input_bytes` bytes; `graphed`: the layers run as CUDA graphs, which recompute in their backward graph;
+        `save_attention`: layers may save their attention's inputs and output instead of recomputing it."""
         self.learn()
         if self.force_offload:
             return self._remember(StepPlan(tokens, layers, offloaded=layers, why="offload forced"))
-        if graphed and self.keep_graphed:
-            return self._remember(self._graphed_plan(tokens, layers, input_bytes, bucket))
         budget, allocated = self.budget(), self.memory.allocated()
         rest = (self.rest_per_token or 0.0) * tokens
         measured_layer = self.layer_per_token is not None
@@ -217,34 +212,11 @@ class MemoryBudget:
         kept = max(0, min(layers, math.floor(left / max(1.0, layer_bytes - attention_bytes))))
         return kept, layers - kept, ""
 
-    def _graphed_plan(self, tokens: int, layers: int, input_bytes: int, bucket: int) -> StepPlan:
-        """Graphed calls keep layers for good: a kept layer's recording holds its activations in the graphs' pool,
-        so the number kept at a bucket length is decided once (after one kept layer was recorded and measured
-        there) and stays. Every graphed call also saves its input."""
-        budget = self.budget()
-        if bucket in self.graphed_kept:
-            return StepPlan(tokens, layers, self.graphed_kept[bucket], 0, int(budget),
-                            "kept graphed layers hold their activations between steps")
-        if self.rest_per_token is None:
-            return StepPlan(tokens, layers, 0, 0, int(budget), "the first step measures the rest of the step")
-        base = self.memory.allocated() + layers * input_bytes + self.rest_per_token * tokens
-        measured = self.graphed_layer_bytes.get(bucket)
-        if measured is None:  # record the last layer kept, which measures what one holds at this length
-            guess = LAYER_GUESS_COPIES * input_bytes * bucket / tokens
-            fits = base + 2 * guess <= budget
-            return StepPlan(tokens, layers, int(fits), 0, int(budget),
-                            PROBE if fits else "no room for one more layer")
-        # The measured layer is recorded kept already: its activations are in `allocated`.
-        kept = 1 + max(0, min(layers - 1, math.floor((budget - base) / max(1.0, measured))))
-        self.graphed_kept[bucket] = kept
-        return StepPlan(tokens, layers, kept, 0, int(budget), "kept graphed layers hold their activations "
-                        "between steps")
-
     def back_off(self, plan: StepPlan) -> bool:
         """A call planned as `plan` ran out of memory in its forward: whether it kept layers (or saved attention)
         and so may fit checkpointing every layer; if it did, no later plan keeps any. Graphed layers kept for good
-        hold their activations in the graphs' pool, which checkpointing would not give back: no back-off there."""
-        if plan.kept + plan.attention_saved == 0 or self.keep_graphed:
+        """
+        if plan.kept + plan.attention_saved == 0:
             return False
         self.backed_off = True
         self._after_call = None  # the failed forward's peak is no step's
@@ -254,14 +226,10 @@ class MemoryBudget:
         self.last_plan = plan
         return plan
 
-    def finish_forward(self, plan: StepPlan, layer_bytes_counted: Optional[int], input_bytes: int,
-                       graphed_layer_bytes: Optional[int] = None, bucket: Optional[int] = None) -> None:
+    def finish_forward(self, plan: StepPlan, layer_bytes_counted: Optional[int], input_bytes: int) -> None:
         """After a planned call's forward: note what it left allocated (the next call learns the rest from the
-        peak), and a kept layer's saved bytes if this call counted them (`graphed_layer_bytes`: what a kept
-        graphed layer's recording at `bucket` holds)."""
-        if graphed_layer_bytes and plan.counts_layer:
-            self.graphed_layer_bytes[bucket] = graphed_layer_bytes
-        elif layer_bytes_counted is not None and plan.why == PROBE_ATTENTION:
+        peak), and a kept layer's saved bytes if this call counted them."""
+        if layer_bytes_counted is not None and plan.why == PROBE_ATTENTION:
             kept_bytes = plan.kept * self.layer_per_token * plan.tokens
             own = layer_bytes_counted - plan.checkpointed * input_bytes - kept_bytes
             self.attention_per_token = max(own, float(input_bytes)) / plan.tokens

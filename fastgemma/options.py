@@ -32,8 +32,6 @@ class PatchOptions:
     memory_budget: "auto", None or a number of bytes.
     force_offload: not a patch_model argument: offload every checkpointed layer's input to CPU memory whatever
         the budget (to measure what offloading costs).
-    keep_graphed_layers: not a patch_model argument: let the budget keep CUDA-graphed layers' activations too
-        (each kept layer's are then held in the graphs' pool between steps); off until measured on GPUs.
     compiled_regions: not a patch_model argument: decoder layers that are not graphed run as one compiled
         region each while training (what cuda_graphs=True falls back to; kept for host-time measurements).
     """
@@ -47,7 +45,6 @@ class PatchOptions:
     memory_budget: Union[str, int, None] = "auto"
     compiled_regions: bool = field(default=False, repr=False)
     force_offload: bool = field(default=False, repr=False)
-    keep_graphed_layers: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.max_row_tokens, int) or isinstance(self.max_row_tokens, bool) \
@@ -65,8 +62,6 @@ class PatchOptions:
         check_budget(self.memory_budget)
         if not isinstance(self.force_offload, bool):
             raise ValueError(f"force_offload must be True or False, got {self.force_offload!r}")
-        if not isinstance(self.keep_graphed_layers, bool):
-            raise ValueError(f"keep_graphed_layers must be True or False, got {self.keep_graphed_layers!r}")
         if not isinstance(self.compiled_regions, bool):
             raise ValueError(f"compiled_regions must be True or False, got {self.compiled_regions!r}")
         if self.flash and (self.compiled_regions or self.cuda_graphs is True):

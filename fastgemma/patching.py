@@ -126,6 +126,6 @@ class PatchState:
     graphs: object = None  # fastgemma.graphs.GraphedLayers while cuda_graphs is on or "auto"
     budget: object = None  # fastgemma.memory_budget.MemoryBudget unless memory_budget=None
     host_buffers: object = None  # fastgemma.offload.HostBuffers, once an input was offloaded
-    kept_layers: frozenset = frozenset()  # during a training call: the layers the memory budget keeps
-    attention_saved_layers: frozenset = frozenset()  # ... and those whose attention it saves (the rest recomputed)
+    attention_saved_layers: frozenset = frozenset()  # during a training call: the layers whose attention the memory
+    # budget saves (the glue checkpoints them in two pieces around it)
     graphs_declined: object = None  # during a training call: why cuda_graphs="auto" runs its layers op by op

@@ -18,7 +18,6 @@ import torch
 
 from .attention import backend_runs_flex
 from .graph_policy import graphs_expected
-from .graphs import bucket_length
 from .log import say_once
 from .memory_budget import DeviceMemory, MemoryBudget, StepPlan
 from .offload import HostBuffers, SavedTensorRouter
@@ -30,8 +29,8 @@ def budget_for(options, previous: Optional[MemoryBudget]) -> Optional[MemoryBudg
     if options.memory_budget is None and not options.force_offload:
         return None
     cap = options.memory_budget if isinstance(options.memory_budget, int) else None
-    settings = (cap, options.force_offload, options.keep_graphed_layers)
-    if previous is not None and (previous.cap, previous.force_offload, previous.keep_graphed) == settings:
+    settings = (cap, options.force_offload)
+    if previous is not None and (previous.cap, previous.force_offload) == settings:
         return previous
     return MemoryBudget(*settings)
 
@@ -79,14 +78,13 @@ def planned_call(backbone, state, kwargs):
     tokens = shape[0] * shape[1]
     input_bytes = tokens * shape[2] * dtype.itemsize
     graphed = graphs_expected(state.options, device, tokens)
-    bucket = bucket_length(shape[1], state.cache.max_row_tokens) if graphed else None
     save_attention = not graphed and not state.options.compiles_layers and attention_memory_is_linear(
         state.options, device, backbone.config)
-    plan = budget.plan(tokens, len(layers), input_bytes, graphed, bucket, save_attention)
+    plan = budget.plan(tokens, len(layers), input_bytes, graphed, save_attention)
     router = None
     if not plan.offloaded and state.host_buffers is not None:
         state.host_buffers.release()
-    count = plan.counts_layer and not graphed  # a graphed layer's recording counts what it keeps itself
+    count = plan.counts_layer and not graphed  # (a graphed plan keeps no layer)
     if plan.offloaded or count:
         storages = _parameter_storages(backbone) if count else ()
         host = state.host_buffers = getattr(state, "host_buffers", None) or HostBuffers()
@@ -95,7 +93,6 @@ def planned_call(backbone, state, kwargs):
     kept, saved = layers[split:], layers[split - plan.attention_saved:split]
     for layer in (*saved, *kept):  # the glue checkpoints the attention-saving layers itself, in two pieces
         layer.gradient_checkpointing = False
-    state.kept_layers = frozenset(kept)  # graphed layers among them run their kept recordings
     state.attention_saved_layers = frozenset(saved)
     if graphed and plan.offloaded and state.options.layer_graphs == "auto":
         # A step short of room to checkpoint runs op by op: the graphs' pool and static buffers would take room
@@ -107,11 +104,9 @@ def planned_call(backbone, state, kwargs):
     finally:
         for layer in (*saved, *kept):
             layer.gradient_checkpointing = True
-        state.kept_layers = state.attention_saved_layers = frozenset()
+        state.attention_saved_layers = frozenset()
         state.graphs_declined = None
-    graphed_bytes = state.graphs.kept_bytes.get(bucket) if graphed and state.graphs is not None else None
-    budget.finish_forward(plan, router.counted if count else None, input_bytes,
-                          graphed_bytes, bucket)
+    budget.finish_forward(plan, router.counted if count else None, input_bytes)
     say_once(("memory plan", plan.kept == plan.layers, plan.kept > 0, plan.offloaded > 0, plan.why), logging.INFO,
              "fastgemma: memory: %s", plan.describe())
 
