@@ -14,7 +14,7 @@ import fastgemma
 from conftest import lora_training_model, random_gemma2, relative_error, tiny_gemma2_config
 from fake_memory import FakeMemory
 from fastgemma import offload
-from fastgemma.memory_budget import GiB, LAYER_GUESS_COPIES, PROBE, PROBE_ATTENTION, MemoryBudget, StepPlan
+from fastgemma.memory_budget import GiB, PROBE, PROBE_ATTENTION, MemoryBudget, StepPlan
 from fastgemma.patching import state_of
 
 
