@@ -82,7 +82,7 @@ class DeviceMemory:
     def __init__(self, device: torch.device):
         # torch.cuda's memory-fraction calls need an index: "cuda" means the current device
         self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-        self._physical = torch.cuda.mem_get_info(device)[1]  # read once: each read is a driver call
+        self._physical = torch.cuda.mem_get_info(self.device)[1]  # read once: each read is a driver call
 
     def allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
@@ -214,8 +214,7 @@ class MemoryBudget:
 
     def back_off(self, plan: StepPlan) -> bool:
         """A call planned as `plan` ran out of memory in its forward: whether it kept layers (or saved attention)
-        and so may fit checkpointing every layer; if it did, no later plan keeps any. Graphed layers kept for good
-        """
+        and so may fit checkpointing every layer; if it did, no later plan keeps any."""
         if plan.kept + plan.attention_saved == 0:
             return False
         self.backed_off = True
