@@ -297,7 +297,7 @@ def summarize(clock, probe, trainer, accum: int, warmup: int, t_load0: float, t_
     # one entry per optimizer step: the sums over its `accum` micro-batches
     toks = [tuple(sum(t[i] or 0 for t in micro[k:k + accum]) for i in range(4)) for k in range(0, len(micro), accum)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    starts = (getattr(clock, "starts", None) or [clock.t_begin] + ends[:-1])[:len(ends)]
+    starts = clock.starts[:len(ends)]
     durs = [e - s for s, e in zip(starts, ends)]
     per_step = [t[0] / d for t, d in zip(toks, durs) if d > 0]
     warm = min(warmup, max(0, len(per_step) - 1))

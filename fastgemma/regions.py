@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 
-
 from .attention import backend_runs_flex, flex_compile_settings
 from .hf_layers import checkpoint_function
 from .masks import AttentionMask

@@ -84,7 +84,7 @@ def planned_call(backbone, state, kwargs):
     router = None
     if not plan.offloaded and state.host_buffers is not None:
         state.host_buffers.release()
-    count = plan.counts_layer and not graphed  # (a graphed plan keeps no layer)
+    count = plan.counts_layer
     if plan.offloaded or count:
         storages = _parameter_storages(backbone) if count else ()
         host = state.host_buffers = getattr(state, "host_buffers", None) or HostBuffers()

@@ -262,7 +262,7 @@ def test_trl_gpu_busy_follows_the_computed_tokens_of_padded_batches():
 
     # three 1 s steps computing 4,000 padded tokens each; the profiled last one holds only 1,000 real tokens
     # and 0.5 s of kernels: the GPU is busy half of each steady step whatever their real-token counts
-    clock = SimpleNamespace(t_begin=0.0, ends=[1.0, 2.0, 3.0])
+    clock = SimpleNamespace(t_begin=0.0, ends=[1.0, 2.0, 3.0], starts=[0.0, 1.0, 2.0, 3.0])
     probe = SimpleNamespace(step=2, busy=0.5, kernel_s=0.5, idle_gaps=None)
     trainer = SimpleNamespace(_bench_tokens=[(3000, 2900, 1000, 4000), (3500, 3400, 1000, 4000),
                                              (1000, 900, 1000, 4000)],
