@@ -445,6 +445,7 @@ def test_attention_saving_fills_the_room_before_whole_layers_are_kept():
         return plan
 
     first, kept_probe, attention_probe, planned = call(), call(), call(), call()
+    assert first.kept == 0 and first.attention_saved == 0  # nothing measured yet: every layer checkpointed
     assert kept_probe.kept == 1 and attention_probe.why == PROBE_ATTENTION and attention_probe.attention_saved == 1
     assert budget.attention_per_token * 4000 == pytest.approx(attention_bytes)
     room = 10 * GiB - 2 * GiB - 3 * GiB - 26 * input_bytes - budget.rest_per_token * 4000
