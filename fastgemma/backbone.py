@@ -19,6 +19,7 @@ def backbone_forward(self, *args, **kwargs):
     kwargs.update(zip(positional_parameters(type(self).forward), args))
     if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
         kwargs["output_attentions"] = True  # reaches every attention layer, which then returns its weights
+    state.dense_weights.drop_stale()  # before any layer multiplies with a copy of a weight replaced since
     deferred = []  # checks of the batch's GPU values, run once the forward is queued (no stall before it)
     add_mask_mapping(self.config, state.cache, kwargs, deferred)
     layers = getattr(self, "layers", ()) if self.training else ()

@@ -21,6 +21,7 @@ from .hf_layers import cache_in
 from .log import say_once
 from .masks import AttentionMask
 from .ops.lora import plain_lora_parts
+from .ops.nf4 import DEQUANTIZED
 from .options import fused_here
 from .patching import has_global_hooks, has_own_hooks
 from .processes import world_size
@@ -68,15 +69,17 @@ _PLAIN_LORA_STATES: set = set()  # adapter states (lora_states) whose LoRA layer
 
 def lora_states(layer) -> tuple:
     """What a layer's graphs bake in beyond its modules and weights: each LoRA layer's adapter state
-    (its modules, which adapters are on, merged or not, dropout modules and train mode)."""
+    (its modules, which adapters are on, merged or not, dropout modules and train mode) and the dequantised
+    copy of its base weight that the graphs read, if any (fastgemma.dense_weights)."""
     states = []
     stack = [layer]
     while stack:
         module = stack.pop()
         children = module._modules
         if "lora_A" in children:
+            copy = getattr(getattr(module, "base_layer", None), DEQUANTIZED, None)
             states.append((id(module), module._disable_adapters, tuple(module.merged_adapters),
-                           str(module._active_adapter), module.training))
+                           str(module._active_adapter), module.training, id(copy)))
         else:
             stack.extend(child for child in children.values() if child is not None)
     return tuple(states)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dense_weights import DenseWeights
+
 STATE_ATTRIBUTE = "_fastgemma_state"  # on every patched module: its model's patch state
 
 
@@ -129,3 +131,4 @@ class PatchState:
     attention_saved_layers: frozenset = frozenset()  # during a training call: the layers whose attention the memory
     # budget saves (the glue checkpoints them in two pieces around it)
     graphs_declined: object = None  # during a training call: why cuda_graphs="auto" runs its layers op by op
+    dense_weights: object = field(default_factory=DenseWeights)  # fastgemma.dense_weights: dequantised copies

@@ -315,6 +315,7 @@ def unpatch(model: torch.nn.Module) -> int:
         if state is None:
             continue
         restored += restore_forwards(state.patched)
+        state.dense_weights.release()
         backbone.config._attn_implementation = state.original_attn_implementation
     return restored
 

@@ -167,3 +167,26 @@ def test_layers_saving_their_flex_attention_train_exactly(base):
         plans.append(fastgemma.memory_plan(model))
     assert_same(results, reference, 1e-5)
     assert plans[2].why == PROBE_ATTENTION and plans[-1].attention_saved >= 1, plans
+
+
+def test_graphed_qlora_steps_read_dequantised_copies_and_train_like_without(tmp_path):
+    """cuda_graphs with the default budget on a big GPU: the recorded layers multiply with dequantised copies of
+    the 4-bit weights (fastgemma.dense_weights) and train like the same graphs dequantising at every use."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, Gemma2ForCausalLM
+
+    from fastgemma.ops.nf4 import holds_dequantized
+
+    random_gemma2(tiny_gemma2_config(head_dim=256, layers=4, window=256, vocab=512)).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    results, held = {}, {}
+    for budget in ("auto", None):
+        base = Gemma2ForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+        model = lora_model(base, cuda_graphs=True, memory_budget=budget)
+        results[budget] = train(model)
+        linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        held[budget] = sum(holds_dequantized(m) for m in linears), len(linears)
+    assert held["auto"] == (4 * 7, 4 * 7) and held[None] == (0, 4 * 7)
+    assert_same(results["auto"], results[None], tolerance=2e-3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .nf4 import linear_4bit, supports_4bit_linear
+from .nf4 import holds_dequantized, linear_4bit, supports_4bit_linear
 
 
 def plain_lora_parts(module: torch.nn.Module):
@@ -57,9 +57,10 @@ def lora_linear(module: torch.nn.Module, x: torch.Tensor, fused: bool = True) ->
 
 
 def base_linear(base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``base(x)``; inside a compiled region a bitsandbytes 4-bit base runs as tensor ops, which the
-    compiler fuses, instead of bitsandbytes' opaque op and its per-call Python dispatch."""
-    if (torch.compiler.is_compiling() and supports_4bit_linear(base) and not base._forward_hooks
-            and not base._forward_pre_hooks and not hasattr(base, "_hf_hook")):
+    """``base(x)``; a bitsandbytes 4-bit base runs as tensor ops inside a compiled region (which the compiler
+    fuses, instead of bitsandbytes' opaque op and its per-call Python dispatch), and wherever it holds a
+    dequantised copy of its weight (fastgemma.dense_weights), which it then multiplies with directly."""
+    if ((torch.compiler.is_compiling() or holds_dequantized(base)) and supports_4bit_linear(base)
+            and not base._forward_hooks and not base._forward_pre_hooks and not hasattr(base, "_hf_hook")):
         return linear_4bit(base, x)
     return base(x)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
+# The attribute of a 4-bit layer that holds its weight dequantised (fastgemma.dense_weights), when it does.
+DEQUANTIZED = "fastgemma_dequantized_weight"
 
-def _quant_state(module: torch.nn.Module):
+
+def quant_state(module: torch.nn.Module):
     """The QuantState of a bitsandbytes Linear4bit we can dequantise ourselves, else None."""
     weight = getattr(module, "weight", None)
     state = getattr(weight, "quant_state", None)
@@ -21,7 +24,8 @@ def _quant_state(module: torch.nn.Module):
         return None
     if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes for CPU inference
         return None
-    if type(module).__name__ not in ("Linear4bit", "LinearNF4", "LinearFP4"):
+    kind = type(module)  # (PEFT's LoRA wrapper of one is a "Linear4bit" too, with the base's weight)
+    if kind.__name__ not in ("Linear4bit", "LinearNF4", "LinearFP4") or not kind.__module__.startswith("bitsandbytes"):
         return None
     if weight.dtype != torch.uint8 or state.code is None or state.shape is None or len(state.shape) != 2:
         return None
@@ -32,7 +36,7 @@ def _quant_state(module: torch.nn.Module):
 
 def supports_4bit_linear(module: torch.nn.Module) -> bool:
     """Whether `linear_4bit` computes this module's forward (a bitsandbytes 4-bit linear, nf4 or fp4)."""
-    return _quant_state(module) is not None
+    return quant_state(module) is not None
 
 
 def _per_element(block_values: torch.Tensor, count: int, blocksize: int) -> torch.Tensor:
@@ -58,9 +62,16 @@ def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
 
 
 def linear_4bit(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for a bitsandbytes Linear4bit (see `supports_4bit_linear`), as tensor ops."""
-    state = _quant_state(module)
+    """``module(x)`` for a bitsandbytes Linear4bit (see `supports_4bit_linear`), as tensor ops; with the weight's
+    dequantised copy where the layer holds one."""
+    weight = getattr(module, DEQUANTIZED, None)
+    if weight is None:
+        weight = dequantize_4bit(module.weight, quant_state(module))
     compute = module.compute_dtype or x.dtype
-    weight = dequantize_4bit(module.weight, state).to(compute)
     bias = None if module.bias is None else module.bias.to(compute)
-    return torch.nn.functional.linear(x.to(compute), weight, bias).to(x.dtype)
+    return torch.nn.functional.linear(x.to(compute), weight.to(compute), bias).to(x.dtype)
+
+
+def holds_dequantized(module: torch.nn.Module) -> bool:
+    """Whether a 4-bit layer holds its weight dequantised (fastgemma.dense_weights)."""
+    return DEQUANTIZED in module.__dict__
