@@ -298,6 +298,8 @@ def patch(model: torch.nn.Module, options: PatchOptions) -> dict:
         elif not options.layer_graphs:
             state.graphs = None
         state.budget = budget_for(options, state.budget)
+        if state.budget is None or not options.layer_graphs:  # copies serve graphed calls under a budget only
+            state.dense_weights.release()
         for attention in attentions:
             summary["layers"] += 1
             summary["sliding" if attention.sliding_window is not None else "global"] += 1

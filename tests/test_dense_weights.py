@@ -139,12 +139,20 @@ def test_a_replaced_weight_drops_its_copy_and_the_layer_records_again(base_4bit,
     assert state(held).graphs.captures > captures
 
 
-def test_unpatching_drops_every_copy(base_4bit, eager_body):
+@pytest.mark.parametrize("undo", ["unpatch", "no-budget", "no-graphs"])
+def test_unpatching_or_patching_without_a_budget_or_graphs_drops_every_copy(base_4bit, eager_body, undo):
     model = qlora_model(base_4bit, FakeMemory(limit=100 * GiB))
     packed_step(model, [30, 20], 0)
     assert all(held_layers(model))
-    fastgemma.unpatch_model(model)
+    if undo == "unpatch":
+        fastgemma.unpatch_model(model)
+    else:
+        setting = {"memory_budget": None} if undo == "no-budget" else {"cuda_graphs": False}
+        fastgemma.patch_model(model, options=fastgemma.PatchOptions(max_row_tokens=128, fused_ops=True, **setting))
     assert not any(DEQUANTIZED in m.__dict__ for m in model.modules())
+    if undo == "no-budget":  # and makes none again
+        packed_step(model, [30, 20], 1)
+        assert not any(held_layers(model))
 
 
 def test_layers_holding_copies_share_one_compile_of_the_graphed_body(base_4bit, monkeypatch):
