@@ -120,6 +120,21 @@ def reference_attention(query, key, value, allowed, scale, softcap):
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
+    if not torch.is_grad_enabled() or q.shape[1] * q.shape[-2] * k.shape[-2] <= REFERENCE_WHOLE_SCORES:
+        return _reference_heads(q, k, v, allowed, scale, softcap)
+    # Long rows: one head at a time, checkpointed, so that forward and backward hold one head's float64 scores
+    # (16 heads x 8192 x 8192 all at once kept some 50 GB for the backward).
+    from torch.utils.checkpoint import checkpoint
+
+    heads = [checkpoint(_reference_heads, q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], allowed, scale, softcap,
+                        use_reentrant=False) for h in range(q.shape[1])]
+    return torch.cat(heads, dim=1)
+
+
+REFERENCE_WHOLE_SCORES = 2**28  # heads x queries x keys up to which the reference computes every head at once
+
+
+def _reference_heads(q, k, v, allowed, scale, softcap):
     scores = q @ k.transpose(-1, -2) * scale
     scores = softcap * torch.tanh(scores / softcap)
     hidden = torch.tensor(torch.finfo(torch.float64).min, dtype=torch.float64, device=scores.device)

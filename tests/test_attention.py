@@ -520,3 +520,25 @@ def test_flash_kernels_get_torch_tanh_in_their_score_function(monkeypatch):
         attention.flex_softcap_attention(query, key, value, block_mask, 1.0, 50.0, kernel_options=options)
     assert entries == [(("softcap", 50.0, False), "flash", "softcap"),
                        (("softcap", 50.0, True), "triton", "softcap_approx")]
+
+
+def test_the_float64_reference_of_long_rows_goes_one_checkpointed_head_at_a_time(monkeypatch):
+    """The GPU tests' 8,192-token references take the per-head path: it must give what every head at once gives,
+    forward and backward."""
+    import conftest
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, heads, 40, 8, generator=generator) * 3 for heads in (4, 2, 2))
+    grad_out = torch.randn(1, 4, 40, 8, generator=generator)
+    allowed = AttentionMask(40, 40, window=16).dense(torch.device("cpu"))
+    results = []
+    for whole in (conftest.REFERENCE_WHOLE_SCORES, 0):  # every head at once; then one head at a time
+        monkeypatch.setattr(conftest, "REFERENCE_WHOLE_SCORES", whole)
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        out = reference_attention(*leaves, allowed, 8**-0.5, 50.0)
+        out.backward(grad_out.double())
+        results.append((out.detach(), [leaf.grad for leaf in leaves]))
+    (whole_out, whole_grads), (per_head_out, per_head_grads) = results
+    assert relative_error(per_head_out, whole_out) < 1e-12
+    for grad, expected in zip(per_head_grads, whole_grads):
+        assert relative_error(grad, expected) < 1e-12
