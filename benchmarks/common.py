@@ -88,6 +88,7 @@ LABELS = {
     "fastgemma-flash": "fastgemma, FlashAttention 4 under flex",
     "fastgemma-checkpoint-all": "fastgemma, every layer checkpointed (memory_budget=None)",
     "fastgemma-offload": "fastgemma, checkpointed inputs offloaded to CPU",
+    "fastgemma-dequantized": "fastgemma, graphed steps on dequantised 4-bit weights",
     "unsloth": "Unsloth",
     "unsloth-nocompile": "Unsloth, no block compile",
 }

@@ -11,12 +11,14 @@ from . import common as C
 
 IMPL = {"hf-eager": "eager", "hf-flex": "flex_attention", "liger": "eager", "fastgemma": "eager", "fastgemma-ops": "eager",
         "fastgemma-attn": "eager", "fastgemma-graphs": "eager",
-        "fastgemma-flash": "eager", "fastgemma-checkpoint-all": "eager", "fastgemma-offload": "eager"}
+        "fastgemma-flash": "eager", "fastgemma-checkpoint-all": "eager", "fastgemma-offload": "eager",
+        "fastgemma-dequantized": "eager"}
 # patch_model's settings per fastgemma contender. fastgemma-attn: attention only, to measure what the fused
 # elementwise ops add; fastgemma-graphs: per-layer CUDA graphs wherever they can run (cuda_graphs=True);
 # fastgemma-flash: FlashAttention 4's kernels under flex_attention (flex_kernel_options="experimental-flash";
 # needs flash-attn-4); fastgemma-checkpoint-all: every layer recomputed, as without the memory budget;
 # fastgemma-offload: every checkpointed input offloaded to CPU memory, for what offloading costs;
+# fastgemma-dequantized: graphed steps multiply with dequantised copies of the 4-bit weights (fastgemma.dense_weights);
 FASTGEMMA_PATCH = {
     "fastgemma": {},  # patch_model's defaults: what the README's snippet runs
     "fastgemma-ops": {"cuda_graphs": False},  # the op-by-op layers, for the graphs' memory and speed
@@ -25,6 +27,7 @@ FASTGEMMA_PATCH = {
     "fastgemma-flash": {"fused_ops": "auto", "flex_kernel_options": "experimental-flash"},
     "fastgemma-checkpoint-all": {"memory_budget": None},
     "fastgemma-offload": {"force_offload": True},
+    "fastgemma-dequantized": {"hold_dequantized_weights": True},
 }
 
 # Unsloth, trl suite only, in a process of its own (benchmarks/unsloth_trl.py): importing it patches transformers

@@ -105,10 +105,8 @@ def patch_model(
             they fit, and with flex attention the layers before them save their attention (its recompute is
             skipped); if even the checkpointed layers' inputs do not fit, the first ones wait in pinned CPU
             memory and come back one layer ahead of their recompute. Until the first steps have measured what
-            a step needs, every layer is checkpointed as before; CUDA-graphed calls always recompute, and
-            multiply with dequantised copies of the 4-bit weights held while allocations stay within half the
-            GPU's memory; CPUs checkpoint every layer. None: checkpoint every layer, as transformers does, and
-            hold no copies. The log says what was
+            a step needs, every layer is checkpointed as before; CUDA-graphed calls always recompute; CPUs
+            checkpoint every layer. None: checkpoint every layer, as transformers does. The log says what was
             chosen; `fastgemma.memory_plan(model)` returns the last training call's plan.
         options: all of the above as one `fastgemma.PatchOptions`, instead of the keywords.
 

@@ -34,6 +34,9 @@ class PatchOptions:
         the budget (to measure what offloading costs).
     compiled_regions: not a patch_model argument: decoder layers that are not graphed run as one compiled
         region each while training (what cuda_graphs=True falls back to; kept for host-time measurements).
+    hold_dequantized_weights: not a patch_model argument: CUDA-graphed training calls under a memory budget
+        multiply with dequantised copies of the 4-bit weights, held while allocations stay within half the
+        device's memory (fastgemma.dense_weights).
     """
 
     max_row_tokens: int = 8192
@@ -45,6 +48,7 @@ class PatchOptions:
     memory_budget: Union[str, int, None] = "auto"
     compiled_regions: bool = field(default=False, repr=False)
     force_offload: bool = field(default=False, repr=False)
+    hold_dequantized_weights: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.max_row_tokens, int) or isinstance(self.max_row_tokens, bool) \
@@ -62,6 +66,8 @@ class PatchOptions:
         check_budget(self.memory_budget)
         if not isinstance(self.force_offload, bool):
             raise ValueError(f"force_offload must be True or False, got {self.force_offload!r}")
+        if not isinstance(self.hold_dequantized_weights, bool):
+            raise ValueError(f"hold_dequantized_weights must be True or False, got {self.hold_dequantized_weights!r}")
         if not isinstance(self.compiled_regions, bool):
             raise ValueError(f"compiled_regions must be True or False, got {self.compiled_regions!r}")
         if self.flash and (self.compiled_regions or self.cuda_graphs is True):

@@ -78,7 +78,7 @@ def planned_call(backbone, state, kwargs):
     tokens = shape[0] * shape[1]
     input_bytes = tokens * shape[2] * dtype.itemsize
     graphed = graphs_expected(state.options, device, tokens)
-    if graphed:  # short micro-steps: room for the 4-bit weights' dequantised copies, where the budget has it
+    if graphed and state.options.hold_dequantized_weights:  # short micro-steps: room for dequantised copies
         state.dense_weights.hold(getattr(backbone, "layers", ()), budget.memory, budget.cap)
     save_attention = not graphed and not state.options.compiles_layers and attention_memory_is_linear(
         state.options, device, backbone.config)

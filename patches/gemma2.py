@@ -298,7 +298,7 @@ def patch(model: torch.nn.Module, options: PatchOptions) -> dict:
         elif not options.layer_graphs:
             state.graphs = None
         state.budget = budget_for(options, state.budget)
-        if state.budget is None or not options.layer_graphs:  # copies serve graphed calls under a budget only
+        if state.budget is None or not options.layer_graphs or not options.hold_dequantized_weights:
             state.dense_weights.release()
         for attention in attentions:
             summary["layers"] += 1

@@ -1,5 +1,5 @@
-"""fastgemma.dense_weights on CPU: graphed QLoRA steps that multiply with dequantised copies of the 4-bit weights
-train exactly like bitsandbytes' own layers, hold copies only within their share of memory, drop a copy whose
+"""fastgemma.dense_weights on CPU (PatchOptions(hold_dequantized_weights=True)): graphed QLoRA steps that multiply
+with dequantised copies of the 4-bit weights train exactly like bitsandbytes' own layers, hold copies only within their share of memory, drop a copy whose
 weight was replaced, and leave nothing behind when unpatched. (The GPU tests replay the copies in real graphs.)"""
 
 import copy
@@ -45,7 +45,8 @@ def qlora_model(base, memory, **patch):
     """A patched, graphed QLoRA copy of `base` whose memory budget reads `memory` (a FakeMemory)."""
     from peft import LoraConfig, get_peft_model
 
-    options = fastgemma.PatchOptions(**{"max_row_tokens": 128, "fused_ops": True, "cuda_graphs": True, **patch})
+    options = fastgemma.PatchOptions(**{"max_row_tokens": 128, "fused_ops": True, "cuda_graphs": True,
+                                        "hold_dequantized_weights": True, **patch})
     model = fastgemma.patch_model(copy.deepcopy(base), options=options)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
@@ -117,8 +118,10 @@ def test_a_cap_on_the_budget_bounds_the_copies(base_4bit, eager_body):
     assert held_layers(model) == [True, False, False, False]
 
 
-def test_op_by_op_calls_make_no_copies(base_4bit):
-    model = qlora_model(base_4bit, FakeMemory(limit=100 * GiB), cuda_graphs=False)
+@pytest.mark.parametrize("setting", [{"cuda_graphs": False}, {"hold_dequantized_weights": False}],
+                         ids=["op-by-op", "by-default"])
+def test_op_by_op_calls_and_the_default_make_no_copies(base_4bit, setting):
+    model = qlora_model(base_4bit, FakeMemory(limit=100 * GiB), **setting)
     packed_step(model, [30, 20], 0)
     assert not any(held_layers(model))
 
@@ -139,7 +142,7 @@ def test_a_replaced_weight_drops_its_copy_and_the_layer_records_again(base_4bit,
     assert state(held).graphs.captures > captures
 
 
-@pytest.mark.parametrize("undo", ["unpatch", "no-budget", "no-graphs"])
+@pytest.mark.parametrize("undo", ["unpatch", "no-budget", "no-graphs", "not-asked"])
 def test_unpatching_or_patching_without_a_budget_or_graphs_drops_every_copy(base_4bit, eager_body, undo):
     model = qlora_model(base_4bit, FakeMemory(limit=100 * GiB))
     packed_step(model, [30, 20], 0)
@@ -147,8 +150,10 @@ def test_unpatching_or_patching_without_a_budget_or_graphs_drops_every_copy(base
     if undo == "unpatch":
         fastgemma.unpatch_model(model)
     else:
-        setting = {"memory_budget": None} if undo == "no-budget" else {"cuda_graphs": False}
-        fastgemma.patch_model(model, options=fastgemma.PatchOptions(max_row_tokens=128, fused_ops=True, **setting))
+        setting = {"no-budget": {"memory_budget": None}, "no-graphs": {"cuda_graphs": False},
+                   "not-asked": {"hold_dequantized_weights": False}}[undo]
+        fastgemma.patch_model(model, options=fastgemma.PatchOptions(
+            **{"max_row_tokens": 128, "fused_ops": True, "hold_dequantized_weights": True, **setting}))
     assert not any(DEQUANTIZED in m.__dict__ for m in model.modules())
     if undo == "no-budget":  # and makes none again
         packed_step(model, [30, 20], 1)

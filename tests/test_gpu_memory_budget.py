@@ -170,8 +170,8 @@ def test_layers_saving_their_flex_attention_train_exactly(base):
 
 
 def test_graphed_qlora_steps_read_dequantised_copies_and_train_like_without(tmp_path):
-    """cuda_graphs with the default budget on a big GPU: the recorded layers multiply with dequantised copies of
-    the 4-bit weights (fastgemma.dense_weights) and train like the same graphs dequantising at every use."""
+    """hold_dequantized_weights with the default budget on a big GPU: the recorded layers multiply with dequantised
+    copies of the 4-bit weights (fastgemma.dense_weights) and train like the same graphs dequantising at every use."""
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig, Gemma2ForCausalLM
 
@@ -181,10 +181,10 @@ def test_graphed_qlora_steps_read_dequantised_copies_and_train_like_without(tmp_
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     results, held = {}, {}
-    for budget in ("auto", None):
+    for budget in ("auto", None):  # (no hub kernels: transformers >= 5.25 would fetch one for a GPU model)
         base = Gemma2ForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
-        model = lora_model(base, cuda_graphs=True, memory_budget=budget)
+                                                 device_map={"": 0}, use_kernels=False)
+        model = lora_model(base, cuda_graphs=True, memory_budget=budget, hold_dequantized_weights=True)
         results[budget] = train(model)
         linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         held[budget] = sum(holds_dequantized(m) for m in linears), len(linears)
