@@ -1,9 +1,11 @@
-"""Frozen 4-bit base weights held dequantised while training runs CUDA-graphed, where the device has room.
+"""Frozen 4-bit base weights held dequantised while training runs CUDA-graphed, where the device has room
+(opt-in: `PatchOptions(hold_dequantized_weights=True)`).
 
 A checkpointed QLoRA micro-step dequantises each frozen 4-bit weight three times (the forward, the checkpoint's
-recompute, the input gradient), a pass over the whole model each time, for weights that never change. At short
-micro-steps, where the CUDA-graphed layers run, those passes are a sizeable share of the GPU's time. A dequantised
-copy costs 2 bytes per weight (2B: about 5 GiB; 9B: 17 GiB), so a backbone holds copies only on calls that run
+recompute, the input gradient), a pass over the whole model each time, for weights that never change. That work
+does not shrink with the tokens (about 1% of a 2B step's GPU time at 16,384 tokens), so the short micro-steps the
+CUDA-graphed layers run pay it about eight times over at 2,048. A dequantised
+copy costs 2 bytes per weight (2B: about 4 GiB; 9B: 16 GiB), so a backbone holds copies only on calls that run
 graphed (short micro-steps: little activation memory), only under a memory budget, and only for as many layers
 (from the first) as leave at least half of the process's device memory (and the budget's cap) unused.
 
