@@ -11,7 +11,8 @@ graphed (short micro-steps: little activation memory), only under a memory budge
 
 The copy is `fastgemma.ops.nf4.dequantize_4bit` of the weight, the values every use would dequantise again, so the
 arithmetic is unchanged. A base weight replaced since (PEFT's merge assigns a new one) drops its copy; the layer's
-graphs record again (`graph_policy.lora_states` names the copies).
+graphs record again (`graph_policy.lora_states` names the copies). A forward that runs out of memory while copies
+are held drops them all for good and runs again (`step_memory.run_planned`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class DenseWeights:
     def __init__(self):
         self.sources: dict = {}  # module -> the packed weight its copy was made from
         self.decided = False
+        self.held_layers = 0
 
     def drop_stale(self) -> None:
         """Drop the copy of every module whose weight was replaced since it was made."""
@@ -66,17 +68,26 @@ class DenseWeights:
             room -= need
             held += 1
             held_bytes += need
+        self.held_layers = held
         if total:
             say_once(("dense weights", held, total), logging.INFO,
                      "fastgemma: memory: graphed steps read dequantised copies of %d of %d layers' 4-bit weights "
                      "(%.1f GiB), within %d%% of the device's memory", held, total, held_bytes / GiB,
                      round(100 * HOLD_FRACTION))
 
+    def give_up(self) -> int:
+        """Drop every copy for good (a forward ran short of memory); returns how many layers held copies."""
+        layers = self.held_layers if self.sources else 0
+        for module in list(self.sources):
+            self._drop(module)
+        self.held_layers = 0
+        return layers  # (still decided: no later call makes them again)
+
     def release(self) -> None:
         """Drop every copy (unpatching)."""
         for module in list(self.sources):
             self._drop(module)
-        self.decided = False
+        self.decided, self.held_layers = False, 0
 
     def _drop(self, module) -> None:
         module.__dict__.pop(DEQUANTIZED, None)

@@ -37,18 +37,28 @@ def budget_for(options, previous: Optional[MemoryBudget]) -> Optional[MemoryBudg
 
 def run_planned(backbone, state, kwargs, forward):
     """`forward(**kwargs)` under the call's memory plan (`planned_call`). A forward that runs out of memory with
-    layers kept runs once more checkpointing every layer, as it would without a budget (in one process only:
-    ranks that ran a forward twice would no longer meet in FSDP's collectives)."""
+    layers kept, or with dequantised 4-bit copies held, runs once more checkpointing every layer and without the
+    copies, as it would without a budget (in one process only: ranks that ran a forward twice would no longer
+    meet in FSDP's collectives)."""
     plan = None  # this call's plan, once made (None also where no budget applies)
     try:
         with planned_call(backbone, state, kwargs) as plan:
             return forward(**kwargs)
     except torch.OutOfMemoryError:
-        if plan is None or world_size() > 1 or not state.budget.back_off(plan):
+        if plan is None or world_size() > 1:
             raise
-    say_once("memory back-off", logging.WARNING, "fastgemma: memory: out of memory in a forward that kept %d "
-             "layers' activations and saved %d layers' attention; it runs again checkpointing every layer, and "
-             "so will later steps (memory_budget=None does so from the start)", plan.kept, plan.attention_saved)
+        kept_some = state.budget.back_off(plan)
+        copies = state.dense_weights.give_up()
+        if not (kept_some or copies):
+            raise
+    if kept_some:
+        say_once("memory back-off", logging.WARNING, "fastgemma: memory: out of memory in a forward that kept %d "
+                 "layers' activations and saved %d layers' attention; it runs again checkpointing every layer, and "
+                 "so will later steps (memory_budget=None does so from the start)", plan.kept, plan.attention_saved)
+    if copies:
+        say_once("dense weights back-off", logging.WARNING, "fastgemma: memory: out of memory in a forward while "
+                 "holding dequantised copies of %d layers' 4-bit weights; they are dropped, the forward runs again "
+                 "and later steps dequantise at every use", copies)
     gc.collect()  # the failed forward's tensors, held by its frames
     with planned_call(backbone, state, kwargs):
         return forward(**kwargs)

@@ -175,3 +175,38 @@ def test_layers_holding_copies_share_one_compile_of_the_graphed_body(base_4bit, 
         packed_step(model, lengths, step)
     assert all(held_layers(model))
     assert counter.frame_count == 1, f"the layer body compiled {counter.frame_count} times"
+
+
+def test_a_forward_out_of_memory_while_holding_copies_drops_them_and_runs_again(base_4bit, eager_body, monkeypatch,
+                                                                                caplog):
+    """A later step runs short of memory (a longer batch, another process): the copies go for good, the forward
+    runs again, and the steps train as without copies."""
+    held = qlora_model(base_4bit, FakeMemory(limit=100 * GiB))
+    without = qlora_model(base_4bit, FakeMemory(limit=100 * GiB), memory_budget=None)
+    assert_same_steps(held, without, steps=[(30, 20)])
+    assert all(held_layers(held))
+    layer = held.base_model.model.model.layers[2]
+    forward, calls = layer.forward, []
+
+    def short_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", short_of_memory)
+    with caplog.at_level(logging.WARNING, logger="fastgemma"):
+        assert_same_steps(held, without, steps=[(25, 25), (40, 9)])
+    assert not any(held_layers(held)) and len(calls) == 3  # the failed call, its rerun, the next step
+    assert "holding dequantised copies of 4 layers' 4-bit weights; they are dropped" in caplog.text
+
+
+def test_a_forward_out_of_memory_without_copies_or_kept_layers_still_raises(base_4bit, eager_body, monkeypatch):
+    model = qlora_model(base_4bit, FakeMemory(limit=100 * GiB), hold_dequantized_weights=False)
+
+    def short_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model.base_model.model.model.layers[2], "forward", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        packed_step(model, [30, 20], 0)
