@@ -124,14 +124,9 @@ class SavedBytes:
 
     def __init__(self, parameter_storages):
         self.parameter_storages = parameter_storages
-        self.reset()
-
-    def reset(self) -> None:
-        self.total, self._seen, self.active = 0, set(), True
+        self.total, self._seen = 0, set()
 
     def pack(self, tensor):
-        if not self.active:
-            return tensor
         storage = tensor.untyped_storage()
         pointer = storage.data_ptr()
         if pointer not in self._seen and pointer not in self.parameter_storages:
