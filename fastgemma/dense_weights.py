@@ -23,7 +23,7 @@ import torch
 
 from .log import say_once
 from .memory_budget import GiB
-from .ops.nf4 import DEQUANTIZED, dequantize_4bit, quant_state
+from .ops.nf4 import DEQUANTIZED, dequantize_4bit, quant_state, runs_as_tensor_ops
 
 HOLD_FRACTION = 0.5  # of the process's device memory (or the budget's cap): what allocations may reach with copies
 
@@ -84,10 +84,9 @@ class DenseWeights:
         return layers  # (still decided: no later call makes them again)
 
     def release(self) -> None:
-        """Drop every copy (unpatching)."""
-        for module in list(self.sources):
-            self._drop(module)
-        self.decided, self.held_layers = False, 0
+        """Drop every copy (unpatching); a later graphed call may make them again."""
+        self.give_up()
+        self.decided = False
 
     def _drop(self, module) -> None:
         module.__dict__.pop(DEQUANTIZED, None)
@@ -95,7 +94,6 @@ class DenseWeights:
 
 
 def eligible(module: torch.nn.Module) -> bool:
-    """A 4-bit linear fastgemma dequantises itself, with its compute dtype set and no hooks around its call."""
-    return (quant_state(module) is not None and module.compute_dtype is not None
-            and module.compute_dtype.is_floating_point and not module._forward_hooks
-            and not module._forward_pre_hooks and not hasattr(module, "_hf_hook"))
+    """A 4-bit linear whose call `linear_4bit` stands in for, with its compute dtype set."""
+    return (runs_as_tensor_ops(module) and module.compute_dtype is not None
+            and module.compute_dtype.is_floating_point)

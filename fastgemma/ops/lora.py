@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .nf4 import holds_dequantized, linear_4bit, supports_4bit_linear
+from .nf4 import holds_dequantized, linear_4bit, runs_as_tensor_ops
 
 
 def plain_lora_parts(module: torch.nn.Module):
@@ -60,7 +60,6 @@ def base_linear(base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``base(x)``; a bitsandbytes 4-bit base runs as tensor ops inside a compiled region (which the compiler
     fuses, instead of bitsandbytes' opaque op and its per-call Python dispatch), and wherever it holds a
     dequantised copy of its weight (fastgemma.dense_weights), which it then multiplies with directly."""
-    if ((torch.compiler.is_compiling() or holds_dequantized(base)) and supports_4bit_linear(base)
-            and not base._forward_hooks and not base._forward_pre_hooks and not hasattr(base, "_hf_hook")):
+    if (torch.compiler.is_compiling() or holds_dequantized(base)) and runs_as_tensor_ops(base):
         return linear_4bit(base, x)
     return base(x)

@@ -39,6 +39,13 @@ def supports_4bit_linear(module: torch.nn.Module) -> bool:
     return quant_state(module) is not None
 
 
+def runs_as_tensor_ops(module: torch.nn.Module) -> bool:
+    """Whether `linear_4bit` may stand in for this module's call: a 4-bit linear it can dequantise, with no hooks
+    around the call (accelerate's included)."""
+    return (supports_4bit_linear(module) and not module._forward_hooks and not module._forward_pre_hooks
+            and not hasattr(module, "_hf_hook"))
+
+
 def _per_element(block_values: torch.Tensor, count: int, blocksize: int) -> torch.Tensor:
     """Each of `count` elements' block value (the last block may be partial)."""
     return block_values[torch.arange(count, device=block_values.device) // blocksize]
