@@ -113,14 +113,15 @@ def test_offloading_lowers_what_the_forward_leaves_on_the_gpu():
         before = torch.cuda.memory_allocated()
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         torch.cuda.synchronize()
+        # The allocator frees a block used on the copy stream at its next allocation after the copy's event.
+        torch.empty(1, device="cuda")
         held = torch.cuda.memory_allocated() - before
         loss.backward()
         return held
 
     everything = after_forward(memory_budget=None)
     offloaded = after_forward(force_offload=True)
-    # Eight layers' inputs: the last one's memory may still wait on its copy's event when the forward ends.
-    assert everything - offloaded >= 6 * input_bytes, (everything, offloaded)
+    assert everything - offloaded >= 7.5 * input_bytes, (everything, offloaded, input_bytes)
 
 
 def test_the_budget_stays_within_a_per_process_memory_fraction():
