@@ -88,9 +88,10 @@ def lora_states(layer) -> tuple:
 class GraphBody:
     """The layer body a graph records, compiled once for every layer, with flex's recompile head-room.
 
-    Sliding and global layers (and packed or not, and each autocast setting) are separate graphs: head-room
-    beyond torch's default limit, so a process that trains several ways never falls back to eager. The
-    graphs record both directions with autograd on (fastgemma.graphs), so the fused ops always run here.
+    Sliding and global layers at lengths beyond the window (and packed or not, and each autocast setting) are
+    separate graphs: head-room beyond torch's default limit, so a process that trains several ways never falls
+    back to eager. The graphs record both directions with autograd on (fastgemma.graphs), so the fused ops
+    always run here.
     A plain object around a module-level function, so a patched model still pickles.
     """
 

@@ -58,13 +58,19 @@ def build_mask_mapping(config, cache, batch, length, device, attention_mask, pos
             segments = seq_idx.to(device) if bool((seq_idx != seq_idx[:, :1]).any()) else None
         elif position_ids is not None:
             segments = segments_from_position_ids(position_ids.to(device).expand(batch, length))
-    return {
-        layer_type: AttentionMask(
-            length, length, window=config.sliding_window if layer_type == "sliding_attention" else None,
-            segment_ids=segments, cache=cache, real_tokens=real_tokens,
-        )
-        for layer_type in LAYER_TYPES
-    }
+    causal = AttentionMask(length, length, segment_ids=segments, cache=cache, real_tokens=real_tokens)
+    window = sliding_window_within(config, length)
+    if window is None:  # one mask for both kinds: one compiled layer body and one flex kernel serve them all
+        return dict.fromkeys(LAYER_TYPES, causal)
+    sliding = AttentionMask(length, length, window=window, segment_ids=segments, cache=cache, real_tokens=real_tokens)
+    return {"full_attention": causal, "sliding_attention": sliding}
+
+
+def sliding_window_within(config, length: int) -> Optional[int]:
+    """The sliding layers' window where it hides keys from a call of `length` tokens, else None: a query sees
+    the keys with ``0 <= q - k < window``, and no two positions of a shorter call are that far apart."""
+    window = getattr(config, "sliding_window", None)
+    return window if window is not None and length > window else None
 
 
 def cache_is_plain(kv_cache, length: int, config) -> bool:

@@ -108,7 +108,8 @@ def uniform_rows(query_ids: torch.Tensor, score_mod=None):
 def causal_mask_mod(window: Optional[int]) -> MaskMod:
     """Plain causal, or causal with a sliding window when `window` is set.
 
-    The window stays a Python int, so sliding and global layers compile separately.
+    The window stays a Python int, so sliding and global layers compile separately (where a call is no
+    longer than the window, fastgemma.mask_mapping gives both kinds the causal mask, and they compile once).
     Capturing it as a 0-d tensor instead, to share one kernel, gave wrong gradients in
     torch 2.11's compiled flex_attention backward (forward outputs were right).
     """

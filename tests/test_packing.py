@@ -158,6 +158,33 @@ def test_single_document_row_from_trl_stays_on_the_packed_path():
     assert relative_error(actual, expected) < TOLERANCE
 
 
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_calls_within_the_window_give_sliding_layers_the_causal_mask_and_stay_exact(backend, flex_forward_on_cpu):
+    """A call no longer than the window: sliding layers see what global ones see, so both kinds read one mask
+    object (one compiled body, one flex kernel). One token longer, the sliding layers get their window back. Both
+    match HF eager, packed and left-padded (flex: forward only on a CPU)."""
+    from fastgemma.mask_mapping import build_mask_mapping
+
+    config = tiny_gemma2_config(window=24)
+    short = build_mask_mapping(config, None, 1, 24, "cpu", None, torch.arange(24)[None], None, {})
+    assert short["sliding_attention"] is short["full_attention"] and short["full_attention"].window is None
+    longer = build_mask_mapping(config, None, 1, 25, "cpu", None, torch.arange(25)[None], None, {})
+    assert longer["sliding_attention"].window == 24 and longer["full_attention"].window is None
+
+    reference = random_gemma2(config)
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=64, backend=backend)
+    for length in (24, 25, 40):
+        ids = torch.randint(0, 97, (2, length))
+        padding = torch.ones(2, length, dtype=torch.long)
+        padding[1, :5] = 0  # left padding: the window counts from each padded query too
+        positions = torch.cat([torch.arange(10), torch.arange(length - 10)])[None].expand(2, length)
+        with torch.no_grad():
+            for inputs in ({"attention_mask": padding}, {"position_ids": positions}):
+                expected = reference(input_ids=ids, use_cache=False, **inputs).logits
+                actual = patched(input_ids=ids, use_cache=False, **inputs).logits
+                assert relative_error(actual, expected) < TOLERANCE, (backend, length, list(inputs))
+
+
 def test_bad_cu_seq_lens_are_refused_by_name():
     """TRL-style packed lengths that do not describe the row: a ValueError naming them, not a silent mask."""
     patched = fastgemma.patch_model(random_gemma2(tiny_gemma2_config()), max_row_tokens=64, backend="eager")
