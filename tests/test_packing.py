@@ -162,7 +162,7 @@ def test_single_document_row_from_trl_stays_on_the_packed_path():
 def test_calls_within_the_window_give_sliding_layers_the_causal_mask_and_stay_exact(backend, flex_forward_on_cpu):
     """A call no longer than the window: sliding layers see what global ones see, so both kinds read one mask
     object (one compiled body, one flex kernel). One token longer, the sliding layers get their window back. Both
-    match HF eager, packed and left-padded (flex: forward only on a CPU)."""
+    match HF eager: plain rows, packed and left-padded (flex: forward only on a CPU)."""
     from fastgemma.mask_mapping import build_mask_mapping
 
     config = tiny_gemma2_config(window=24)
@@ -179,7 +179,7 @@ def test_calls_within_the_window_give_sliding_layers_the_causal_mask_and_stay_ex
         padding[1, :5] = 0  # left padding: the window counts from each padded query too
         positions = torch.cat([torch.arange(10), torch.arange(length - 10)])[None].expand(2, length)
         with torch.no_grad():
-            for inputs in ({"attention_mask": padding}, {"position_ids": positions}):
+            for inputs in ({}, {"attention_mask": padding}, {"position_ids": positions}):  # {}: q - k reaches 23
                 expected = reference(input_ids=ids, use_cache=False, **inputs).logits
                 actual = patched(input_ids=ids, use_cache=False, **inputs).logits
                 assert relative_error(actual, expected) < TOLERANCE, (backend, length, list(inputs))
