@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context suite: cap this process's GPU memory at this many GiB "
                    "(torch.cuda.set_per_process_memory_fraction), emulating a smaller card")
     p.add_argument("--context-loss", default="chunked", choices=("chunked", "hf"),
-                   help="context suite: 'chunked' = LM head + CE in 4K-token checkpointed chunks for every "
+                   help="context suite: 'chunked' = LM head + CE in 512-token checkpointed chunks for every "
                    "contender (as TRL's fused LM head); 'hf' = the model's own loss from labels")
     p.add_argument("--contender-budget-s", type=float, default=None,
                    help="context suite: search time cap per contender (default 240 s)")

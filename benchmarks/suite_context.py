@@ -8,7 +8,7 @@ A failure other than OOM is reported as such. Each contender has a time cap (--c
 a search cut short reports what it established ("≥ N").
 
 Loss (--context-loss): "chunked" (default) computes the LM head + softcapped cross-entropy in
-checkpointed 4096-token chunks, the same code for every contender, so full-vocabulary logits are never
+checkpointed 512-token chunks, the same code for every contender, so full-vocabulary logits are never
 materialised (what TRL's fused LM head does) and the limit reflects attention and activations; "hf"
 uses the model's own loss from labels (fp32 logits of the whole sequence: the limit is then mostly the
 LM head's).
@@ -26,7 +26,7 @@ from . import common as C
 from . import models as M
 
 DEFAULT_CONTENDERS = ("fastgemma", "hf-eager", "hf-flex")
-LOSS_CHUNK = 4096
+LOSS_CHUNK = 512  # 0.5 GiB of float32 logits at a 256K vocabulary: small beside the model, so the loss never sets the reach
 
 
 def _chunk_loss(h, lm_head, labels, cap):
@@ -183,7 +183,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
         f"all-linear, gradient checkpointing; random token ids. Search: from {start}, doubling to the cap "
         f"{cap}, then bisection to {resolution} tokens; time cap {per_budget:.0f} s per contender (model load "
         f"excluded). Loss: {args.context_loss} "
-        + ("(LM head + softcapped CE in checkpointed 4096-token chunks, identical for every contender: logits "
+        + ("(LM head + softcapped CE in checkpointed 512-token chunks, identical for every contender: logits "
            "never materialised, as with TRL's fused LM head)" if args.context_loss == "chunked"
            else "(the model's own loss from labels: full fp32 logits)")
         + f". fastgemma backend: {M.fastgemma_backend(args, device)}. 'peak' = max allocated during the longest "
