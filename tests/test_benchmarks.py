@@ -735,3 +735,25 @@ def test_model_flops_of_a_2b_step_and_the_share_of_a_gpu():
     assert bf16_peak("NVIDIA H100 PCIe") == 756e12 and bf16_peak("Some GPU") is None
     row = model_flops("2b", 4096, 16, 21_500, torch.device("cpu"))
     assert row["model_tflops"] == pytest.approx(21_500 * 11.89e9 / 1e12, rel=1e-3) and "mfu" not in row
+
+
+def test_quantised_27b_runs_read_a_random_checkpoint_written_in_nf4(tmp_path):
+    """27B's bf16 checkpoint (54 GB) cannot be built under a 40 GiB cap, so quantised runs read one written
+    straight in NF4; it is written once, and loads as 4-bit layers."""
+    from types import SimpleNamespace
+
+    import bitsandbytes
+
+    from benchmarks import models as M
+
+    args, cpu = SimpleNamespace(ckpt_dir=str(tmp_path), seed=3), torch.device("cpu")
+    assert isinstance(M.suite_checkpoint("27b", args, cpu, torch.bfloat16, "27b", quantize=True), M.Nf4Checkpoint)
+    assert isinstance(M.suite_checkpoint("27b", args, cpu, torch.float32, "27b", quantize=False), M.SharedCheckpoint)
+    assert isinstance(M.suite_checkpoint("9b", args, cpu, torch.bfloat16, "9b", quantize=True), M.SharedCheckpoint)
+    status, path = M.Nf4Checkpoint("tiny", args, "tiny nf4").get()
+    assert status == "ok" and os.path.basename(path) == "gemma2-tiny-seed3-nf4"
+    written = os.path.getmtime(os.path.join(path, "model.safetensors.index.json"))
+    assert M.Nf4Checkpoint("tiny", args, "tiny nf4").get() == ("ok", path)
+    assert os.path.getmtime(os.path.join(path, "model.safetensors.index.json")) == written
+    model = M.load_for_training(path, "fastgemma", cpu, True, torch.bfloat16)
+    assert isinstance(model.model.layers[0].mlp.down_proj, bitsandbytes.nn.Linear4bit)
