@@ -166,79 +166,52 @@ def offline_tokenizer(vocab_size: int):
     )
 
 
-def ensure_checkpoint(name: str, args, device: torch.device, dtype: torch.dtype) -> str:
-    """Save a seeded random-init model (and the offline tokenizer) once; returns its directory."""
-    path = os.path.join(ckpt_dir(args), f"gemma2-{name}-seed{args.seed}-{str(dtype).replace('torch.', '')}")
+NF4_CHECKPOINTS = ("27b",)  # quantised runs read these from a checkpoint written straight in NF4
+
+
+def ensure_checkpoint(name: str, args, device: torch.device, dtype: torch.dtype, nf4: bool = False) -> str:
+    """Save a seeded random-init model (and the offline tokenizer) once; returns its directory.
+
+    `nf4`: written straight as a pre-quantised NF4 checkpoint (benchmarks.random_4bit_gemma2), drawn and quantised
+    a weight at a time: 27B's bf16 checkpoint is 54 GB to write and cannot be built on a GPU capped like a 40 GB
+    card. Reach and speed depend on the shapes only."""
+    kind = "nf4" if nf4 else str(dtype).replace("torch.", "")
+    path = os.path.join(ckpt_dir(args), f"gemma2-{name}-seed{args.seed}-{kind}")
     done = os.path.join(path, ".complete")
     if os.path.exists(done):
         return path
-    C.log(f"saving random-init Gemma 2 {name} checkpoint to {path} (once)")
-    model = build_random_model(name, "hf-eager", device, dtype, args.seed, 8192)
-    model.save_pretrained(path, safe_serialization=True)
-    offline_tokenizer(model.config.vocab_size).save_pretrained(path)
-    del model
-    C.free_memory(device)
+    C.log(f"saving random-init Gemma 2 {name} checkpoint ({kind}) to {path} (once)")
+    if nf4:
+        from pathlib import Path
+
+        from .random_4bit_gemma2 import write
+
+        write(Path(path), name, seed=args.seed)
+    else:
+        model = build_random_model(name, "hf-eager", device, dtype, args.seed, 8192)
+        model.save_pretrained(path, safe_serialization=True)
+        offline_tokenizer(model.config.vocab_size).save_pretrained(path)
+        del model
+        C.free_memory(device)
     with open(done, "w") as f:
         f.write("ok\n")
     return path
 
 
-NF4_CHECKPOINTS = ("27b",)  # quantised runs read these from a pre-quantised checkpoint (Nf4Checkpoint)
-
-
-def suite_checkpoint(name: str, args, device: torch.device, dtype: torch.dtype, label: str, quantize: bool):
-    """The checkpoint a suite's contenders load `name` from: NF4 written directly for 27B when quantising, else a
-    bf16 (or CPU float32) one."""
-    if quantize and name in NF4_CHECKPOINTS:
-        return Nf4Checkpoint(name, args, label)
-    return SharedCheckpoint(name, args, device, dtype, label)
-
-
-class Nf4Checkpoint:
-    """Random weights written straight as a pre-quantised NF4 checkpoint (benchmarks.random_4bit_gemma2), saved on
-    first use. 27B's bf16 checkpoint is 54 GB to write and cannot be built on a GPU capped like a 40 GB card;
-    this one is about 16 GB, drawn and quantised a weight at a time. Reach and speed depend on the shapes only."""
-
-    def __init__(self, name: str, args, label: str):
-        self.name, self.args, self.label = name, args, label
-        self.path = None
-
-    def get(self) -> tuple[str, str | None]:
-        """("ok", directory), or (failure status, None)."""
-        if self.path is None:
-            status, path = C.run_guarded(self._ensure, self.label)
-            if status != "ok":
-                return status, None
-            self.path = path
-        return "ok", self.path
-
-    def _ensure(self) -> str:
-        from pathlib import Path
-
-        from .random_4bit_gemma2 import write
-
-        path = os.path.join(ckpt_dir(self.args), f"gemma2-{self.name}-seed{self.args.seed}-nf4")
-        done = os.path.join(path, ".complete")
-        if not os.path.exists(done):
-            C.log(f"writing a random-init Gemma 2 {self.name} checkpoint in NF4 to {path} (once)")
-            write(Path(path), self.name, seed=self.args.seed)
-            with open(done, "w") as f:
-                f.write("ok\n")
-        return path
-
-
 class SharedCheckpoint:
-    """One model's random-init checkpoint for a suite, saved on first use; a failed save is retried by the next contender."""
+    """One model's random-init checkpoint for a suite, saved on first use; a failed save is retried by the next contender.
+    Quantised runs of the NF4_CHECKPOINTS models read one written in NF4."""
 
-    def __init__(self, name: str, args, device: torch.device, dtype: torch.dtype, label: str):
+    def __init__(self, name: str, args, device: torch.device, dtype: torch.dtype, label: str, quantize: bool = False):
         self.name, self.args, self.device, self.dtype, self.label = name, args, device, dtype, label
+        self.nf4 = quantize and name in NF4_CHECKPOINTS
         self.path = None
 
     def get(self) -> tuple[str, str | None]:
         """("ok", directory), or (failure status, None)."""
         if self.path is None:
             status, path = C.run_guarded(
-                lambda: ensure_checkpoint(self.name, self.args, self.device, self.dtype), self.label
+                lambda: ensure_checkpoint(self.name, self.args, self.device, self.dtype, self.nf4), self.label
             )
             if status != "ok":
                 return status, None

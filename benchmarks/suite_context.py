@@ -197,7 +197,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
         res.notes.append(f"GPU memory capped at {args.context_gpu_gib:g} GiB for every contender "
                          "(torch.cuda.set_per_process_memory_fraction), emulating a smaller card.")
     for name in models:
-        checkpoint = M.suite_checkpoint(name, args, device, dtype, f"context {name} checkpoint", quantize)
+        checkpoint = M.SharedCheckpoint(name, args, device, dtype, f"context {name} checkpoint", quantize)
         for cname in contenders:
             row = dict(suite="context", model=name, contender=cname, label=C.LABELS.get(cname, cname), cap=cap,
                        resolution=resolution, loss_mode=args.context_loss)

@@ -747,13 +747,13 @@ def test_quantised_27b_runs_read_a_random_checkpoint_written_in_nf4(tmp_path):
     from benchmarks import models as M
 
     args, cpu = SimpleNamespace(ckpt_dir=str(tmp_path), seed=3), torch.device("cpu")
-    assert isinstance(M.suite_checkpoint("27b", args, cpu, torch.bfloat16, "27b", quantize=True), M.Nf4Checkpoint)
-    assert isinstance(M.suite_checkpoint("27b", args, cpu, torch.float32, "27b", quantize=False), M.SharedCheckpoint)
-    assert isinstance(M.suite_checkpoint("9b", args, cpu, torch.bfloat16, "9b", quantize=True), M.SharedCheckpoint)
-    status, path = M.Nf4Checkpoint("tiny", args, "tiny nf4").get()
-    assert status == "ok" and os.path.basename(path) == "gemma2-tiny-seed3-nf4"
+    assert M.SharedCheckpoint("27b", args, cpu, torch.bfloat16, "27b", quantize=True).nf4
+    assert not M.SharedCheckpoint("27b", args, cpu, torch.float32, "27b", quantize=False).nf4
+    assert not M.SharedCheckpoint("9b", args, cpu, torch.bfloat16, "9b", quantize=True).nf4
+    path = M.ensure_checkpoint("tiny", args, cpu, torch.bfloat16, nf4=True)
+    assert os.path.basename(path) == "gemma2-tiny-seed3-nf4"
     written = os.path.getmtime(os.path.join(path, "model.safetensors.index.json"))
-    assert M.Nf4Checkpoint("tiny", args, "tiny nf4").get() == ("ok", path)
+    assert M.ensure_checkpoint("tiny", args, cpu, torch.bfloat16, nf4=True) == path
     assert os.path.getmtime(os.path.join(path, "model.safetensors.index.json")) == written
     model = M.load_for_training(path, "fastgemma", cpu, True, torch.bfloat16)
     assert isinstance(model.model.layers[0].mlp.down_proj, bitsandbytes.nn.Linear4bit)
