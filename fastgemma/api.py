@@ -96,8 +96,9 @@ def patch_model(
             fused ops and LoRA without dropout; every other call runs op by op (the log says once
             what was chosen and why). True: graphs wherever they can run (a CPU runs the same path
             without capture), otherwise one compiled region per layer, with a warning. False: op by op.
-            A batch runs at a fixed bucket length (max_row_tokens split into 8 steps; padding rows add
-            nothing to the results), so at most 8 lengths are recorded, each the first time it comes.
+            A batch runs at a fixed bucket length (max_row_tokens, under "auto" at most AUTO_MAX_TOKENS, split
+            into 8 steps; padding rows add nothing to the results), so at most 8 lengths are recorded, each the
+            first time it comes.
         memory_budget: how much of the GPU's memory a training step's activations may use, with gradient
             checkpointing on. "auto" (default): what the GPU has free for this process, less a margin (10%, at
             least 2 GiB), measured by torch's allocator; a number of bytes caps it lower (e.g. ``20 * 2**30``).

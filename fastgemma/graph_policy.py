@@ -155,9 +155,17 @@ def graphs_apply(layer, state, hidden_states, kwargs) -> bool:
 
 
 def graph_length(state, hidden_states) -> int:
-    """The bucket length this batch runs at: max_row_tokens split into steps (the block masks' fixed length
-    is one block longer, so no bucket fills it: see BlockMaskCache's headroom)."""
-    return bucket_length(hidden_states.shape[1], state.cache.max_row_tokens)
+    """The bucket length this batch runs at: `graphed_rows(state)` split into steps (the block masks' fixed
+    length is one block longer than max_row_tokens, so no bucket fills it: see BlockMaskCache's headroom)."""
+    return bucket_length(hidden_states.shape[1], graphed_rows(state))
+
+
+def graphed_rows(state) -> int:
+    """The longest row the graphs are bucketed for: max_row_tokens, or under cuda_graphs="auto" at most
+    AUTO_MAX_TOKENS, the longest micro-step auto graphs; buckets split the whole range, so a wider range than
+    the calls reach would pad each call to several times its length."""
+    longest = state.cache.max_row_tokens
+    return min(longest, AUTO_MAX_TOKENS) if state.options.layer_graphs == "auto" else longest
 
 
 def run_graphed(layer, attention, state, hidden_states, kwargs):
@@ -165,6 +173,6 @@ def run_graphed(layer, attention, state, hidden_states, kwargs):
     its attention module, whose backend decides whether block or dense masks are bound."""
     cos, sin = kwargs["position_embeddings"]
     sources = (cos, sin, kwargs["attention_mask"], reads_block_masks(attention, cos.device))
-    longest = state.cache.max_row_tokens
+    longest = graphed_rows(state)
     return state.graphs(layer, hidden_states, sources, graph_length(state, hidden_states),
                         kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest))

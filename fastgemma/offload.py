@@ -18,6 +18,7 @@ import torch
 from .log import say_once
 
 ROUNDING = 2 ** 21  # pinned buffers are multiples of 2 MiB
+HEADROOM = 1.25  # a new buffer holds this much more, so packed steps of varying lengths reuse it rather than pin again
 
 
 class _HostCopy:
@@ -157,13 +158,14 @@ class HostBuffers:
 
     def take(self, like: torch.Tensor):
         """(a flat pinned buffer, a view of it shaped like `like`): the smallest free buffer that holds it, else a
-        new one (sizes rounded up, so that packed rows of varying lengths reuse each other's buffers)."""
+        new one with head-room: pinning takes about a second per GiB and holds up the step, and packed steps vary
+        in length by a few percent from one to the next."""
         nbytes = like.numel() * like.element_size()
         fitting = [index for index, buffer in enumerate(self._free) if buffer.numel() >= nbytes]
         if fitting:  # (by index: comparing tensors with == would compare their elements)
             flat = self._free.pop(min(fitting, key=lambda index: self._free[index].numel()))
         else:
-            flat = _host_memory(-(-nbytes // ROUNDING) * ROUNDING)
+            flat = _host_memory(-(-int(nbytes * HEADROOM) // ROUNDING) * ROUNDING)
         return flat, flat[:nbytes].view(like.dtype).view(like.shape)
 
     def give(self, flat: torch.Tensor) -> None:

@@ -35,6 +35,19 @@ def budget_for(options, previous: Optional[MemoryBudget]) -> Optional[MemoryBudg
     return MemoryBudget(*settings)
 
 
+def copies_allowed(options, budget: Optional[MemoryBudget]) -> bool:
+    """Whether dequantised 4-bit copies (fastgemma.dense_weights) may be held: opt-in, for CUDA-graphed calls
+    under a memory budget."""
+    return budget is not None and bool(options.layer_graphs) and options.hold_dequantized_weights
+
+
+def set_budget(state, options) -> None:
+    """A patched backbone's budget for `options`; copies the options no longer allow are dropped."""
+    state.budget = budget_for(options, state.budget)
+    if not copies_allowed(options, state.budget):
+        state.dense_weights.release()
+
+
 def run_planned(backbone, state, kwargs, forward):
     """`forward(**kwargs)` under the call's memory plan (`planned_call`). A forward that runs out of memory with
     layers kept, or with dequantised 4-bit copies held, runs once more checkpointing every layer and without the
@@ -88,7 +101,7 @@ def planned_call(backbone, state, kwargs):
     tokens = shape[0] * shape[1]
     input_bytes = tokens * shape[2] * dtype.itemsize
     graphed = graphs_expected(state.options, device, tokens)
-    if graphed and state.options.hold_dequantized_weights:  # short micro-steps: room for dequantised copies
+    if graphed and copies_allowed(state.options, budget):  # short micro-steps: room for dequantised copies
         state.dense_weights.hold(getattr(backbone, "layers", ()), budget.memory, budget.cap)
     save_attention = not graphed and not state.options.compiles_layers and attention_memory_is_linear(
         state.options, device, backbone.config)

@@ -41,7 +41,7 @@ from fastgemma.patching import (
     unwrapped,
 )
 from fastgemma.regions import region_applies, run_region
-from fastgemma.step_memory import budget_for
+from fastgemma.step_memory import set_budget
 
 from .gemma2_check import self_check  # noqa: F401  (the patcher's check for untested versions)
 from . import gemma2_loss
@@ -297,9 +297,7 @@ def patch(model: torch.nn.Module, options: PatchOptions) -> dict:
             state.graphs = graphed_layers(decoder_layer_body)
         elif not options.layer_graphs:
             state.graphs = None
-        state.budget = budget_for(options, state.budget)
-        if state.budget is None or not options.layer_graphs or not options.hold_dequantized_weights:
-            state.dense_weights.release()
+        set_budget(state, options)
         for attention in attentions:
             summary["layers"] += 1
             summary["sliding" if attention.sliding_window is not None else "global"] += 1

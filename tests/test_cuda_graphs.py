@@ -192,6 +192,27 @@ def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplo
     assert graph_state(graphed).graphs.captures == 0
 
 
+def test_auto_buckets_split_the_lengths_auto_graphs_not_max_row_tokens(monkeypatch, eager_body):
+    """cuda_graphs="auto" graphs micro-steps of at most AUTO_MAX_TOKENS tokens, so its buckets split that range:
+    bucketed over a much longer max_row_tokens, a short call would run padded to several times its length.
+    Forced graphs keep max_row_tokens's buckets. Both train like HF eager."""
+    monkeypatch.setattr(graph_policy, "auto_declines", lambda hidden_states: None)  # as on one CUDA GPU
+    monkeypatch.setattr(graph_policy, "AUTO_MAX_TOKENS", 256)
+    base = random_gemma2(tiny_gemma2_config(window=16))
+    reference, auto = lora_models(copy.deepcopy(base), True)
+    _, forced = lora_models(copy.deepcopy(base), True, cuda_graphs=True)
+    for model in (auto, forced):
+        graph_state(model).cache = type(graph_state(model).cache)(2048)  # max_row_tokens far above the calls
+    ref_logits, ref_loss, _ = packed_step(reference, [40, 9, 30], 0)
+    for model, bucket in ((auto, 128), (forced, 256)):  # 256 / 8 rounded up to 128; 2048 / 8
+        logits, loss, _ = packed_step(model, [40, 9, 30], 0)
+        assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
+        assert fastgemma.cuda_graph_lengths(model) == [bucket]
+    hidden = auto.get_base_model().config.hidden_size
+    assert [storage.input.numel() for storage in graph_state(auto).graphs._storages[("cpu", torch.float32)]] == [
+        256 * hidden]  # static inputs sized for the longest auto call, not for max_row_tokens
+
+
 def test_graphed_models_block_masks_have_room_past_the_longest_bucket():
     """The flex block masks are one empty block longer than max_row_tokens's last bucket, so no bucket fills
     them (a batch that did made the compiled layer compile a second variant); off again, they are not."""

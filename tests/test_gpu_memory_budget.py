@@ -5,6 +5,7 @@ Skipped on machines without a CUDA GPU of compute capability >= 8.0.
 """
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -109,13 +110,19 @@ def test_offloading_lowers_what_the_forward_leaves_on_the_gpu():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         model.train()
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        torch.cuda.synchronize()
-        # The allocator frees a block used on the copy stream at its next allocation after the copy's event.
-        torch.empty(1, device="cuda")
-        held = torch.cuda.memory_allocated() - before
+        # Earlier tests' models, freed by a garbage collection during the forward, would lower what it holds.
+        gc.collect()
+        gc.disable()
+        try:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            torch.cuda.synchronize()
+            # The allocator frees a block used on the copy stream at its next allocation after the copy's event.
+            torch.empty(1, device="cuda")
+            held = torch.cuda.memory_allocated() - before
+        finally:
+            gc.enable()
         loss.backward()
         return held
 
