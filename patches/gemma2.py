@@ -27,7 +27,7 @@ from fastgemma.graph_policy import graphed_layers, graphs_apply, run_graphed
 from fastgemma.hf_layers import cache_in, checkpoint_function, pop_cache, run_checkpointed
 from fastgemma.mask_mapping import mask_cache
 from fastgemma.masks import AttentionMask
-from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
+from fastgemma.ops import gelu_tanh_gate, lora_linears, norm_add, norm_add_norm, rms_norm, rotate_pairs
 from fastgemma.options import PatchOptions, fused_here
 from fastgemma.patching import (
     PatchState,
@@ -113,9 +113,8 @@ def queries_keys_values(self, hidden_states, position_embeddings):
     """The projections (module calls: LoRA and 4-bit linears work) and RoPE, as (batch, heads, tokens, dim)."""
     fused = fused_here(self, hidden_states)
     hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    query = lora_linear(self.q_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
-    key = lora_linear(self.k_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
-    value = lora_linear(self.v_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
+    projections = lora_linears((self.q_proj, self.k_proj, self.v_proj), hidden_states, fused)
+    query, key, value = (projection.view(hidden_shape).transpose(1, 2) for projection in projections)
     cos, sin = position_embeddings
     if fused:
         return (*rotate_pairs(query, key, cos, sin), value)
@@ -150,7 +149,7 @@ def attention_core(self, query, key, value, attention_mask, output_attentions=Fa
 def attention_output(self, output, hidden_states):
     """The heads joined and projected back (o_proj) to `hidden_states`' shape."""
     output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
-    return lora_linear(self.o_proj, output, fused_here(self, hidden_states))
+    return lora_linears((self.o_proj,), output, fused_here(self, hidden_states))[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -235,8 +234,8 @@ def _after_attention(self, output, hidden_states):
 def mlp_forward(self, x):
     """Gemma2MLP.forward with the GeGLU gate fused (and LoRA adapters added inside their GEMMs)."""
     fused = fused_here(self, x)
-    gate, up = lora_linear(self.gate_proj, x, fused), lora_linear(self.up_proj, x, fused)
-    return lora_linear(self.down_proj, gelu_tanh_gate(gate, up, fused=fused), fused)
+    gate, up = lora_linears((self.gate_proj, self.up_proj), x, fused)
+    return lora_linears((self.down_proj,), gelu_tanh_gate(gate, up, fused=fused), fused)[0]
 
 
 def norm_forward(self, x):

@@ -131,6 +131,20 @@ def test_lora_linear_matches_peft_forward_and_backward():
         assert relative_error(leaf.grad, grad) < FP32_TOLERANCE
 
 
+def test_lora_linear_adds_the_adapter_into_the_base_output_without_copying_it():
+    layer = lora_layer()
+    outputs = []
+    layer.base_layer.register_forward_hook(lambda module, args, output: outputs.append(output))
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    base_only = layer.base_layer(x).detach()
+    outputs.clear()
+    actual = lora_linear(layer, x)
+    assert actual.untyped_storage().data_ptr() == outputs[0].untyped_storage().data_ptr()
+    assert relative_error(actual, base_only) > 1e-3  # the adapter did change it
+    actual.sum().backward()
+    assert x.grad is not None and layer.lora_B["default"].weight.grad is not None
+
+
 def test_lora_linear_leaves_other_states_to_peft(monkeypatch):
     """Dropout while training, DoRA, merged or disabled adapters, hooks (its own or accelerate's), or
     adapter weights of another dtype without autocast: PEFT's own forward runs, and gives PEFT's result."""
