@@ -15,6 +15,7 @@ from fastgemma.ops import (
     norm_add_norm,
     rms_norm,
     rotate_pairs,
+    rotated_heads,
 )
 
 FP32_TOLERANCE = 1e-5
@@ -82,6 +83,40 @@ def test_rotate_pairs_matches_hf(fused):
     query, key, cos, sin = leaves((2, 4, 11, 16), (2, 2, 11, 16), (2, 11, 16), (2, 11, 16))
     check_against_float64(lambda q, k, c, s, fused: rotate_pairs(q, k, c, s, fused=fused),
                           lambda q, k, c, s: apply_rotary_pos_emb(q, k, c, s), [query, key, cos, sin], fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_rotated_heads_are_hf_rope_padded_with_zero_rows(fused):
+    from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
+
+    def definition(q, k, v, c, s):
+        def heads(x):
+            return x.view(2, 11, -1, 16).transpose(1, 2)
+
+        rows = (0, 0, 0, 32 - 11)
+        return tuple(torch.nn.functional.pad(t, rows) for t in (*apply_rotary_pos_emb(heads(q), heads(k), c, s),
+                                                                   heads(v)))
+
+    inputs = leaves((2, 11, 4 * 16), (2, 11, 2 * 16), (2, 11, 2 * 16), (2, 11, 16), (2, 11, 16))
+    check_against_float64(lambda q, k, v, c, s, fused: rotated_heads(q, k, v, c, s, 16, 32, fused=fused),
+                          definition, inputs, fused)
+    outputs = rotated_heads(*inputs, 16, 32, fused=fused)
+    assert all(t.is_contiguous() and t.shape[2] == 32 for t in outputs)
+
+
+def test_rotated_heads_compile_once_and_give_the_projections_contiguous_gradients():
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    for length in (5, 9, 17):
+        q, k, v, cos, sin = leaves((1, length, 64), (1, length, 32), (1, length, 32), (1, length, 16),
+                                   (1, length, 16), seed=length)
+        sum(t.sum() for t in rotated_heads(q, k, v, cos, sin, 16, 20)).backward()
+        assert all(t.grad.is_contiguous() for t in (q, k, v))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(ValueError, match="cannot pad 17 tokens to 8"):
+        rotated_heads(q, k, v, cos, sin, 16, 8)
 
 
 def test_norm_matches_hf_module_in_bf16():
