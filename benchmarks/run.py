@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trl suite: the trainer every contender runs under: 'trl' (TRL's SFTTrainer as users run it), "
                    "'lean' (fastgemma.lean_trainer(SFTTrainer), the recipe's), or 'trl,lean' for both, ratios "
                    "within each")
+    p.add_argument("--trl-pad-multiple", type=int, default=None,
+                   help="trl suite: pad each micro-batch's flattened row to a multiple of this many tokens (TRL's "
+                   "pad_to_multiple_of; pad tokens are not counted), so that its matrix shapes repeat across steps")
     p.add_argument("--trl-trace-dir", default=None,
                    help="trl suite: also record the host's ops in the profiled step, save its Chrome trace here and "
                    "print the GPU's longest idle gaps with what the host ran meanwhile")

@@ -340,9 +340,12 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
-    StepClock, CountingSFTTrainer, GpuBusyProbe = _make_trainer_cls(trainer=trainer_kind)
-    accum = args.trl_grad_accum
     tokenizer = AutoTokenizer.from_pretrained(path)  # not part of the timed load: a 256K-word vocabulary
+    pad_multiple = getattr(args, "trl_pad_multiple", None)
+    # Rows padded to a multiple hold pad ids at their end, which the real-token count must leave out.
+    StepClock, CountingSFTTrainer, GpuBusyProbe = _make_trainer_cls(
+        pad_token_id=tokenizer.pad_token_id if pad_multiple else None, trainer=trainer_kind)
+    accum = args.trl_grad_accum
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     C.free_memory(device)
     C.reset_peak(device)
@@ -363,6 +366,7 @@ def _run_one(cname: str, name: str, path: str, ds, args, device, quantize: bool,
         packing=True,
         packing_strategy="bfd",
         padding_free=True,
+        **({"pad_to_multiple_of": pad_multiple} if pad_multiple else {}),
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
@@ -551,6 +555,8 @@ def run(args, device: torch.device) -> C.SuiteResult:
         f"≤{batch}×{max_length} tokens with per-document position_ids), max_length {max_length}, "
         f"per_device_train_batch_size {batch}, gradient_accumulation_steps {args.trl_grad_accum}, gradient "
         f"checkpointing, {steps} optimizer steps, constant lr. "
+        + (f"Each micro-batch padded to a multiple of {args.trl_pad_multiple} tokens (pad_to_multiple_of). "
+           if getattr(args, "trl_pad_multiple", None) else "") +
         f"Synthetic pre-tokenized documents of {doc_range(tiny)[0]}..{doc_range(tiny)[1]} random tokens. "
         "'1st step' columns: wall clock to the end of the first optimizer step from trainer.train() and from "
         "the start of from_pretrained. tokens/s: median over optimizer steps after the first "
@@ -597,7 +603,8 @@ def run(args, device: torch.device) -> C.SuiteResult:
                        quant="nf4" if quantize else "none", max_length=max_length, batch=batch,
                        grad_accum=args.trl_grad_accum, trainer=trainer_kind,
                        # the ratios compare rows of one trainer
-                       config=f"{batch}x{max_length}x{args.trl_grad_accum}" + ("-lean" if lean else ""))
+                       config=f"{batch}x{max_length}x{args.trl_grad_accum}" + ("-lean" if lean else "")
+                       + (f"-pad{args.trl_pad_multiple}" if getattr(args, "trl_pad_multiple", None) else ""))
             blocked = M.not_startable(cname, device, budget)
             if blocked:
                 row["status"] = blocked

@@ -83,6 +83,14 @@ def backend_runs_flex(backend: str, device: torch.device, head_dim: int, dropout
     return backend == "flex" or (backend == "auto" and dropout == 0.0 and auto_picks_flex(device, head_dim))
 
 
+def flex_padded_length(mask, backend: str, device: torch.device, head_dim: int, dropout: float = 0.0):
+    """The length flex pads this call's query, key and value to (`AttentionMask.padded_length`) when flex will
+    run it, else None: a caller that writes them anyway (RoPE) can write them padded, saving flex a copy."""
+    if not isinstance(mask, AttentionMask) or not backend_runs_flex(backend, device, head_dim, dropout):
+        return None
+    return mask.padded_length
+
+
 # --------------------------------------------------------------------------------------
 # Score functions (flex_attention's score_mod signature)
 # --------------------------------------------------------------------------------------
@@ -251,12 +259,13 @@ def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 def flex_softcap_attention(
     query, key, value, block_mask, scale, softcap, compiled=True, kernel_options=None, softcap_tanh="auto",
-    query_ids=None,
+    query_ids=None, length=None,
 ):
     """flex_attention with a softcap score function; inputs are padded to the block mask's length.
 
     `query_ids`: a padded batch's (`AttentionMask.flex_inputs`), whose uniform rows the score function
-    then flattens (`masks.uniform_rows`); None otherwise.
+    then flattens (`masks.uniform_rows`); None otherwise. `length`: the real number of queries when the
+    inputs arrive already padded (zeros after it); None when they are not.
 
     `kernel_options` go to flex_attention unchanged on the compiled (GPU) path: Triton options (block
     sizes, warps, stages; ``fwd_`` / ``bwd_`` prefixes address one direction), or `FLASH_OPTIONS`;
@@ -273,7 +282,7 @@ def flex_softcap_attention(
     if query_ids is not None:
         score_mod = uniform_rows(query_ids, score_mod)
     enable_gqa = query.shape[1] != key.shape[1]
-    length, padded = query.shape[-2], block_mask.seq_lengths[0]
+    length, padded = query.shape[-2] if length is None else length, block_mask.seq_lengths[0]
     query, key, value = (_pad_length(t, padded) for t in (query, key, value))
     if not compiled:
         if not torch.is_grad_enabled():  # torch refuses CPU flex for inputs that require grad, even under no_grad
@@ -443,7 +452,7 @@ def resolve_backend(backend: str, query, key, mask, dropout_p: float = 0.0) -> s
     return backend
 
 
-def _flex_on_gpu(query, key, value, mask: AttentionMask, scale, softcap, kernel_options, softcap_tanh):
+def _flex_on_gpu(query, key, value, mask: AttentionMask, scale, softcap, kernel_options, softcap_tanh, length=None):
     """Compiled flex_attention with the kernels `kernel_options` picks (`flex_kernel_options_for`)."""
     kernel_options = flex_kernel_options_for(kernel_options, query)
     query_ids = mask.flex_inputs(query.device).get("query_ids")
@@ -452,7 +461,7 @@ def _flex_on_gpu(query, key, value, mask: AttentionMask, scale, softcap, kernel_
     kv_block = FLASH_KV_BLOCK.get(query.shape[-1]) if uses_flash(kernel_options) else None
     return flex_softcap_attention(query, key, value, mask.block_mask(query.device, kv_block=kv_block), scale,
                                   softcap, kernel_options=kernel_options, softcap_tanh=softcap_tanh,
-                                  query_ids=query_ids)
+                                  query_ids=query_ids, length=length)
 
 
 def softcap_attention(
@@ -473,6 +482,8 @@ def softcap_attention(
     `mask` is an AttentionMask (queries and keys start together), a dense mask from the
     caller (bool allowed, or additive float; used when decoding with a KV cache), or None
     (causal when Q == K; when Q < K, the queries are the last Q positions and see every key).
+    Where flex runs an AttentionMask (`flex_padded_length`), query, key and value may arrive padded
+    to its `padded_length` with zero rows, contiguous: the output then has the mask's `q_len` queries.
     `kernel_options` (flex only): "auto" or "experimental-flash" (see `flex_kernel_options_for`), None = torch's
     defaults, or a dict passed to flex_attention as is.
     `softcap_tanh` (flex on NVIDIA GPUs only; exact everywhere else): "auto" = `AUTO_SOFTCAP_TANH`,
@@ -484,19 +495,23 @@ def softcap_attention(
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key heads ({key.shape[1]})")
     chosen = resolve_backend(backend, query, key, mask, dropout_p)
     if isinstance(mask, AttentionMask):
+        length = None  # the real number of queries, when the inputs arrive padded for flex
         # (Inside a compiled region the caller checks this before entering: comparing a token count with
         # the mask's Python int would make torch.compile specialise the region to one length.)
         if not torch.compiler.is_compiling() and (query.shape[-2] != mask.q_len or key.shape[-2] != mask.kv_len):
-            raise ValueError(
-                f"attention mask built for {mask.q_len} queries / {mask.kv_len} keys, "
-                f"got {query.shape[-2]} / {key.shape[-2]}"
-            )
+            if chosen == "flex" and query.shape[-2] == key.shape[-2] == value.shape[-2] == mask.padded_length:
+                length = mask.q_len
+            else:
+                raise ValueError(
+                    f"attention mask built for {mask.q_len} queries / {mask.kv_len} keys, "
+                    f"got {query.shape[-2]} / {key.shape[-2]}"
+                )
         if chosen == "flex":
             if query.device.type != "cuda":  # uncompiled flex (CPU forward): no kernel options
                 return flex_softcap_attention(query, key, value, mask.block_mask(query.device), scale, softcap,
                                               compiled=False, softcap_tanh=softcap_tanh,
-                                              query_ids=mask.flex_inputs(query.device).get("query_ids"))
-            return _flex_on_gpu(query, key, value, mask, scale, softcap, kernel_options, softcap_tanh)
+                                              query_ids=mask.flex_inputs(query.device).get("query_ids"), length=length)
+            return _flex_on_gpu(query, key, value, mask, scale, softcap, kernel_options, softcap_tanh, length)
         dense = mask.dense(query.device)
     else:
         dense = mask

@@ -21,13 +21,13 @@ import inspect
 import torch
 from transformers.models.gemma2 import modeling_gemma2
 
-from fastgemma.attention import dense_softcap_attention, softcap_attention
+from fastgemma.attention import dense_softcap_attention, flex_padded_length, softcap_attention
 from fastgemma.backbone import backbone_forward
 from fastgemma.graph_policy import graphed_layers, graphs_apply, run_graphed
 from fastgemma.hf_layers import cache_in, checkpoint_function, pop_cache, run_checkpointed
 from fastgemma.mask_mapping import mask_cache
 from fastgemma.masks import AttentionMask
-from fastgemma.ops import gelu_tanh_gate, lora_linear, norm_add, norm_add_norm, rms_norm, rotate_pairs
+from fastgemma.ops import gelu_tanh_gate, lora_linears, norm_add, norm_add_norm, rms_norm, rotate_pairs, rotated_heads
 from fastgemma.options import PatchOptions, fused_here
 from fastgemma.patching import (
     PatchState,
@@ -102,21 +102,35 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     """
     legacy = pop_cache(kwargs)
     cache = cache if cache is not None else legacy
-    query, key, value = queries_keys_values(self, hidden_states, position_embeddings)
+    padded = None if cache is not None or kwargs.get("output_attentions") else \
+        flex_length(self, attention_mask, hidden_states)
+    query, key, value = queries_keys_values(self, hidden_states, position_embeddings, padded)
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx)
     output, weights = attention_core(self, query, key, value, attention_mask, kwargs.get("output_attentions"))
     return attention_output(self, output, hidden_states), weights
 
 
-def queries_keys_values(self, hidden_states, position_embeddings):
-    """The projections (module calls: LoRA and 4-bit linears work) and RoPE, as (batch, heads, tokens, dim)."""
+def flex_length(self, attention_mask, hidden_states):
+    """The length to write query, key and value padded to for flex (`flex_padded_length`), where RoPE runs fused
+    op by op; None elsewhere (a compiled region fuses flex's own padding)."""
+    if not fused_here(self, hidden_states) or torch.compiler.is_compiling():
+        return None
+    dropout = self.attention_dropout if self.training else 0.0
+    return flex_padded_length(attention_mask, state_of(self).options.backend, hidden_states.device, self.head_dim,
+                              dropout)
+
+
+def queries_keys_values(self, hidden_states, position_embeddings, padded_length=None):
+    """The projections (module calls: LoRA and 4-bit linears work) and RoPE, as (batch, heads, tokens, dim); with
+    `padded_length` (fused only), contiguous and padded with zero rows to that many tokens."""
     fused = fused_here(self, hidden_states)
     hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    query = lora_linear(self.q_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
-    key = lora_linear(self.k_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
-    value = lora_linear(self.v_proj, hidden_states, fused).view(hidden_shape).transpose(1, 2)
+    projections = lora_linears((self.q_proj, self.k_proj, self.v_proj), hidden_states, fused)
     cos, sin = position_embeddings
+    if fused and padded_length is not None:
+        return rotated_heads(*projections, cos, sin, self.head_dim, padded_length)
+    query, key, value = (projection.view(hidden_shape).transpose(1, 2) for projection in projections)
     if fused:
         return (*rotate_pairs(query, key, cos, sin), value)
     # HF's own function, so anything that replaces it (a hub kernel, another patch) still applies
@@ -150,7 +164,7 @@ def attention_core(self, query, key, value, attention_mask, output_attentions=Fa
 def attention_output(self, output, hidden_states):
     """The heads joined and projected back (o_proj) to `hidden_states`' shape."""
     output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
-    return lora_linear(self.o_proj, output, fused_here(self, hidden_states))
+    return lora_linears((self.o_proj,), output, fused_here(self, hidden_states))[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -217,15 +231,17 @@ def attention_saved_layer(self, hidden_states, *args, position_embeddings=None, 
         body = functools.partial(decoder_layer_body, self, *args, position_embeddings=position_embeddings,
                                  attention_mask=attention_mask, **kwargs)
         return checkpoint(body, hidden_states)
-    query, key, value = checkpoint(functools.partial(_attention_inputs, self, position_embeddings), hidden_states)
+    padded = flex_length(self.self_attn, attention_mask, hidden_states)
+    query, key, value = checkpoint(functools.partial(_attention_inputs, self, position_embeddings, padded),
+                                   hidden_states)
     output, _ = attention_core(self.self_attn, query, key, value, attention_mask)
     return checkpoint(functools.partial(_after_attention, self), output, hidden_states)
 
 
-def _attention_inputs(self, position_embeddings, hidden_states):
+def _attention_inputs(self, position_embeddings, padded_length, hidden_states):
     normed = rms_norm(hidden_states, self.input_layernorm.weight, self.input_layernorm.eps, UNIT_OFFSET,
                       fused=fused_here(self, hidden_states))
-    return queries_keys_values(self.self_attn, normed, position_embeddings)
+    return queries_keys_values(self.self_attn, normed, position_embeddings, padded_length)
 
 
 def _after_attention(self, output, hidden_states):
@@ -235,8 +251,8 @@ def _after_attention(self, output, hidden_states):
 def mlp_forward(self, x):
     """Gemma2MLP.forward with the GeGLU gate fused (and LoRA adapters added inside their GEMMs)."""
     fused = fused_here(self, x)
-    gate, up = lora_linear(self.gate_proj, x, fused), lora_linear(self.up_proj, x, fused)
-    return lora_linear(self.down_proj, gelu_tanh_gate(gate, up, fused=fused), fused)
+    gate, up = lora_linears((self.gate_proj, self.up_proj), x, fused)
+    return lora_linears((self.down_proj,), gelu_tanh_gate(gate, up, fused=fused), fused)[0]
 
 
 def norm_forward(self, x):

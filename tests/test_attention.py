@@ -109,6 +109,22 @@ def test_flex_takes_other_softcaps_and_lengths_in_one_process():
         assert relative_error(out, expected) < FP32_TOLERANCE
 
 
+def test_flex_takes_inputs_padded_to_its_length_and_only_flex_does():
+    """Query, key and value padded with zero rows to the mask's padded_length (as fused RoPE writes them): flex
+    returns the mask's q_len queries, the same as from unpadded inputs; a dense backend refuses them."""
+    (query, key, value) = [t.detach() for t in random_qkv(4, 2, 40, 16, seed=11)]
+    mask = AttentionMask(40, 40, window=24)
+    padded = [torch.nn.functional.pad(t, (0, 0, 0, mask.padded_length - 40)) for t in (query, key, value)]
+    assert attention.flex_padded_length(mask, "flex", query.device, 16) == mask.padded_length > 40
+    assert attention.flex_padded_length(mask, "compiled", query.device, 16) is None
+    assert attention.flex_padded_length(torch.ones(1, 1, 40, 40, dtype=torch.bool), "flex", query.device, 16) is None
+    with torch.no_grad():
+        out = softcap_attention(*padded, mask, scale=0.25, softcap=50.0, backend="flex")
+        assert torch.equal(out, softcap_attention(query, key, value, mask, scale=0.25, softcap=50.0, backend="flex"))
+        with pytest.raises(ValueError, match="mask built for 40 queries / 40 keys, got 128 / 128"):
+            softcap_attention(*padded, mask, scale=0.25, softcap=50.0, backend="eager")
+
+
 def test_dense_mask_from_the_caller_for_decoding():
     """Queries after cached keys: the caller's additive mask is honoured; without one, every key is seen."""
     (query, key, value) = [t.detach() for t in random_qkv(4, 2, 40, 16, seed=3)]
@@ -475,7 +491,7 @@ def test_flash_calls_get_a_mask_its_tiles_divide(monkeypatch, hopper, choice, he
     assert attention._flex_on_gpu(query, None, None, _MaskStandIn(), 1.0, 50.0, choice, "auto") == "out"
     options = attention.FLASH_OPTIONS if choice == "experimental-flash" else tuned_flex_kernel_options(query)
     assert calls == [(f"block mask, kv_block={kv_block}",
-                      {"kernel_options": options, "softcap_tanh": "auto", "query_ids": None})]
+                      {"kernel_options": options, "softcap_tanh": "auto", "query_ids": None, "length": None})]
     assert attention.uses_flash(attention.FLASH_OPTIONS) and not attention.uses_flash({"bwd_num_warps": 8})
 
 
@@ -494,7 +510,8 @@ def test_padded_batches_keep_triton_kernels_when_flash_is_asked_for(monkeypatch,
     query = _QueryOn("cuda", 256)
     attention._flex_on_gpu(query, None, None, PaddedStandIn(), 1.0, 50.0, "experimental-flash", "auto")
     assert calls == [("block mask, kv_block=None", {"kernel_options": tuned_flex_kernel_options(query),
-                                                    "softcap_tanh": "auto", "query_ids": "query ids"})]
+                                                    "softcap_tanh": "auto", "query_ids": "query ids",
+                                                    "length": None})]
 
 
 def test_flash_kernels_get_torch_tanh_in_their_score_function(monkeypatch):

@@ -240,6 +240,17 @@ def test_trl_suite_runs_each_contender_under_each_trainer(tmp_path, ckpt_dir):
     assert rows[0]["config"] != rows[2]["config"]
 
 
+def test_trl_suite_pads_rows_to_a_multiple_and_counts_only_real_tokens(tmp_path, ckpt_dir):
+    payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--steps", "3",
+                                    "--contenders", "fastgemma", "--trl-pad-multiple", "96")
+    (row,) = raw["suites"]["trl"]["rows"]
+    assert row["status"] == "ok" and row["config"].endswith("-pad96")
+    assert all(length % 96 == 0 for length in row["row_lengths"])
+    assert all(real <= length for real, length in zip(row["tokens_per_step"], row["row_lengths"]))
+    assert any(real < length for real, length in zip(row["tokens_per_step"], row["row_lengths"]))
+    assert "padded to a multiple of 96 tokens" in text
+
+
 def test_trl_steady_rate_leaves_out_the_profiled_step_and_rescales_gpu_busy():
     from benchmarks.suite_trl import busy_over_unprofiled, steady_rates
 

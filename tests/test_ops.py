@@ -15,6 +15,7 @@ from fastgemma.ops import (
     norm_add_norm,
     rms_norm,
     rotate_pairs,
+    rotated_heads,
 )
 
 FP32_TOLERANCE = 1e-5
@@ -84,6 +85,40 @@ def test_rotate_pairs_matches_hf(fused):
                           lambda q, k, c, s: apply_rotary_pos_emb(q, k, c, s), [query, key, cos, sin], fused)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_rotated_heads_are_hf_rope_padded_with_zero_rows(fused):
+    from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
+
+    def definition(q, k, v, c, s):
+        def heads(x):
+            return x.view(2, 11, -1, 16).transpose(1, 2)
+
+        rows = (0, 0, 0, 32 - 11)
+        return tuple(torch.nn.functional.pad(t, rows) for t in (*apply_rotary_pos_emb(heads(q), heads(k), c, s),
+                                                                   heads(v)))
+
+    inputs = leaves((2, 11, 4 * 16), (2, 11, 2 * 16), (2, 11, 2 * 16), (2, 11, 16), (2, 11, 16))
+    check_against_float64(lambda q, k, v, c, s, fused: rotated_heads(q, k, v, c, s, 16, 32, fused=fused),
+                          definition, inputs, fused)
+    outputs = rotated_heads(*inputs, 16, 32, fused=fused)
+    assert all(t.is_contiguous() and t.shape[2] == 32 for t in outputs)
+
+
+def test_rotated_heads_compile_once_and_give_the_projections_contiguous_gradients():
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    for length in (5, 9, 17):
+        q, k, v, cos, sin = leaves((1, length, 64), (1, length, 32), (1, length, 32), (1, length, 16),
+                                   (1, length, 16), seed=length)
+        sum(t.sum() for t in rotated_heads(q, k, v, cos, sin, 16, 20)).backward()
+        assert all(t.grad.is_contiguous() for t in (q, k, v))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(ValueError, match="cannot pad 17 tokens to 8"):
+        rotated_heads(q, k, v, cos, sin, 16, 8)
+
+
 def test_norm_matches_hf_module_in_bf16():
     """Same rounding as Gemma2RMSNorm: float32 inside, one cast back at the end."""
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
@@ -129,6 +164,20 @@ def test_lora_linear_matches_peft_forward_and_backward():
     assert relative_error(actual, expected) < FP32_TOLERANCE
     for grad, leaf in zip(expected_grads, (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)):
         assert relative_error(leaf.grad, grad) < FP32_TOLERANCE
+
+
+def test_lora_linear_adds_the_adapter_into_the_base_output_without_copying_it():
+    layer = lora_layer()
+    outputs = []
+    layer.base_layer.register_forward_hook(lambda module, args, output: outputs.append(output))
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    base_only = layer.base_layer(x).detach()
+    outputs.clear()
+    actual = lora_linear(layer, x)
+    assert actual.untyped_storage().data_ptr() == outputs[0].untyped_storage().data_ptr()
+    assert relative_error(actual, base_only) > 1e-3  # the adapter did change it
+    actual.sum().backward()
+    assert x.grad is not None and layer.lora_B["default"].weight.grad is not None
 
 
 def test_lora_linear_leaves_other_states_to_peft(monkeypatch):

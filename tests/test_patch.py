@@ -114,6 +114,35 @@ def test_flex_forward_on_cpu_matches_hf_eager(padding, flex_forward_on_cpu):
     assert relative_error(actual, expected) < VALUE_TOLERANCE
 
 
+@pytest.mark.parametrize("batch_kind", ["plain", "padded", "packed"])
+def test_fused_rope_hands_flex_its_inputs_already_padded(batch_kind, flex_forward_on_cpu, monkeypatch):
+    """With fused ops, RoPE writes query, key and value padded to flex's fixed length, so flex copies none of
+    them again: every flex call gets them at that length, and the logits stay HF eager's."""
+    import fastgemma.attention
+
+    reference = random_gemma2(tiny_gemma2_config(**PADDED_CONFIGS["hd128-gqa2"]))
+    patched = fastgemma.patch_model(copy.deepcopy(reference), max_row_tokens=256, backend="flex", fused_ops=True)
+    patched.requires_grad_(False)  # grad mode stays on, so the fused ops run; flex has no CPU backward
+    calls, original = [], fastgemma.attention.flex_softcap_attention
+
+    def spy(query, *args, length=None, **kwargs):
+        calls.append((query.shape[-2], query.is_contiguous(), length))
+        return original(query, *args, length=length, **kwargs)
+
+    monkeypatch.setattr(fastgemma.attention, "flex_softcap_attention", spy)
+    ids, mask = padded_batch(230, "left", seed=6)
+    batch = {"input_ids": ids}
+    if batch_kind == "padded":
+        batch["attention_mask"] = mask
+    if batch_kind == "packed":
+        batch["position_ids"] = torch.cat([torch.arange(100), torch.arange(130)])[None].expand(ids.shape[0], -1)
+    actual = patched(**batch, use_cache=False).logits
+    with torch.no_grad():
+        expected = reference(**batch, use_cache=False).logits
+    assert calls and all(padded > 230 and contiguous and real == 230 for padded, contiguous, real in calls)
+    assert relative_error(actual, expected) < VALUE_TOLERANCE
+
+
 def test_patched_model_never_calls_hf_attention(monkeypatch):
     from transformers.models.gemma2 import modeling_gemma2
 

@@ -9,6 +9,8 @@ from .activations import gelu_tanh_gate
 from .compile import fuse, mark_dynamic
 from .lora import lora_linear
 from .norms import norm_add, norm_add_norm, rms_norm
-from .rope import rotate_pairs
+from .rope import rotate_pairs, rotated_heads
+from .shared_input_lora import lora_linears
 
-__all__ = ["fuse", "mark_dynamic", "rms_norm", "norm_add", "norm_add_norm", "gelu_tanh_gate", "rotate_pairs", "lora_linear"]
+__all__ = ["fuse", "mark_dynamic", "rms_norm", "norm_add", "norm_add_norm", "gelu_tanh_gate", "rotate_pairs",
+           "rotated_heads", "lora_linear", "lora_linears"]

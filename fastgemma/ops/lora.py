@@ -1,8 +1,9 @@
 """A PEFT LoRA linear layer with its adapter added inside the GEMM.
 
 PEFT computes ``base(x).clone() + lora_B(lora_A(x)) * scaling`` as four passes over the
-output (clone, GEMM, scale, add). ``addmm`` folds the scale and the add into the second
-adapter GEMM's epilogue, and needs no clone because nothing is modified in place.
+output (clone, GEMM, scale, add). ``addmm_`` folds the scale and the add into the second
+adapter GEMM's epilogue, writing into the base layer's output: no linear saves its output for
+its backward, and the out-of-place ``addmm`` would copy it first.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def lora_linear(module: torch.nn.Module, x: torch.Tensor, fused: bool = True) ->
     base, weight_a, weight_b, scaling = parts
     if not torch.is_autocast_enabled(x.device.type) and not (weight_a.dtype == weight_b.dtype == x.dtype):
         return module(x)
-    result = base_linear(base, x)
-    down = torch.nn.functional.linear(x, weight_a)
+    rows = x.reshape(-1, x.shape[-1])  # 2-D, so the base's output is a tensor of its own, not a view
+    result = base_linear(base, rows)
+    down = torch.nn.functional.linear(rows, weight_a)
     if result.dtype != down.dtype:  # a base layer that returns another dtype: PEFT's own arithmetic
-        return result + torch.nn.functional.linear(down, weight_b) * scaling
-    out_features = result.shape[-1]
-    fused = torch.addmm(result.reshape(-1, out_features), down.reshape(-1, down.shape[-1]), weight_b.t(), alpha=scaling)
-    return fused.view(result.shape)
+        fused = result + torch.nn.functional.linear(down, weight_b) * scaling
+    elif torch.compiler.is_compiling() or result._is_view():
+        # (the compiler plans its own buffers; in place on a view would make autograd copy the base's output)
+        fused = torch.addmm(result, down, weight_b.t(), alpha=scaling)
+    else:
+        fused = result.addmm_(down, weight_b.t(), alpha=scaling)
+    return fused.view(*x.shape[:-1], fused.shape[-1])
 
 
 def base_linear(base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
