@@ -12,8 +12,9 @@ Decided for each training call of a backbone from what the allocator measures, n
 - checkpointed inputs are exact: tokens x hidden size x bytes per element, one per layer.
 
 Until something is measured a call checkpoints every layer, as without a budget, so the budget never runs out of
-memory where checkpointing everything fits; a forward that still runs out of memory with layers kept (something
-else took the room) is run again checkpointing every layer, and the budget keeps none from then on. Kept layers
+memory where checkpointing everything fits; a forward that still runs out of memory with layers kept (the
+allocator's fragmentation beyond the margin, or something else took the room) is run again checkpointing every
+layer, and later plans take another margin off the budget; after MAX_BACK_OFFS such forwards the budget keeps none. Kept layers
 are the last ones; offloaded inputs the first ones (their recompute comes last, so their copy back has the whole
 backward to overlap with).
 """
@@ -71,6 +72,9 @@ class StepPlan:
 PROBE = "counting one kept layer's activations"
 PROBE_ATTENTION = "counting what one layer saving its attention keeps"
 OUT_OF_MEMORY = "a forward ran out of memory with layers kept"
+# Forwards that may run out of memory with layers kept before the budget keeps none: each one before the last lowers
+# the budget by another margin (at 9B, 4 x 4096 on an 80 GB GPU the allocator's fragmentation reached 7.7 GiB).
+MAX_BACK_OFFS = 2
 # What a layer saving its attention keeps before it was counted, in copies of its input: with flex attention,
 # its input, queries, keys, values, output and log-sum-exp come to some 3-4; the first count replaces this.
 ATTENTION_GUESS_COPIES = 8
@@ -120,7 +124,10 @@ class MemoryBudget:
         self.layer_per_token: Optional[float] = None
         self.attention_per_token: Optional[float] = None  # what a layer saving its attention keeps
         self.last_plan: Optional[StepPlan] = None
-        self.backed_off = False  # a forward ran out of memory with layers kept: checkpoint every layer from then on
+        self.back_offs = 0  # forwards that ran out of memory with layers kept
+        self.lowered = 0  # bytes those forwards took off the budget
+        self.backed_off = False  # MAX_BACK_OFFS such forwards: checkpoint every layer from then on
+        self._rerun = False  # the next call runs a failed forward again: it checkpoints every layer
         self._after_call = None  # (the peak when the last call's forward ended, allocated then, its tokens)
 
     def __getstate__(self):  # measurements belong to one process and device: a copy measures its own
@@ -132,7 +139,7 @@ class MemoryBudget:
     def budget(self) -> int:
         limit = self.memory.limit()
         margin = max(MIN_MARGIN, int(MARGIN_FRACTION * self.memory.total()))
-        usable = self.memory.allocated() + max(0, limit - self.memory.allocated() - margin)
+        usable = self.memory.allocated() + max(0, limit - self.memory.allocated() - margin - self.lowered)
         return usable if self.cap is None else min(self.cap, usable)
 
     def learn(self) -> None:
@@ -152,6 +159,7 @@ class MemoryBudget:
         `input_bytes` bytes; `graphed`: the layers run as CUDA graphs, which recompute in their backward graph;
         `save_attention`: layers may save their attention's inputs and output instead of recomputing it."""
         self.learn()
+        rerun, self._rerun = self._rerun, False
         if self.force_offload:
             return self._remember(StepPlan(tokens, layers, offloaded=layers, why="offload forced"))
         budget, allocated = self.budget(), self.memory.allocated()
@@ -165,7 +173,7 @@ class MemoryBudget:
         kept, saved, why = 0, 0, ""
         if graphed:
             why = "CUDA-graphed layers recompute in their backward graph"
-        elif self.backed_off:
+        elif self.backed_off or rerun:
             why = OUT_OF_MEMORY
         elif self.rest_per_token is None:
             why = "the first step measures the rest of the step"
@@ -214,10 +222,15 @@ class MemoryBudget:
 
     def back_off(self, plan: StepPlan) -> bool:
         """A call planned as `plan` ran out of memory in its forward: whether it kept layers (or saved attention)
-        and so may fit checkpointing every layer; if it did, no later plan keeps any."""
+        and so may fit checkpointing every layer, as the next plan (its rerun) does. Later plans then have another
+        margin less room, or, after MAX_BACK_OFFS such forwards, keep no layers."""
         if plan.kept + plan.attention_saved == 0:
             return False
-        self.backed_off = True
+        self.back_offs += 1
+        self.backed_off = self.back_offs >= MAX_BACK_OFFS
+        if not self.backed_off:
+            self.lowered += max(MIN_MARGIN, int(MARGIN_FRACTION * self.memory.total()))
+        self._rerun = True
         self._after_call = None  # the failed forward's peak is no step's
         return True
 

@@ -65,9 +65,12 @@ def run_planned(backbone, state, kwargs, forward):
         if not (kept_some or copies):
             raise
     if kept_some:
-        say_once("memory back-off", logging.WARNING, "fastgemma: memory: out of memory in a forward that kept %d "
-                 "layers' activations and saved %d layers' attention; it runs again checkpointing every layer, and "
-                 "so will later steps (memory_budget=None does so from the start)", plan.kept, plan.attention_saved)
+        budget = state.budget
+        later = ("so will later steps (memory_budget=None does so from the start)" if budget.backed_off else
+                 f"later steps plan within a budget {budget.lowered / 2**30:.1f} GiB lower")
+        say_once(f"memory back-off {budget.back_offs}", logging.WARNING, "fastgemma: memory: out of memory in a "
+                 "forward that kept %d layers' activations and saved %d layers' attention; it runs again "
+                 "checkpointing every layer, and %s", plan.kept, plan.attention_saved, later)
     if copies:
         say_once("dense weights back-off", logging.WARNING, "fastgemma: memory: out of memory in a forward while "
                  "holding dequantised copies of %d layers' 4-bit weights; they are dropped, the forward runs again "

@@ -376,11 +376,13 @@ def test_some_layers_kept_and_the_rest_checkpointed_train_exactly(base):
 
 
 def test_a_forward_out_of_memory_with_layers_kept_runs_again_checkpointing_every_layer(base, monkeypatch, caplog):
-    """Something else took the room the budget planned for: the forward that kept layers runs out of memory, runs
-    again checkpointing every layer (the step's results unchanged), and later steps keep none."""
-    from fastgemma.memory_budget import OUT_OF_MEMORY
+    """Something took the room the budget planned for (the allocator's fragmentation, another allocation): the
+    forward that kept layers runs out of memory and runs again checkpointing every layer (the step's results
+    unchanged); later steps plan within a budget one more margin lower, and after a second such forward keep none."""
+    from fastgemma.memory_budget import MAX_BACK_OFFS, OUT_OF_MEMORY
 
-    reference = train_steps(lora_model(base, memory_budget=None), steps=4)
+    assert MAX_BACK_OFFS == 2
+    reference = train_steps(lora_model(base, memory_budget=None), steps=6)
     model = lora_model(base)
     layers = model.base_model.model.model.layers
     kept_calls = []
@@ -389,20 +391,28 @@ def test_a_forward_out_of_memory_with_layers_kept_runs_again_checkpointing_every
         def call(*args, **kwargs):
             if not layer.gradient_checkpointing:  # a kept layer
                 kept_calls.append(layer)
-                if len(kept_calls) == 3:
+                if len(kept_calls) in (3, 5):
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return forward(*args, **kwargs)
         return call
 
     for layer in layers:
         monkeypatch.setattr(layer, "forward", short_of_memory(layer, layer.forward))
+    memory, plans = FakeMemory(), []  # 100 GiB: the margin is 10 GiB
     with caplog.at_level("WARNING", logger="fastgemma"):
-        results = train_steps(model, steps=4, memory=FakeMemory())  # step 2 keeps one layer, step 3 would keep 4
+        results = []
+        for step in range(6):  # step 2 keeps one layer; steps 3 and 4 would keep 4
+            results += train_steps(model, steps=1, first=step, memory=memory)
+            plans.append(fastgemma.memory_plan(model))
     assert_same_training(results, reference)
-    assert len(kept_calls) == 3  # one in step 2, two in step 3 before the error; none after
-    plan = fastgemma.memory_plan(model)
-    assert (plan.kept, plan.attention_saved, plan.why) == (0, 0, OUT_OF_MEMORY), plan
-    assert "runs again checkpointing every layer" in caplog.text
+    assert len(kept_calls) == 5  # one in step 2, two in each of steps 3 and 4 before their errors; none after
+    assert plans[1].budget == 90 * GiB and plans[1].kept == 1
+    # step 3's rerun checkpoints every layer, within the lowered budget; so does step 4's, after the second error
+    assert (plans[2].kept, plans[2].why, plans[2].budget) == (0, OUT_OF_MEMORY, 80 * GiB), plans[2]
+    for plan in plans[3:]:
+        assert (plan.kept, plan.attention_saved, plan.why) == (0, 0, OUT_OF_MEMORY), plan
+    assert "it runs again checkpointing every layer, and later steps plan within a budget 10.0 GiB lower" in caplog.text
+    assert "it runs again checkpointing every layer, and so will later steps" in caplog.text
     assert all(layer.gradient_checkpointing for layer in layers)
 
 
