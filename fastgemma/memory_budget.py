@@ -14,9 +14,9 @@ Decided for each training call of a backbone from what the allocator measures, n
 Until something is measured a call checkpoints every layer, as without a budget, so the budget never runs out of
 memory where checkpointing everything fits; a forward that still runs out of memory with layers kept (the
 allocator's fragmentation beyond the margin, or something else took the room) is run again checkpointing every
-layer, and later plans take another margin off the budget; after MAX_BACK_OFFS such forwards the budget keeps none. Kept layers
-are the last ones; offloaded inputs the first ones (their recompute comes last, so their copy back has the whole
-backward to overlap with).
+layer, and later plans take another margin off the budget; after MAX_BACK_OFFS such forwards the budget keeps none.
+Kept layers are the last ones; offloaded inputs the first ones (their recompute comes last, so their copy back has
+the whole backward to overlap with).
 """
 
 from __future__ import annotations
