@@ -545,6 +545,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
     steps = C.pick(args.steps, tiny, 3, 12)
     args.trl_warmup = C.pick(args.warmup, tiny, 1, 3)
     max_length = args.trl_max_length or (128 if tiny else 4096)
+    pad_multiple = getattr(args, "trl_pad_multiple", None)
     batch = args.trl_batch
     quantize = device.type == "cuda" and not args.no_quant
     budget = C.Budget(args.budget_s)
@@ -555,8 +556,8 @@ def run(args, device: torch.device) -> C.SuiteResult:
         f"≤{batch}×{max_length} tokens with per-document position_ids), max_length {max_length}, "
         f"per_device_train_batch_size {batch}, gradient_accumulation_steps {args.trl_grad_accum}, gradient "
         f"checkpointing, {steps} optimizer steps, constant lr. "
-        + (f"Each micro-batch padded to a multiple of {args.trl_pad_multiple} tokens (pad_to_multiple_of). "
-           if getattr(args, "trl_pad_multiple", None) else "") +
+        + (f"Each micro-batch padded to a multiple of {pad_multiple} tokens (pad_to_multiple_of). "
+           if pad_multiple else "") +
         f"Synthetic pre-tokenized documents of {doc_range(tiny)[0]}..{doc_range(tiny)[1]} random tokens. "
         "'1st step' columns: wall clock to the end of the first optimizer step from trainer.train() and from "
         "the start of from_pretrained. tokens/s: median over optimizer steps after the first "
@@ -604,7 +605,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
                        grad_accum=args.trl_grad_accum, trainer=trainer_kind,
                        # the ratios compare rows of one trainer
                        config=f"{batch}x{max_length}x{args.trl_grad_accum}" + ("-lean" if lean else "")
-                       + (f"-pad{args.trl_pad_multiple}" if getattr(args, "trl_pad_multiple", None) else ""))
+                       + (f"-pad{pad_multiple}" if pad_multiple else ""))
             blocked = M.not_startable(cname, device, budget)
             if blocked:
                 row["status"] = blocked

@@ -19,7 +19,7 @@ import torch
 from .attention import backend_runs_flex
 from .graph_policy import graphs_expected
 from .log import say_once
-from .memory_budget import DeviceMemory, MemoryBudget, StepPlan
+from .memory_budget import DeviceMemory, GiB, MemoryBudget, StepPlan
 from .offload import HostBuffers, SavedTensorRouter
 from .processes import world_size
 
@@ -67,7 +67,7 @@ def run_planned(backbone, state, kwargs, forward):
     if kept_some:
         budget = state.budget
         later = ("so will later steps (memory_budget=None does so from the start)" if budget.backed_off else
-                 f"later steps plan within a budget {budget.lowered / 2**30:.1f} GiB lower")
+                 f"later steps plan within a budget {budget.lowered / GiB:.1f} GiB lower")
         say_once(f"memory back-off {budget.back_offs}", logging.WARNING, "fastgemma: memory: out of memory in a "
                  "forward that kept %d layers' activations and saved %d layers' attention; it runs again "
                  "checkpointing every layer, and %s", plan.kept, plan.attention_saved, later)
