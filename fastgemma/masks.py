@@ -399,12 +399,17 @@ class BlockMaskCache:
         # unpickled model rebuilds its own on first use.
         return {**self.__dict__, "_grids": {}, "_masks": {}}
 
+    def padded_length_for(self, length: int) -> int:
+        """The fixed length a batch of `length` tokens would be padded to, the cache unchanged."""
+        padded = self.length
+        while padded < length:
+            padded *= 2
+        return padded
+
     def length_for(self, length: int) -> int:
         """The fixed length a batch of `length` tokens is padded to (grown if needed)."""
         if length > self.length:
-            new_length = self.length
-            while new_length < length:
-                new_length *= 2
+            new_length = self.padded_length_for(length)
             logger.warning(
                 "fastgemma: batch of %d tokens exceeds max_row_tokens=%d; growing the block masks to %d "
                 "(flex_attention recompiles once). Pass a larger max_row_tokens to patch_model to avoid this.",

@@ -8,7 +8,9 @@ Decided for each training call of a backbone from what the allocator measures, n
   margin for fragmentation, capped by the user's `memory_budget`;
 - what a step needs beyond its layers' saved tensors ("the rest": the loss, the backward's transients) is learned
   per token from the allocator's peak after each step that set a new one;
-- what a kept layer saves is counted once, on a call that keeps one layer (the last: backward frees it first);
+- what a kept layer saves is counted once, on a call that keeps one layer (the last: backward frees it first),
+  less what its attention saves at a fixed padded length (flex's queries, keys, values, output and log-sum-exp),
+  which the caller works out exactly for each call;
 - checkpointed inputs are exact: tokens x hidden size x bytes per element, one per layer.
 
 Until something is measured a call checkpoints every layer, as without a budget, so the budget never runs out of
@@ -46,6 +48,7 @@ class StepPlan:
     budget: int = 0  # bytes this process may hold on the device (0: no budget applies)
     why: str = ""
     attention_saved: int = 0  # the layers before the kept ones save their attention: its recompute is skipped
+    padded_bytes: int = 0  # what a layer's attention saves at its fixed padded length (flex), whatever the tokens
 
     @property
     def checkpointed(self) -> int:
@@ -126,7 +129,6 @@ class MemoryBudget:
         self.last_plan: Optional[StepPlan] = None
         self.back_offs = 0  # forwards that ran out of memory with layers kept
         self.lowered = 0  # bytes those forwards took off the budget
-        self.backed_off = False  # MAX_BACK_OFFS such forwards: checkpoint every layer from then on
         self._rerun = False  # the next call runs a failed forward again: it checkpoints every layer
         self._after_call = None  # (the peak when the last call's forward ended, allocated then, its tokens)
 
@@ -136,10 +138,18 @@ class MemoryBudget:
     def __setstate__(self, state):
         self.__init__(**state)
 
+    @property
+    def backed_off(self) -> bool:
+        """MAX_BACK_OFFS forwards ran out of memory with layers kept: every layer is checkpointed from then on."""
+        return self.back_offs >= MAX_BACK_OFFS
+
+    def margin(self) -> int:
+        """What the budget leaves free for fragmentation and other allocations."""
+        return max(MIN_MARGIN, int(MARGIN_FRACTION * self.memory.total()))
+
     def budget(self) -> int:
         limit = self.memory.limit()
-        margin = max(MIN_MARGIN, int(MARGIN_FRACTION * self.memory.total()))
-        usable = self.memory.allocated() + max(0, limit - self.memory.allocated() - margin - self.lowered)
+        usable = self.memory.allocated() + max(0, limit - self.memory.allocated() - self.margin() - self.lowered)
         return usable if self.cap is None else min(self.cap, usable)
 
     def learn(self) -> None:
@@ -154,10 +164,12 @@ class MemoryBudget:
         elif self.rest_per_token is None and peak >= allocated_after_forward:  # a bound (a reset lowers the peak)
             self.rest_per_token = (peak - allocated_after_forward) / tokens
 
-    def plan(self, tokens: int, layers: int, input_bytes: int, graphed: bool, save_attention: bool = False) -> StepPlan:
+    def plan(self, tokens: int, layers: int, input_bytes: int, graphed: bool, save_attention: bool = False,
+             padded_bytes: int = 0) -> StepPlan:
         """The plan for a training call of `tokens` tokens through `layers` checkpointing layers, each input
         `input_bytes` bytes; `graphed`: the layers run as CUDA graphs, which recompute in their backward graph;
-        `save_attention`: layers may save their attention's inputs and output instead of recomputing it."""
+        `save_attention`: layers may save their attention's inputs and output instead of recomputing it;
+        `padded_bytes`: what one layer's attention saves at its padded length, if it does not recompute it."""
         self.learn()
         rerun, self._rerun = self._rerun, False
         if self.force_offload:
@@ -165,7 +177,8 @@ class MemoryBudget:
         budget, allocated = self.budget(), self.memory.allocated()
         rest = (self.rest_per_token or 0.0) * tokens
         measured_layer = self.layer_per_token is not None
-        layer_bytes = self.layer_per_token * tokens if measured_layer else LAYER_GUESS_COPIES * input_bytes
+        per_token_part = self.layer_per_token * tokens if measured_layer else LAYER_GUESS_COPIES * input_bytes
+        layer_bytes = per_token_part + padded_bytes
 
         def need(kept: int) -> float:
             return allocated + (layers - kept) * input_bytes + kept * layer_bytes + rest
@@ -181,7 +194,7 @@ class MemoryBudget:
             kept, why = (1, PROBE) if need(1) + layer_bytes <= budget else (0, "no room for one more layer")
         else:
             kept, saved, why = self._kept_and_saved(budget - need(0), tokens, layers, input_bytes, layer_bytes,
-                                                    save_attention)
+                                                    save_attention, padded_bytes)
         offloaded = 0
         if kept == 0 and saved == 0:
             # Checkpointed inputs that do not fit, with one layer's recompute besides, wait on the CPU.
@@ -189,10 +202,10 @@ class MemoryBudget:
             if over > 0:
                 offloaded = min(layers, math.ceil(over / input_bytes))
                 why = "checkpointed inputs beyond the budget wait in CPU memory"
-        return self._remember(StepPlan(tokens, layers, kept, offloaded, int(budget), why, saved))
+        return self._remember(StepPlan(tokens, layers, kept, offloaded, int(budget), why, saved, padded_bytes))
 
     def _kept_and_saved(self, room: float, tokens: int, layers: int, input_bytes: int, layer_bytes: float,
-                        save_attention: bool) -> tuple:
+                        save_attention: bool, padded_bytes: int) -> tuple:
         """(layers kept, layers saving their attention, why) within `room` bytes beyond checkpointing every layer.
 
         Every layer kept if they fit; otherwise, where attention may be saved (its saved tensors grow with the
@@ -205,12 +218,12 @@ class MemoryBudget:
             return whole_layers, 0, ""
         if self.attention_per_token is None:  # one layer saves its attention, and counts what that keeps
             kept = whole_layers
-            guess = (ATTENTION_GUESS_COPIES - 1) * input_bytes
+            guess = (ATTENTION_GUESS_COPIES - 1) * input_bytes + padded_bytes
             if room - kept * extra_kept < guess and kept > 0:
                 kept -= 1  # one kept layer fewer makes room for it
             probe = room - kept * extra_kept >= guess
             return kept, int(probe), PROBE_ATTENTION if probe else ""
-        attention_bytes = self.attention_per_token * tokens
+        attention_bytes = self.attention_per_token * tokens + padded_bytes
         if attention_bytes >= layer_bytes:  # saving attention keeps as much as keeping the layer: no middle tier
             return whole_layers, 0, ""
         saved = max(0, min(layers, math.floor(room / max(1.0, attention_bytes - input_bytes))))
@@ -227,9 +240,8 @@ class MemoryBudget:
         if plan.kept + plan.attention_saved == 0:
             return False
         self.back_offs += 1
-        self.backed_off = self.back_offs >= MAX_BACK_OFFS
         if not self.backed_off:
-            self.lowered += max(MIN_MARGIN, int(MARGIN_FRACTION * self.memory.total()))
+            self.lowered += self.margin()
         self._rerun = True
         self._after_call = None  # the failed forward's peak is no step's
         return True
@@ -242,10 +254,11 @@ class MemoryBudget:
         """After a planned call's forward: note what it left allocated (the next call learns the rest from the
         peak), and a kept layer's saved bytes if this call counted them."""
         if layer_bytes_counted is not None and plan.why == PROBE_ATTENTION:
-            kept_bytes = plan.kept * self.layer_per_token * plan.tokens
-            own = layer_bytes_counted - plan.checkpointed * input_bytes - kept_bytes
+            kept_bytes = plan.kept * (self.layer_per_token * plan.tokens + plan.padded_bytes)
+            own = layer_bytes_counted - plan.checkpointed * input_bytes - kept_bytes - plan.padded_bytes
             self.attention_per_token = max(own, float(input_bytes)) / plan.tokens
         elif layer_bytes_counted is not None and plan.kept:
-            own = layer_bytes_counted - plan.checkpointed * input_bytes  # the rest are the checkpointed inputs
+            # the rest are the checkpointed inputs; the padded part is the next call's to work out
+            own = layer_bytes_counted - plan.checkpointed * input_bytes - plan.kept * plan.padded_bytes
             self.layer_per_token = max(own / plan.kept, float(input_bytes)) / plan.tokens
         self._after_call = (self.memory.peak(), self.memory.allocated(), plan.tokens)

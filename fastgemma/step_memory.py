@@ -19,6 +19,7 @@ import torch
 from .attention import backend_runs_flex
 from .graph_policy import graphs_expected
 from .log import say_once
+from .masks import round_up
 from .memory_budget import DeviceMemory, GiB, MemoryBudget, StepPlan
 from .offload import HostBuffers, SavedTensorRouter
 from .processes import world_size
@@ -106,9 +107,14 @@ def planned_call(backbone, state, kwargs):
     graphed = graphs_expected(state.options, device, tokens)
     if graphed and copies_allowed(state.options, budget):  # short micro-steps: room for dequantised copies
         state.dense_weights.hold(getattr(backbone, "layers", ()), budget.memory, budget.cap)
-    save_attention = not graphed and not state.options.compiles_layers and attention_memory_is_linear(
-        state.options, device, backbone.config)
-    plan = budget.plan(tokens, len(layers), input_bytes, graphed, save_attention)
+    runs_flex = attention_memory_is_linear(state.options, device, backbone.config)
+    save_attention = runs_flex and not graphed and not state.options.compiles_layers
+    padded_bytes = 0
+    if runs_flex:
+        cache = getattr(state, "cache", None)
+        length = cache.padded_length_for(shape[1]) if cache is not None else round_up(shape[1])
+        padded_bytes = flex_padded_bytes(backbone.config, shape[0], length, dtype)
+    plan = budget.plan(tokens, len(layers), input_bytes, graphed, save_attention, padded_bytes)
     router = None
     if not plan.offloaded and state.host_buffers is not None:
         state.host_buffers.release()
@@ -145,6 +151,16 @@ def attention_memory_is_linear(options, device: torch.device, config) -> bool:
     budget save a layer's attention instead of recomputing it."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return backend_runs_flex(options.backend, device, head_dim, getattr(config, "attention_dropout", 0.0) or 0.0)
+
+
+def flex_padded_bytes(config, batch: int, padded_length: int, dtype: torch.dtype) -> int:
+    """What one layer's flex attention saves for its backward: queries, keys, values and output at the fixed
+    `padded_length` in `dtype`, and the float32 log-sum-exp, the same for every call padded to that length."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    per_position = (2 * heads + 2 * kv_heads) * head_dim * dtype.itemsize + heads * 4
+    return batch * padded_length * per_position
 
 
 def _hidden_dtype(backbone, embeds) -> torch.dtype:

@@ -116,9 +116,8 @@ def flex_length(self, attention_mask, hidden_states):
     op by op; None elsewhere (a compiled region fuses flex's own padding)."""
     if not fused_here(self, hidden_states) or torch.compiler.is_compiling():
         return None
-    dropout = self.attention_dropout if self.training else 0.0
     return flex_padded_length(attention_mask, state_of(self).options.backend, hidden_states.device, self.head_dim,
-                              dropout)
+                              attention_dropout(self))
 
 
 def queries_keys_values(self, hidden_states, position_embeddings, padded_length=None):
@@ -137,10 +136,15 @@ def queries_keys_values(self, hidden_states, position_embeddings, padded_length=
     return (*modeling_gemma2.apply_rotary_pos_emb(query, key, cos, sin), value)
 
 
+def attention_dropout(self) -> float:
+    """The attention's dropout probability for this call: it decides the backend, so whether RoPE pads for flex."""
+    return self.attention_dropout if self.training else 0.0
+
+
 def attention_core(self, query, key, value, attention_mask, output_attentions=False):
     """Softcapped attention (the dense path when the caller wants the weights): (output, weights or None)."""
     options = state_of(self).options
-    dropout_p = self.attention_dropout if self.training else 0.0
+    dropout_p = attention_dropout(self)
     if output_attentions:
         mask = attention_mask.dense(query.device) if isinstance(attention_mask, AttentionMask) else attention_mask
         return dense_softcap_attention(

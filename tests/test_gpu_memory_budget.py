@@ -198,3 +198,37 @@ def test_graphed_qlora_steps_read_dequantised_copies_and_train_like_without(tmp_
         held[budget] = sum(holds_dequantized(m) for m in linears), len(linears)
     assert held["auto"] == (4 * 7, 4 * 7) and held[None] == (0, 4 * 7)
     assert_same(results["auto"], results[None], tolerance=2e-3)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 256), (4, 2, 128)])
+def test_flex_padded_bytes_are_what_flex_attention_saves(heads, kv_heads, head_dim):
+    """The budget counts flex's saved tensors at the padded length apart from what grows with the tokens: the
+    formula must be what a flex call, given inputs padded as fused RoPE writes them, saves for its backward."""
+    from types import SimpleNamespace
+
+    from fastgemma import AttentionMask, BlockMaskCache, softcap_attention
+    from fastgemma.step_memory import flex_padded_bytes
+
+    tokens = 1000
+    mask = AttentionMask(tokens, tokens, window=256, cache=BlockMaskCache(2048))
+    padded = mask.padded_length
+    assert padded == 2048 and mask.cache.padded_length_for(tokens) == padded
+
+    def inputs(count):
+        return torch.randn(1, count, padded, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    query, key, value = inputs(heads), inputs(kv_heads), inputs(kv_heads)
+    saved = {}
+
+    def pack(tensor):
+        if tensor.is_floating_point():
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = softcap_attention(query, key, value, mask, scale=head_dim ** -0.5, softcap=50.0, backend="flex")
+    output.float().sum().backward()
+    assert output.shape[2] == tokens
+    config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                             hidden_size=heads * head_dim)
+    assert sum(saved.values()) == flex_padded_bytes(config, 1, padded, torch.bfloat16)

@@ -491,7 +491,9 @@ def test_layers_saving_their_attention_train_exactly(base, monkeypatch):
         memory = FakeMemory()
         results = train_steps(model, steps=2, memory=memory)  # the rest, then one kept layer, measured
         budget = backbone_state(model).budget
-        input_bytes, layer_bytes = 66 * 64 * 4, budget.layer_per_token * 66
+        # the budget takes the attention for flex's, which also saves a fixed part at its padded length
+        padded = fastgemma.memory_plan(model).padded_bytes
+        input_bytes, layer_bytes = 66 * 64 * 4, budget.layer_per_token * 66 + padded
         room = 2.5 * (layer_bytes - input_bytes)
         memory.limit_bytes = int(2 * GiB + 4 * input_bytes + budget.rest_per_token * 66 + room)
         plans = []
@@ -502,3 +504,35 @@ def test_layers_saving_their_attention_train_exactly(base, monkeypatch):
         assert plans[0].why == PROBE_ATTENTION and budget.attention_per_token is not None
         assert plans[-1].attention_saved >= 1 and plans[-1].kept >= 1, plans[-1]
     assert split_calls  # the two-piece layers ran (and recomputed their pieces in the backward)
+
+
+def test_what_attention_saves_at_its_padded_length_is_counted_apart_from_the_tokens():
+    """flex saves queries, keys, values and output at a fixed padded length: a layer counted on a long step must
+    not be taken to save as much per token on a shorter one (nor less on a longer one)."""
+    input_bytes_per_token, per_token, padded = 2304 * 2, 25 * 2304 * 2, 300 * 2 ** 20
+    budget = MemoryBudget()
+    budget.memory = FakeMemory(limit=100 * GiB, allocated=0)
+    for tokens in (8000, 8000):  # the rest, then one kept layer counted with its padded part
+        plan = budget.plan(tokens, 26, tokens * input_bytes_per_token, False, padded_bytes=padded)
+        counted = plan.kept * (per_token * tokens + padded) + plan.checkpointed * tokens * input_bytes_per_token
+        budget.finish_forward(plan, counted if plan.counts_layer else None, tokens * input_bytes_per_token)
+    assert plan.why == PROBE and plan.padded_bytes == padded
+    assert budget.layer_per_token == pytest.approx(per_token)
+
+    short = 2000
+    input_bytes = short * input_bytes_per_token
+    rest = budget.rest_per_token * short
+    layer_bytes = per_token * short + padded
+    room_for = 7.5  # layers beyond checkpointing every one
+    margin = 2 * GiB  # the minimum: 10% of this fake device is less
+    budget.memory.limit_bytes = int(margin + 26 * input_bytes + rest + room_for * (layer_bytes - input_bytes))
+    plan = budget.plan(short, 26, input_bytes, False, padded_bytes=padded)
+    # Counted per token alone, the padded part spread over the long step's tokens, it would keep 13.
+    assert plan.kept == 7, plan
+
+
+def test_the_padded_length_is_read_without_growing_the_cache():
+    cache = fastgemma.BlockMaskCache(1000)
+    assert cache.padded_length_for(900) == cache.length == 1024
+    assert cache.padded_length_for(3000) == 4096 and cache.length == 1024
+    assert cache.length_for(3000) == 4096 == cache.length
