@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", default=None, help="kernel suite: comma list of causal,sliding,docs")
     p.add_argument("--contenders", default=None,
                    help="comma list among hf-eager,hf-flex,liger,fastgemma (kernel also: fastgemma-<backend>; "
-                   "trl also: unsloth,unsloth-nocompile)")
+                   "trl and context also: unsloth,unsloth-nocompile)")
     p.add_argument("--fastgemma-backend", default="auto", help="backend for patch_model in model/trl/context")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (suite default otherwise)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (kernel/model; suite default otherwise)")
@@ -73,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trl suite: also record the host's ops in the profiled step, save its Chrome trace here and "
                    "print the GPU's longest idle gaps with what the host ran meanwhile")
     p.add_argument("--unsloth-path", default=os.environ.get("FASTGEMMA_UNSLOTH_PATH"),
-                   help="trl suite, Unsloth contenders: the PYTHONPATH of their process, before the repository "
+                   help="trl and context suites, Unsloth contenders: the PYTHONPATH of their process, before the repository "
                    "root, e.g. /tmp/site-unsloth:.wu/pkgs (default $FASTGEMMA_UNSLOTH_PATH; unset: this "
                    "process's environment)")
     p.add_argument("--unsloth-timeout-s", type=float, default=None,
-                   help="trl suite: wall-clock limit of each Unsloth process (default 900 s)")
+                   help="trl and context suites: wall-clock limit of each Unsloth process (default 900 s; the "
+                   "context suite adds its search's time cap)")
     p.add_argument("--context-start", type=int, default=None, help="context suite: first length tried")
     p.add_argument("--context-max", type=int, default=None, help="context suite: cap of the search")
     p.add_argument("--context-step", type=int, default=None, help="context suite: resolution (default 1024)")

@@ -7,6 +7,11 @@ then bisect between the longest success and the shortest failure down to --conte
 A failure other than OOM is reported as such. Each contender has a time cap (--contender-budget-s);
 a search cut short reports what it established ("≥ N").
 
+Unsloth (opt-in contenders "unsloth", "unsloth-nocompile") runs in a process of its own,
+``benchmarks/unsloth_context.py`` (importing it patches transformers and peft for the whole process): loaded and
+wrapped as Unsloth tells users to, with its offloaded checkpointing, then searched with this module's `search`
+and `Trainee.step`, under the same GPU memory cap.
+
 Loss (--context-loss): "chunked" (default) computes the LM head + softcapped cross-entropy in
 checkpointed 512-token chunks, the same code for every contender, so full-vocabulary logits are never
 materialised (what TRL's fused LM head does) and the limit reflects attention and activations; "hf"
@@ -16,6 +21,9 @@ LM head's).
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 import time
 
 import torch
@@ -24,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import common as C
 from . import models as M
+from .unsloth_process import UNSLOTH_TIMEOUT_S, run_child, unsloth_env, unsloth_versions_note
 
 DEFAULT_CONTENDERS = ("fastgemma", "hf-eager", "hf-flex")
 LOSS_CHUNK = 512  # 0.5 GiB of float32 logits at a 256K vocabulary: small beside the model, so the loss never sets the reach
@@ -49,9 +58,20 @@ def chunked_lm_loss(hidden, lm_head, input_ids, final_softcap, chunk: int = LOSS
 
 
 class Trainee:
-    """A loaded, LoRA-wrapped model plus its optimizer; ``step(L)`` trains one step at length L."""
+    """A LoRA-wrapped model plus its optimizer; ``step(L)`` trains one step at length L."""
 
-    def __init__(self, cname, path, args, device, quantize, cap):
+    def __init__(self, model, cname: str, seed: int, loss_mode: str, device):
+        self.model = model
+        self.base = model.get_base_model()
+        self.cname = cname
+        self.device = device
+        self.seed, self.loss_mode = seed, loss_mode
+        self.vocab = self.base.config.vocab_size
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    @classmethod
+    def load(cls, cname, path, args, device, quantize, cap) -> "Trainee":
+        """The suite's checkpoint loaded, set up for `cname` and wrapped with LoRA."""
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = M.load_for_training(path, cname, device, quantize, dtype)
         model.config.max_position_embeddings = max(model.config.max_position_embeddings, cap)
@@ -62,18 +82,12 @@ class Trainee:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.to(torch.bfloat16)
-        self.model = model
-        self.base = model.get_base_model()
-        self.cname = cname
-        self.device = device
-        self.args = args
-        self.vocab = self.base.config.vocab_size
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        return cls(model, cname, args.seed, args.context_loss, device)
 
     def step(self, length: int) -> float:
-        g = torch.Generator(device=self.device).manual_seed(self.args.seed * 31 + length)
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 31 + length)
         ids = torch.randint(C.FIRST_TEXT_TOKEN, self.vocab, (1, length), generator=g, device=self.device)
-        if self.args.context_loss == "hf":
+        if self.loss_mode == "hf":
             loss = self.model(input_ids=ids, labels=ids).loss
         else:
             hidden = self.base.model(input_ids=ids).last_hidden_state
@@ -169,7 +183,7 @@ def run(args, device: torch.device) -> C.SuiteResult:
     res = C.SuiteResult("context")
     tiny = args.tiny
     models = C.parse_list(args.models, ["tiny"] if tiny else ["2b", "9b"])
-    contenders = [c for c in C.parse_list(args.contenders, DEFAULT_CONTENDERS) if c in M.IMPL]
+    contenders = [c for c in C.parse_list(args.contenders, DEFAULT_CONTENDERS) if c in M.IMPL or c in M.UNSLOTH]
     start = args.context_start or (64 if tiny else 4096)
     cap = args.context_max or (256 if tiny else 65536)
     resolution = args.context_step or (64 if tiny else 1024)
@@ -209,12 +223,19 @@ def run(args, device: torch.device) -> C.SuiteResult:
                 if st != "ok":
                     res.rows.append(dict(row, status=f"{st} (saving the checkpoint)"))
                     continue
+                if cname in M.UNSLOTH:
+                    C.free_memory(device)
+                    budget_s = min(per_budget, max(1.0, suite_budget.left()))
+                    row.update(run_unsloth(cname, path, args, (start, cap, resolution), budget_s))
+                    C.log(f"  {name} {cname}: {row['status']} max={_fmt_len(row)}")
+                    res.rows.append(row)
+                    continue
                 C.log(f"context {name} {cname}: loading")
                 C.free_memory(device)
                 with C.stock_guard():
                     holder = {}
                     st, _ = C.run_guarded(
-                        lambda: holder.__setitem__("t", Trainee(cname, path, args, device, quantize, cap)),
+                        lambda: holder.__setitem__("t", Trainee.load(cname, path, args, device, quantize, cap)),
                         f"context {name} {cname} load",
                     )
                     if st != "ok":
@@ -234,8 +255,35 @@ def run(args, device: torch.device) -> C.SuiteResult:
             res.rows.append(row)
             if getattr(args, "on_row", None):
                 args.on_row(res)
+    versions = unsloth_versions_note(res.rows)
+    if versions:
+        res.notes.append(versions)
     res.table = table(res.rows)
     return res
+
+
+def unsloth_command(checkpoint: str, args, search_range: tuple, budget_s: float, out_path: str) -> list[str]:
+    """The Unsloth process's command line: this Python, the suite's search and settings, one row to out_path."""
+    start, cap, resolution = search_range
+    cmd = [sys.executable, "-m", "benchmarks.unsloth_context", "--checkpoint", checkpoint, "--start", str(start),
+           "--cap", str(cap), "--resolution", str(resolution), "--budget-s", f"{budget_s:g}", "--seed",
+           str(args.seed), "--lora-r", str(args.lora_r), "--loss", args.context_loss, "--out", out_path]
+    if getattr(args, "context_gpu_gib", None):
+        cmd += ["--gpu-gib", f"{args.context_gpu_gib:g}"]
+    if args.no_quant:
+        cmd.append("--no-quant")
+    return cmd
+
+
+def run_unsloth(cname: str, checkpoint: str, args, search_range: tuple, budget_s: float) -> dict:
+    """One Unsloth contender's search (the keys of `search`, its status and versions), from its own process."""
+    with tempfile.TemporaryDirectory(prefix="fastgemma_unsloth_context_") as out_dir:
+        out_path = os.path.join(out_dir, "row.json")
+        cmd = unsloth_command(checkpoint, args, search_range, budget_s, out_path)
+        env = unsloth_env(cname, getattr(args, "unsloth_path", None))
+        timeout_s = (getattr(args, "unsloth_timeout_s", None) or UNSLOTH_TIMEOUT_S) + budget_s
+        C.log(f"{cname}: {' '.join(cmd)}  (PYTHONPATH={env['PYTHONPATH']})")
+        return run_child(cmd, env, out_path, timeout_s, cname)
 
 
 def _fmt_len(r: dict) -> str:

@@ -181,12 +181,17 @@ def train(args, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_and_write(build_parser().parse_args(argv), train)
+
+
+def run_and_write(args, measure) -> int:
+    """Import Unsloth, run `measure(args, device)` and write its row (with what Unsloth said about packing and
+    the UNSLOTH_* settings) to args.out; the exit code. Shared with benchmarks.unsloth_context."""
     notes: list[str] = []
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = NoteTee(sys.stdout, notes), NoteTee(sys.stderr, notes)
     try:
-        row, code = _measure(args)
+        row, code = _measure(args, measure)
     finally:
         sys.stdout, sys.stderr = saved
     row.update(block_compile=os.environ.get("UNSLOTH_BLOCK_COMPILE"),
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _measure(args) -> tuple[dict, int]:
+def _measure(args, measure) -> tuple[dict, int]:
     """(row, exit code). Everything Unsloth raises, on import too, becomes the row's status."""
     t0 = time.perf_counter()
     try:
@@ -208,7 +213,7 @@ def _measure(args) -> tuple[dict, int]:
     if device is None:
         return {"status": "n/a (Unsloth needs a CUDA GPU)", **meta, "versions": module_versions()}, EXIT_NA
     try:
-        row = train(args, device)
+        row = measure(args, device)
         code = 0
     except Exception as exc:  # noqa: BLE001 - reported in the row, as suite_trl reports its own contenders
         from .common import describe_failure

@@ -407,22 +407,23 @@ def _trl_args(*extra):
     return args
 
 
-def test_unsloth_contenders_are_opt_in_and_trl_only():
+def test_unsloth_contenders_are_opt_in_in_the_trl_and_context_suites():
     from benchmarks import models as M
-    from benchmarks import suite_trl
+    from benchmarks import suite_context, suite_trl
 
     assert set(M.UNSLOTH) == {"unsloth", "unsloth-nocompile"}
     assert C.LABELS["unsloth"] == "Unsloth" and C.LABELS["unsloth-nocompile"] == "Unsloth, no block compile"
     for cname in M.UNSLOTH:
         assert cname in suite_trl.CONTENDERS and cname not in suite_trl.DEFAULT_CONTENDERS
-        assert cname not in M.IMPL  # the model and context suites, which run in-process, leave them out
+        assert cname not in suite_context.DEFAULT_CONTENDERS
+        assert cname not in M.IMPL  # the model suite, which runs every contender in-process, leaves them out
         assert M.availability(cname, torch.device("cpu")) is None  # its own process decides
 
 
 def test_unsloth_command_and_environment(monkeypatch):
     import sys
 
-    from benchmarks import suite_trl
+    from benchmarks import suite_trl, unsloth_process
 
     monkeypatch.setenv("FASTGEMMA_UNSLOTH_PATH", "/tmp/site-unsloth:.wu/pkgs")
     args = _trl_args("--seed", "7", "--lora-r", "8", "--trl-grad-accum", "2")
@@ -440,16 +441,16 @@ def test_unsloth_command_and_environment(monkeypatch):
             child.seed, child.lora_r, child.tiny) == ("/ckpt", 256, 2, 2, 5, 1, 7, 8, True)
 
     base = {"PYTHONPATH": "/tmp/site:/repo", "UNSLOTH_BLOCK_COMPILE": "1", "KEEP": "x"}
-    env = suite_trl.unsloth_env("unsloth", args.unsloth_path, base)
+    env = unsloth_process.unsloth_env("unsloth", args.unsloth_path, base)
     # the Unsloth site first, then the repository; the parent's /tmp/site (transformers 5.23) is left out
     assert env["PYTHONPATH"].split(os.pathsep) == ["/tmp/site-unsloth", os.path.abspath(".wu/pkgs"),
-                                                   suite_trl.REPO_ROOT]
+                                                   unsloth_process.REPO_ROOT]
     assert "UNSLOTH_BLOCK_COMPILE" not in env  # Unsloth's default
     assert env["HF_HUB_OFFLINE"] == "1" and env["KEEP"] == "x"
-    assert suite_trl.unsloth_env("unsloth-nocompile", args.unsloth_path, base)["UNSLOTH_BLOCK_COMPILE"] == "0"
+    assert unsloth_process.unsloth_env("unsloth-nocompile", args.unsloth_path, base)["UNSLOTH_BLOCK_COMPILE"] == "0"
     # no --unsloth-path: the parent's environment, with the repository root in front
-    assert suite_trl.unsloth_env("unsloth", None, base)["PYTHONPATH"] == os.pathsep.join(
-        [suite_trl.REPO_ROOT, "/tmp/site:/repo"])
+    assert unsloth_process.unsloth_env("unsloth", None, base)["PYTHONPATH"] == os.pathsep.join(
+        [unsloth_process.REPO_ROOT, "/tmp/site:/repo"])
     assert base["UNSLOTH_BLOCK_COMPILE"] == "1"  # the caller's dict is left alone
 
 
@@ -528,14 +529,15 @@ def test_unsloth_process_that_hangs_or_dies_without_a_row(tmp_path):
     import sys
     import time
 
-    from benchmarks import suite_trl
+    from benchmarks import unsloth_process
 
     out = str(tmp_path / "row.json")
     t0 = time.perf_counter()
-    row = suite_trl.run_child([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), out, 1.0, "t")
+    row = unsloth_process.run_child([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), out,
+                                    1.0, "t")
     assert row["status"] == "failed (timeout: the Unsloth process ran past 1 s)"
     assert time.perf_counter() - t0 < 15
-    row = suite_trl.run_child([sys.executable, "-c", "import sys; print('Segmentation fault'); sys.exit(139)"],
+    row = unsloth_process.run_child([sys.executable, "-c", "import sys; print('Segmentation fault'); sys.exit(139)"],
                               dict(os.environ), out, 30.0, "t")
     assert row["status"] == "failed (the Unsloth process exited with code 139 without a row: Segmentation fault)"
 
@@ -768,3 +770,93 @@ def test_quantised_27b_runs_read_a_random_checkpoint_written_in_nf4(tmp_path):
     assert os.path.getmtime(os.path.join(path, "model.safetensors.index.json")) == written
     model = M.load_for_training(path, "fastgemma", cpu, True, torch.bfloat16)
     assert isinstance(model.model.layers[0].mlp.down_proj, bitsandbytes.nn.Linear4bit)
+
+
+# --------------------------------------------------------------------------------------------------
+# Unsloth in the context suite (benchmarks/unsloth_context.py), in a process of its own
+# --------------------------------------------------------------------------------------------------
+
+
+def test_unsloth_context_command_is_what_its_script_takes():
+    import sys
+
+    from benchmarks import suite_context
+    from benchmarks.unsloth_context import build_parser
+
+    args = bench_run.build_parser().parse_args(["--suite", "context", "--context-gpu-gib", "24", "--seed", "7",
+                                                "--lora-r", "8", "--context-loss", "hf"])
+    cmd = suite_context.unsloth_command("/ckpt", args, (4096, 65536, 1024), 240.0, "/out/row.json")
+    assert cmd[:3] == [sys.executable, "-m", "benchmarks.unsloth_context"]
+    child = build_parser().parse_args(cmd[3:])
+    assert (child.checkpoint, child.start, child.cap, child.resolution, child.budget_s, child.seed, child.lora_r,
+            child.loss, child.gpu_gib, child.no_quant, child.out) == (
+        "/ckpt", 4096, 65536, 1024, 240.0, 7, 8, "hf", 24.0, False, "/out/row.json")
+
+
+def test_missing_unsloth_is_na_in_the_context_suite_through_the_real_subprocess(tmp_path, ckpt_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is not None:
+        pytest.skip("unsloth is installed here")
+    empty = tmp_path / "no-unsloth"
+    empty.mkdir()
+    payload, text, raw = _run_suite("context", tmp_path, "--ckpt-dir", ckpt_dir, "--contenders",
+                                    "hf-eager,unsloth", "--unsloth-path", str(empty))
+    rows = raw["suites"]["context"]["rows"]
+    assert [r["contender"] for r in rows] == ["hf-eager", "unsloth"]
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"].startswith("n/a (unsloth not importable: ModuleNotFoundError"), rows[1]
+    assert any("| Unsloth | n/a (unsloth not importable" in line for line in _table_rows(text))
+
+
+def test_unsloth_context_script_searches_with_a_stand_in(tmp_path, ckpt_dir, monkeypatch):
+    """The script's path end to end on CPU, with transformers + peft standing in for Unsloth's
+    FastLanguageModel: loaded and wrapped as Unsloth's users do, then the suite's own search (on a CPU nothing
+    runs out of memory, so it reaches its cap)."""
+    import sys
+    import types
+
+    from benchmarks import models as M
+    from benchmarks import unsloth_context, unsloth_trl
+
+    calls = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(model_name, max_seq_length, dtype, load_in_4bit):
+            from transformers import AutoModelForCausalLM
+
+            calls["load"] = (max_seq_length, dtype, load_in_4bit)
+            return AutoModelForCausalLM.from_pretrained(model_name, attn_implementation="eager"), None
+
+        @staticmethod
+        def get_peft_model(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
+                           random_state):
+            from peft import LoraConfig, get_peft_model
+
+            calls["peft"] = (r, tuple(target_modules), use_gradient_checkpointing, random_state)
+            return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                    bias=bias, target_modules=list(target_modules)))
+
+        @staticmethod
+        def for_training(model):
+            calls["for_training"] = True
+            model.train()
+
+    fake = types.ModuleType("unsloth")
+    fake.__version__ = "0.0-test"
+    fake.FastLanguageModel = FastLanguageModel
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    monkeypatch.setattr(unsloth_trl, "cuda_device", lambda: torch.device("cpu"))
+    args = bench_run.build_parser().parse_args(["--ckpt-dir", ckpt_dir])
+    path = M.ensure_checkpoint("tiny", args, torch.device("cpu"), torch.float32)
+    out = tmp_path / "row.json"
+    code = unsloth_context.main(["--checkpoint", path, "--start", "64", "--cap", "256", "--resolution", "64",
+                                 "--budget-s", "60", "--seed", "5", "--lora-r", "4", "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert code == 0 and row["status"] == "ok", row.get("traceback")
+    assert calls == {"load": (256, torch.bfloat16, True), "peft": (4, unsloth_context.LORA_TARGETS, "unsloth", 5),
+                     "for_training": True}
+    assert row["max_ok"] == 256 and row["reached_cap"] and [t["length"] for t in row["tries"]] == [64, 128, 256]
+    assert all(t["status"] == "ok" and t["loss"] > 0 for t in row["tries"])
+    assert row["versions"]["unsloth"] == "0.0-test"
