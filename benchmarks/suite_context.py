@@ -223,33 +223,13 @@ def run(args, device: torch.device) -> C.SuiteResult:
                 if st != "ok":
                     res.rows.append(dict(row, status=f"{st} (saving the checkpoint)"))
                     continue
-                if cname in M.UNSLOTH:
-                    C.free_memory(device)
-                    budget_s = min(per_budget, max(1.0, suite_budget.left()))
-                    row.update(run_unsloth(cname, path, args, (start, cap, resolution), budget_s))
-                    C.log(f"  {name} {cname}: {row['status']} max={_fmt_len(row)}")
-                    res.rows.append(row)
-                    continue
-                C.log(f"context {name} {cname}: loading")
                 C.free_memory(device)
-                with C.stock_guard():
-                    holder = {}
-                    st, _ = C.run_guarded(
-                        lambda: holder.__setitem__("t", Trainee.load(cname, path, args, device, quantize, cap)),
-                        f"context {name} {cname} load",
-                    )
-                    if st != "ok":
-                        row["status"] = f"{st} (model load)"
-                    else:
-                        budget = C.Budget(min(per_budget, max(1.0, suite_budget.left())))
-                        out = search(holder["t"], start, cap, resolution, budget, device)
-                        row.update(out)
-                        holder["t"].close()
-                        if out["max_ok"] is None and out["fail_reason"] and out["fail_reason"] != "OOM":
-                            row["status"] = out["fail_reason"]
-                        else:
-                            row["status"] = "ok"
-                    holder.clear()
+                budget_s = min(per_budget, max(1.0, suite_budget.left()))
+                search_range = (start, cap, resolution)
+                if cname in M.UNSLOTH:
+                    row.update(run_unsloth(cname, path, args, search_range, budget_s))
+                else:
+                    row.update(search_in_process(name, cname, path, args, device, quantize, search_range, budget_s))
                 C.free_memory(device)
             C.log(f"  {name} {cname}: {row['status']} max={_fmt_len(row)}")
             res.rows.append(row)
@@ -260,6 +240,30 @@ def run(args, device: torch.device) -> C.SuiteResult:
         res.notes.append(versions)
     res.table = table(res.rows)
     return res
+
+
+def search_in_process(name, cname, path, args, device, quantize, search_range, budget_s) -> dict:
+    """One in-process contender's search (the keys of `search` and its status): loaded, searched, unpatched."""
+    start, cap, resolution = search_range
+    C.log(f"context {name} {cname}: loading")
+    with C.stock_guard():
+        holder = {}
+        st, _ = C.run_guarded(lambda: holder.__setitem__("t", Trainee.load(cname, path, args, device, quantize, cap)),
+                              f"context {name} {cname} load")
+        if st != "ok":
+            return {"status": f"{st} (model load)"}
+        try:
+            out = search(holder["t"], start, cap, resolution, C.Budget(budget_s), device)
+        finally:
+            holder["t"].close()
+            holder.clear()
+    return with_status(out)
+
+
+def with_status(out: dict) -> dict:
+    """A search's result with its row status: "ok" unless it found no length for a reason other than OOM."""
+    failed = out["max_ok"] is None and out["fail_reason"] and out["fail_reason"] != "OOM"
+    return {**out, "status": out["fail_reason"] if failed else "ok"}
 
 
 def unsloth_command(checkpoint: str, args, search_range: tuple, budget_s: float, out_path: str) -> list[str]:

@@ -56,9 +56,7 @@ def search_reach(args, device) -> dict:
     )
     FastLanguageModel.for_training(model)  # training mode, with Unsloth's checkpointing on
     trainee = S.Trainee(model, "unsloth", args.seed, args.loss, device)
-    out = S.search(trainee, args.start, args.cap, args.resolution, C.Budget(args.budget_s), device)
-    failed = out["max_ok"] is None and out["fail_reason"] and out["fail_reason"] != "OOM"
-    return {**out, "status": out["fail_reason"] if failed else "ok"}
+    return S.with_status(S.search(trainee, args.start, args.cap, args.resolution, C.Budget(args.budget_s), device))
 
 
 def main(argv: list[str] | None = None) -> int:
