@@ -454,15 +454,21 @@ def test_unsloth_command_and_environment(monkeypatch):
     assert base["UNSLOTH_BLOCK_COMPILE"] == "1"  # the caller's dict is left alone
 
 
-def test_missing_unsloth_is_na_through_the_real_subprocess(tmp_path, ckpt_dir):
+@pytest.fixture
+def no_unsloth_path(tmp_path):
+    """An empty folder as --unsloth-path: the real Unsloth process then cannot import unsloth."""
     import importlib.util
 
     if importlib.util.find_spec("unsloth") is not None:
         pytest.skip("unsloth is installed here")
     empty = tmp_path / "no-unsloth"
     empty.mkdir()
+    return str(empty)
+
+
+def test_missing_unsloth_is_na_through_the_real_subprocess(tmp_path, ckpt_dir, no_unsloth_path):
     payload, text, raw = _run_suite("trl", tmp_path, "--ckpt-dir", ckpt_dir, "--contenders",
-                                    "unsloth,unsloth-nocompile", "--unsloth-path", str(empty))
+                                    "unsloth,unsloth-nocompile", "--unsloth-path", no_unsloth_path)
     rows = raw["suites"]["trl"]["rows"]
     assert [r["contender"] for r in rows] == ["unsloth", "unsloth-nocompile"]
     for r in rows:
@@ -583,10 +589,10 @@ def test_unsloth_script_reports_oom_and_errors_as_rows(tmp_path, monkeypatch):
     assert "ValueError" in row["traceback"] and not isinstance(sys.stdout, unsloth_trl.NoteTee)
 
 
-def test_unsloth_script_trains_padded_batches_with_a_stand_in(tmp_path, ckpt_dir, monkeypatch):
-    """The script's training path end to end on CPU, with transformers + peft standing in for Unsloth's
-    FastLanguageModel: unpacked, padded batches whose real tokens alone are counted, and a row with every
-    key the suite's other contenders have."""
+@pytest.fixture
+def stand_in_unsloth(ckpt_dir, monkeypatch):
+    """transformers + peft standing in for Unsloth's FastLanguageModel (a module `unsloth` of their own), its
+    scripts' device the CPU: (the calls it records, the tiny checkpoint's path)."""
     import sys
     import types
 
@@ -615,13 +621,27 @@ def test_unsloth_script_trains_padded_batches_with_a_stand_in(tmp_path, ckpt_dir
                                                     bias=bias, target_modules=list(target_modules),
                                                     task_type="CAUSAL_LM"))
 
+        @staticmethod
+        def for_training(model):
+            calls["for_training"] = True
+            model.train()
+
     fake = types.ModuleType("unsloth")
     fake.__version__ = "0.0-test"
     fake.FastLanguageModel = FastLanguageModel
     monkeypatch.setitem(sys.modules, "unsloth", fake)
     monkeypatch.setattr(unsloth_trl, "cuda_device", lambda: torch.device("cpu"))
     args = bench_run.build_parser().parse_args(["--ckpt-dir", ckpt_dir])
-    path = M.ensure_checkpoint("tiny", args, torch.device("cpu"), torch.float32)
+    return calls, M.ensure_checkpoint("tiny", args, torch.device("cpu"), torch.float32)
+
+
+def test_unsloth_script_trains_padded_batches_with_a_stand_in(tmp_path, stand_in_unsloth):
+    """The script's training path end to end on CPU, with transformers + peft standing in for Unsloth's
+    FastLanguageModel: unpacked, padded batches whose real tokens alone are counted, and a row with every
+    key the suite's other contenders have."""
+    from benchmarks import unsloth_trl
+
+    calls, path = stand_in_unsloth
     out = tmp_path / "row.json"
     code = unsloth_trl.main(["--checkpoint", path, "--max-length", "64", "--batch", "2", "--grad-accum", "2",
                              "--steps", "3", "--warmup", "1", "--seed", "5", "--lora-r", "4", "--tiny",
@@ -793,15 +813,10 @@ def test_unsloth_context_command_is_what_its_script_takes():
         "/ckpt", 4096, 65536, 1024, 240.0, 7, 8, "hf", 24.0, False, "/out/row.json")
 
 
-def test_missing_unsloth_is_na_in_the_context_suite_through_the_real_subprocess(tmp_path, ckpt_dir):
-    import importlib.util
-
-    if importlib.util.find_spec("unsloth") is not None:
-        pytest.skip("unsloth is installed here")
-    empty = tmp_path / "no-unsloth"
-    empty.mkdir()
+def test_missing_unsloth_is_na_in_the_context_suite_through_the_real_subprocess(tmp_path, ckpt_dir,
+                                                                               no_unsloth_path):
     payload, text, raw = _run_suite("context", tmp_path, "--ckpt-dir", ckpt_dir, "--contenders",
-                                    "hf-eager,unsloth", "--unsloth-path", str(empty))
+                                    "hf-eager,unsloth", "--unsloth-path", no_unsloth_path)
     rows = raw["suites"]["context"]["rows"]
     assert [r["contender"] for r in rows] == ["hf-eager", "unsloth"]
     assert rows[0]["status"] == "ok"
@@ -809,54 +824,20 @@ def test_missing_unsloth_is_na_in_the_context_suite_through_the_real_subprocess(
     assert any("| Unsloth | n/a (unsloth not importable" in line for line in _table_rows(text))
 
 
-def test_unsloth_context_script_searches_with_a_stand_in(tmp_path, ckpt_dir, monkeypatch):
+def test_unsloth_context_script_searches_with_a_stand_in(tmp_path, stand_in_unsloth):
     """The script's path end to end on CPU, with transformers + peft standing in for Unsloth's
     FastLanguageModel: loaded and wrapped as Unsloth's users do, then the suite's own search (on a CPU nothing
     runs out of memory, so it reaches its cap)."""
-    import sys
-    import types
+    from benchmarks import unsloth_context
 
-    from benchmarks import models as M
-    from benchmarks import unsloth_context, unsloth_trl
-
-    calls = {}
-
-    class FastLanguageModel:
-        @staticmethod
-        def from_pretrained(model_name, max_seq_length, dtype, load_in_4bit):
-            from transformers import AutoModelForCausalLM
-
-            calls["load"] = (max_seq_length, dtype, load_in_4bit)
-            return AutoModelForCausalLM.from_pretrained(model_name, attn_implementation="eager"), None
-
-        @staticmethod
-        def get_peft_model(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
-                           random_state):
-            from peft import LoraConfig, get_peft_model
-
-            calls["peft"] = (r, tuple(target_modules), use_gradient_checkpointing, random_state)
-            return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                    bias=bias, target_modules=list(target_modules)))
-
-        @staticmethod
-        def for_training(model):
-            calls["for_training"] = True
-            model.train()
-
-    fake = types.ModuleType("unsloth")
-    fake.__version__ = "0.0-test"
-    fake.FastLanguageModel = FastLanguageModel
-    monkeypatch.setitem(sys.modules, "unsloth", fake)
-    monkeypatch.setattr(unsloth_trl, "cuda_device", lambda: torch.device("cpu"))
-    args = bench_run.build_parser().parse_args(["--ckpt-dir", ckpt_dir])
-    path = M.ensure_checkpoint("tiny", args, torch.device("cpu"), torch.float32)
+    calls, path = stand_in_unsloth
     out = tmp_path / "row.json"
     code = unsloth_context.main(["--checkpoint", path, "--start", "64", "--cap", "256", "--resolution", "64",
                                  "--budget-s", "60", "--seed", "5", "--lora-r", "4", "--out", str(out)])
     row = json.loads(out.read_text())
     assert code == 0 and row["status"] == "ok", row.get("traceback")
-    assert calls == {"load": (256, torch.bfloat16, True), "peft": (4, unsloth_context.LORA_TARGETS, "unsloth", 5),
-                     "for_training": True}
+    assert calls == {"load": (256, torch.bfloat16, True),
+                     "peft": (4, 4, unsloth_context.LORA_TARGETS, "unsloth", 5), "for_training": True}
     assert row["max_ok"] == 256 and row["reached_cap"] and [t["length"] for t in row["tries"]] == [64, 128, 256]
     assert all(t["status"] == "ok" and t["loss"] > 0 for t in row["tries"])
     assert row["versions"]["unsloth"] == "0.0-test"
