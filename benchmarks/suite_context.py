@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import common as C
 from . import models as M
-from .unsloth_process import UNSLOTH_TIMEOUT_S, run_child, unsloth_env, unsloth_versions_note
+from .unsloth_process import run_unsloth_process, unsloth_versions_note
 
 DEFAULT_CONTENDERS = ("fastgemma", "hf-eager", "hf-flex")
 LOSS_CHUNK = 512  # 0.5 GiB of float32 logits at a 256K vocabulary: small beside the model, so the loss never sets the reach
@@ -284,10 +284,7 @@ def run_unsloth(cname: str, checkpoint: str, args, search_range: tuple, budget_s
     with tempfile.TemporaryDirectory(prefix="fastgemma_unsloth_context_") as out_dir:
         out_path = os.path.join(out_dir, "row.json")
         cmd = unsloth_command(checkpoint, args, search_range, budget_s, out_path)
-        env = unsloth_env(cname, getattr(args, "unsloth_path", None))
-        timeout_s = (getattr(args, "unsloth_timeout_s", None) or UNSLOTH_TIMEOUT_S) + budget_s
-        C.log(f"{cname}: {' '.join(cmd)}  (PYTHONPATH={env['PYTHONPATH']})")
-        return run_child(cmd, env, out_path, timeout_s, cname)
+        return run_unsloth_process(cname, cmd, out_path, args, extra_timeout_s=budget_s)
 
 
 def _fmt_len(r: dict) -> str:

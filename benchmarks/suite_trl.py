@@ -34,7 +34,7 @@ import torch
 
 from . import common as C
 from . import models as M
-from .unsloth_process import UNSLOTH_TIMEOUT_S, run_child, unsloth_env, unsloth_versions_note
+from .unsloth_process import run_unsloth_process, unsloth_versions_note
 
 DEFAULT_CONTENDERS = ("hf-eager", "hf-flex", "fastgemma")
 TRAINERS = ("trl", "lean")  # --trl-trainer: TRL's SFTTrainer as users run it, or fastgemma.lean_trainer of it
@@ -430,10 +430,7 @@ def run_unsloth(cname: str, checkpoint: str, args, steps: int, max_length: int, 
     """One Unsloth contender's measurements (the keys of ``summarize`` and its own), or just its status."""
     out_path = os.path.join(out_dir, "row.json")
     cmd = unsloth_command(checkpoint, args, steps, max_length, batch, out_path)
-    env = unsloth_env(cname, getattr(args, "unsloth_path", None))
-    timeout_s = getattr(args, "unsloth_timeout_s", None) or UNSLOTH_TIMEOUT_S
-    C.log(f"{cname}: {' '.join(cmd)}  (PYTHONPATH={env['PYTHONPATH']})")
-    row = run_child(cmd, env, out_path, timeout_s, cname)
+    row = run_unsloth_process(cname, cmd, out_path, args)
     row["note"] = UNSLOTH_NOTE
     return row
 

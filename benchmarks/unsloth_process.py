@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 
+from . import common as C
 from . import models as M
 
 UNSLOTH_TIMEOUT_S = 900.0
@@ -87,6 +88,15 @@ def run_child(cmd: list[str], env: dict, out_path: str, timeout_s: float, label:
                           f"{_one_line(last, 120)})"}
     row.setdefault("status", f"failed (the Unsloth process wrote a row without a status, exit code {proc.returncode})")
     return row
+
+
+def run_unsloth_process(cname: str, cmd: list[str], out_path: str, args, extra_timeout_s: float = 0.0) -> dict:
+    """Run an Unsloth contender's command (its suite builds it) in the contender's environment, under
+    --unsloth-timeout-s plus `extra_timeout_s`: the row it wrote to out_path, or a failure status."""
+    env = unsloth_env(cname, getattr(args, "unsloth_path", None))
+    timeout_s = (getattr(args, "unsloth_timeout_s", None) or UNSLOTH_TIMEOUT_S) + extra_timeout_s
+    C.log(f"{cname}: {' '.join(cmd)}  (PYTHONPATH={env['PYTHONPATH']})")
+    return run_child(cmd, env, out_path, timeout_s, cname)
 
 
 def unsloth_versions_note(rows: list[dict]) -> str | None:
