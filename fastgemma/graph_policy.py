@@ -48,8 +48,7 @@ def auto_graphs_decline(device_type: str, tokens: int, processes: int) -> Option
 
 
 def graphs_expected(options, device: torch.device, tokens: int) -> bool:
-    """Whether a training call of `tokens` tokens on `device` will run its decoder layers as CUDA graphs (which
-    recompute each layer in its backward graph)."""
+    """Whether a training call of `tokens` tokens on `device` will run its decoder layers as CUDA graphs."""
     graphs = options.layer_graphs
     if not graphs or options.fused_ops is False or (options.fused_ops == "auto" and device.type != "cuda"):
         return False
@@ -110,9 +109,9 @@ def graphed_layers(body) -> GraphedLayers:
 
 
 def graphs_apply(layer, state, hidden_states, kwargs) -> bool:
-    """Training with gradient checkpointing (the graphs checkpoint: they keep each layer's input only),
-    fused ops, a batch fastgemma masks, and layers whose every call computes the same function; under
-    cuda_graphs="auto", also only where the host would bind the step."""
+    """Training with fused ops, a batch fastgemma masks, and layers whose every call computes the same function;
+    under cuda_graphs="auto", also only where the host would bind the step. (A layer with checkpointing on runs
+    checkpointed graphs, one without it, or kept by the memory budget, kept graphs.)"""
     if not (layer.training and fused_here(layer, hidden_states)):
         return False  # inference: the usual path
     auto = state.options.layer_graphs == "auto"
@@ -121,9 +120,6 @@ def graphs_apply(layer, state, hidden_states, kwargs) -> bool:
         if declined is not None:
             return _refuse(declined, auto=True)
     refuse = functools.partial(_refuse, auto=auto)
-    if not layer.gradient_checkpointing:
-        return refuse("gradient checkpointing is off (the graphed backward recomputes each layer, as "
-                      "checkpointing does)", logging.INFO)
     if hidden_states.dim() != 3 or not isinstance(kwargs.get("attention_mask"), AttentionMask):
         return refuse("the batch comes with a mask of its own (a 4D mask or BlockMask)", logging.INFO)
     rotary = kwargs.get("position_embeddings")
@@ -148,7 +144,7 @@ def graphs_apply(layer, state, hidden_states, kwargs) -> bool:
         return refuse(f"batches came at more than {state.graphs.max_buckets} bucket lengths")
     kwargs["_fastgemma_plan"] = plan
     if auto:
-        say_once("auto on", logging.INFO, "fastgemma: cuda_graphs=auto: training on %s with checkpointing and "
+        say_once("auto on", logging.INFO, "fastgemma: cuda_graphs=auto: training on %s with "
                  "micro-steps of <= %d tokens: decoder layers run as CUDA graphs (the first steps record them)",
                  hidden_states.device, AUTO_MAX_TOKENS)
     return True
@@ -175,4 +171,5 @@ def run_graphed(layer, attention, state, hidden_states, kwargs):
     sources = (cos, sin, kwargs["attention_mask"], reads_block_masks(attention, cos.device))
     longest = graphed_rows(state)
     return state.graphs(layer, hidden_states, sources, graph_length(state, hidden_states),
-                        kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest))
+                        kwargs.pop("_fastgemma_plan", None), capacity=bucket_length(longest, longest),
+                        keep=not layer.gradient_checkpointing)

@@ -17,9 +17,13 @@ shapes and fixed addresses, so:
   backward's parameter gradients land in buffers shared by every layer and bucket. Each replay's
   results are copied out before the next replay, so nothing is overwritten while still needed;
 - each layer gets its own pair of graphs (its weights are baked into them), captured the first time
-  it runs at a bucket length: a forward (the differentiable call, its autograd graph dropped), and a
-  backward that recomputes the layer and differentiates it, which is gradient checkpointing: only
-  each layer's input is kept.
+  it runs at a bucket length. A checkpointed layer's pair: a forward (the differentiable call, its
+  autograd graph dropped), and a backward that recomputes the layer and differentiates it, which is
+  gradient checkpointing: only each layer's input is kept. A kept layer's pair (`keep=True`, no
+  recompute): a forward that leaves what autograd saves in a memory pool of the layer's own, and a
+  backward that differentiates from it. The pool holds one call's activations at a time: a backward
+  whose forward was replayed over since (two forwards of the layer before their backwards) recomputes
+  through the checkpointed pair instead.
 
 Padding rows are zeros with a zero output gradient, so they add exactly nothing to any gradient.
 
@@ -148,12 +152,24 @@ class _Buffers:
         copy_padded(target, value)
 
 
-class _LayerGraphs:
-    """The forward and backward recordings of one layer at one bucket."""
+class _KeptPool:
+    """A kept layer's private graph memory pool (shared by its buckets): its forward graphs leave there what
+    autograd saves, its backward graphs read it. `owner` is the call whose activations it holds now."""
 
-    def __init__(self, layer, signature, forward: _Recording, backward: _Recording):
+    def __init__(self, layer):
+        self.layer = layer
+        self.handle = None  # the CUDA graph pool, once the first recording made it
+        self.owner = None
+        self.bytes = 0  # device memory its recordings reserved
+
+
+class _LayerGraphs:
+    """The forward and backward recordings of one layer at one bucket (`pool`: a kept layer's, else None)."""
+
+    def __init__(self, layer, signature, forward: _Recording, backward: _Recording, key=None, pool=None):
         self.layer, self.signature = layer, signature
         self.forward, self.backward = forward, backward
+        self.key, self.pool = key, pool
 
 
 class GraphedLayers:
@@ -179,6 +195,7 @@ class GraphedLayers:
         self._statics: dict = {}   # binder key -> (static, kwargs, loaded sources)
         self._layers: dict = {}    # (id(layer), binder key) -> _LayerGraphs
         self._stand_ins: dict = {}  # id(parameter) -> (parameter, its stand-in in recorded backwards)
+        self._kept_pools: dict = {}  # id(layer) -> _KeptPool
         self._lengths: set = set()
         self._pool = None
         self._stream = None
@@ -188,8 +205,8 @@ class GraphedLayers:
     def __getstate__(self):
         # Graphs and static buffers belong to one process and one set of weights: a copy records its own.
         state = dict(self.__dict__)
-        for name in ("_buffers", "_storages", "_grad_buffers", "_statics", "_layers", "_stand_ins", "_lengths",
-                     "_pool", "_stream", "captures", "recordings_again"):
+        for name in ("_buffers", "_storages", "_grad_buffers", "_statics", "_layers", "_stand_ins", "_kept_pools",
+                     "_lengths", "_pool", "_stream", "captures", "recordings_again"):
             state.pop(name, None)
         return state
 
@@ -211,11 +228,27 @@ class GraphedLayers:
         return LayerPlan(layer, self.layer_signature)
 
     def __call__(self, layer, x: torch.Tensor, sources, length: int, plan: "LayerPlan" = None,
-                 capacity: int = 0) -> torch.Tensor:
+                 capacity: int = 0, keep: bool = False) -> torch.Tensor:
         """The layer's output for `x` (batch, tokens, ...) at bucket `length` >= tokens. `capacity`: the longest
-        bucket the caller expects; static buffers are sized for it, so that later, longer buckets share them."""
+        bucket the caller expects; static buffers are sized for it, so that later, longer buckets share them.
+        `keep`: the backward differentiates from the forward's saved activations (no recompute)."""
         plan = plan or self.plan(layer)
-        return _GraphedCall.apply(self, plan, sources, (length, capacity), x, *plan.trainable)
+        keep = keep and torch.is_grad_enabled() and (x.requires_grad or bool(plan.trainable))
+        return _GraphedCall.apply(self, plan, sources, (length, capacity, keep), x, *plan.trainable)
+
+    def kept_bytes(self, layer) -> int:
+        """Device memory the kept recordings of `layer` reserved (0 where it has none)."""
+        pool = self._kept_pools.get(id(layer))
+        return pool.bytes if pool is not None and pool.layer is layer else 0
+
+    def release_kept(self, layers=()) -> None:
+        """Drop the kept recordings (and their pools' memory) of every layer but `layers`."""
+        keep = {id(layer) for layer in layers}
+        for key, graphs in list(self._layers.items()):
+            if graphs.pool is not None and id(graphs.layer) not in keep:
+                del self._layers[key]
+        for key in [key for key in self._kept_pools if key not in keep]:
+            del self._kept_pools[key]
 
     # -- static inputs ------------------------------------------------------------------
     def _mode(self, device):
@@ -276,9 +309,16 @@ class GraphedLayers:
         logger.warning("fastgemma: cuda_graphs: recording a %s again (%d so far): %s changed since its last "
                        "recording at this length", type(layer).__name__, self.recordings_again, ", ".join(changed))
 
-    def _graphs_for(self, plan: "LayerPlan", key, kwargs, buffers: _Buffers, device) -> _LayerGraphs:
+    def _kept_pool(self, layer) -> _KeptPool:
+        pool = self._kept_pools.get(id(layer))
+        if pool is None or pool.layer is not layer:
+            pool = self._kept_pools[id(layer)] = _KeptPool(layer)
+        return pool
+
+    def _graphs_for(self, plan: "LayerPlan", key, kwargs, buffers: _Buffers, device, keep: bool = False
+                    ) -> _LayerGraphs:
         layer, signature = plan.layer, plan.signature
-        graphs = self._layers.get((id(layer), key))
+        graphs = self._layers.get((id(layer), key, keep))
         if graphs is not None and graphs.layer is layer and graphs.signature == signature:
             return graphs
         if graphs is not None and graphs.layer is layer:
@@ -291,14 +331,27 @@ class GraphedLayers:
         slots = plan.slots
         grad_buffers = self._grad_buffers_for(slots)
 
-        def differentiable_body():
+        saved = {}  # a kept forward's saved storages (data pointer -> bytes), the layer's weights and inputs left out
+        fixed = {buffers.x.untyped_storage().data_ptr()}
+        for module in plan.modules:
+            tensors = (*module._parameters.values(), *module._buffers.values())
+            fixed.update(t.untyped_storage().data_ptr() for t in tensors if t is not None)
+
+        def count_saved(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in fixed:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        def differentiable_body(count=False):
             # Autograd on, over stand-ins that share the parameters' storage: autograd keeps one gradient
             # accumulator per parameter, created on the stream of the forward that made it (the default one,
             # outside the capture), and reaching it from inside a capture fails.
             # The autograd graph is the recording's own: a caller's saved-tensor hooks (offloading, say)
             # must neither see it nor run inside a capture, hence private hooks innermost.
             stand_ins = [self._stand_in(p) for _, _, p in slots]
-            with torch.enable_grad(), _parameters_replaced(slots, stand_ins), _private_saved_tensors():
+            hooks = _private_saved_tensors(count_saved if count else None)
+            with torch.enable_grad(), _parameters_replaced(slots, stand_ins), hooks:
                 x = buffers.x.detach().requires_grad_(True)
                 mark_dynamic(x)
                 return x, stand_ins, self.body(layer, x, **kwargs)
@@ -312,8 +365,7 @@ class GraphedLayers:
                 buffers.out.copy_(y)
             return (buffers.out,)
 
-        def backward_call():
-            x, stand_ins, y = differentiable_body()
+        def gradients(x, stand_ins, y):
             grads = torch.autograd.grad(y, (x, *stand_ins), buffers.grad_out, allow_unused=True)
             with torch.no_grad():
                 buffers.out.copy_(grads[0])
@@ -323,43 +375,81 @@ class GraphedLayers:
             # The gradients themselves are freed into the pool, for the next recording to reuse.
             return (buffers.out, *(None if g is None else b for b, g in zip(grad_buffers, grads[1:])))
 
+        def backward_call():
+            return gradients(*differentiable_body())
+
+        # A kept layer's forward hands its autograd graph to its backward: recorded one after the other, the
+        # backward graph reads what the forward graph saved, where it saved it.
+        kept_call = []
+
+        def kept_forward_call():
+            saved.clear()
+            kept_call[:] = differentiable_body(count=True)
+            with torch.no_grad():
+                buffers.out.copy_(kept_call[2])
+            return (buffers.out,)
+
+        def kept_backward_call():
+            call = tuple(kept_call)
+            kept_call.clear()
+            return gradients(*call)
+
+        record_forward, record_backward = (kept_forward_call, kept_backward_call) if keep else (forward_call,
+                                                                                                 backward_call)
         started = time.perf_counter()
         if mode == "cuda":
             # Warm up on the capture stream (compiles, autotuning, lazy library setup), then capture.
             self._stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(self._stream):
-                forward_call()
-                backward_call()
+                record_forward()
+                record_backward()
             torch.cuda.current_stream(device).wait_stream(self._stream)
-        forward, backward = _Recording(mode, self._pool, self._stream), _Recording(mode, self._pool, self._stream)
-        forward.record(forward_call)
-        backward.record(backward_call)
+        pool = self._kept_pool(layer) if keep else None
+        reserved = torch.cuda.memory_reserved(device) if keep and mode == "cuda" else 0
+        forward = _Recording(mode, pool.handle if keep else self._pool, self._stream)
+        forward.record(record_forward)
+        if keep and mode == "cuda" and pool.handle is None:
+            pool.handle = forward.graph.pool()
+        backward = _Recording(mode, pool.handle if keep else self._pool, self._stream)
+        backward.record(record_backward)
+        if keep:  # what its pool reserved, at least what the forward saved
+            reserved = torch.cuda.memory_reserved(device) - reserved if mode == "cuda" else 0
+            pool.bytes = max(pool.bytes, sum(saved.values()), pool.bytes + reserved)
         seconds = time.perf_counter() - started
         if seconds > 5:  # the warm-up compiled something: the first layer of a kind, or an unexpected recompile
             logger.info("fastgemma: cuda_graphs: recording a %s took %.1f s (warm-up and capture)",
                         type(layer).__name__, seconds)
-        graphs = self._layers[(id(layer), key)] = _LayerGraphs(layer, signature, forward, backward)
+        graphs = self._layers[(id(layer), key, keep)] = _LayerGraphs(layer, signature, forward, backward, key, pool)
         self.captures += 1
         return graphs
 
-    def run_forward(self, plan, sources, length, x, capacity: int = 0) -> tuple:
-        """(output, the graphs that made it: its backward replays their backward)."""
+    def run_forward(self, plan, sources, length, x, capacity: int = 0, keep: bool = False) -> tuple:
+        """(output, the graphs that made it: its backward replays their backward, the call's token: a kept
+        layer's backward finds its activations in the layer's pool while the pool's owner is still this token)."""
         shape, buffers = self._buffers_for(x, length, capacity)
         key, kwargs = self._bind(sources, length)
-        graphs = self._graphs_for(plan, (shape, key, _autocast_state(x.device)), kwargs, buffers, x.device)
+        graphs = self._graphs_for(plan, (shape, key, _autocast_state(x.device)), kwargs, buffers, x.device, keep)
         if length not in self._lengths:
             self._lengths.add(length)
             logger.info("fastgemma: CUDA-graphed layers recorded at %d tokens (%d of at most %d lengths)",
                         length, len(self._lengths), self.max_buckets)
         buffers.fill(buffers.x, x)
         (out,) = graphs.forward.replay()
-        return out[:, : x.shape[1]].clone(), graphs
+        token = None
+        if graphs.pool is not None:
+            token = graphs.pool.owner = object()
+        return out[:, : x.shape[1]].clone(), graphs, token
 
-    def run_backward(self, graphs: _LayerGraphs, sources, length, x, grad_out):
+    def run_backward(self, graphs: _LayerGraphs, sources, length, x, grad_out, plan=None, token=None):
         # The graphs the forward replayed (recorded for the weights and inputs of that call), whatever was
         # recorded since; the static inputs are loaded again, as another batch may have run in between.
         _, buffers = self._buffers_for(x, length)
-        self._bind(sources, length)
+        _, kwargs = self._bind(sources, length)
+        if graphs.pool is not None:
+            if graphs.pool.owner is token:
+                graphs.pool.owner = None  # the backward reuses the saved activations' memory as it goes
+            else:  # replayed over since (or released): recompute, as a checkpointed layer does
+                graphs = self._graphs_for(plan, graphs.key, kwargs, buffers, x.device)
         buffers.fill(buffers.x, x)
         buffers.fill(buffers.grad_out, grad_out)
         grad_x, *grad_params = graphs.backward.replay()
@@ -410,9 +500,9 @@ class LayerPlan:
         self.signature = (tuple(map(id, modules)), tuple(storage), extra(layer) if extra else None)
 
 
-def _private_saved_tensors():
-    """Saved-tensor hooks that keep tensors as they are, shadowing any the caller set."""
-    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+def _private_saved_tensors(pack=None):
+    """Saved-tensor hooks that keep tensors as they are (`pack` may look at them), shadowing any the caller set."""
+    return torch.autograd.graph.saved_tensors_hooks(pack or _keep, _keep)
 
 
 def _keep(tensor):
@@ -435,14 +525,15 @@ class _parameters_replaced:
 
 
 class _GraphedCall(torch.autograd.Function):
-    """Autograd's view of one graphed layer call: saves the layer input only (checkpointing), and the
-    backward replays the layer's backward graph for it."""
+    """Autograd's view of one graphed layer call: saves the layer input (all a checkpointed layer keeps; a kept
+    layer's activations wait in its graph pool), and the backward replays the layer's backward graph for it."""
 
     @staticmethod
     def forward(ctx, runner: GraphedLayers, plan: LayerPlan, sources, lengths: tuple, x: torch.Tensor, *trainable):
-        length, capacity = lengths
-        out, graphs = runner.run_forward(plan, sources, length, x, capacity)
+        length, capacity, keep = lengths
+        out, graphs, token = runner.run_forward(plan, sources, length, x, capacity, keep)
         ctx.runner, ctx.graphs, ctx.sources, ctx.length = runner, graphs, sources, length
+        ctx.plan, ctx.token = plan, token
         ctx.save_for_backward(x)
         return out
 
@@ -451,7 +542,8 @@ class _GraphedCall(torch.autograd.Function):
         # ctx keeps the graphs and sources afterwards: backward(retain_graph=True) replays them again.
         (x,) = ctx.saved_tensors
         with torch.no_grad():  # create_graph=True runs this with grad mode on; a replay records nothing anyway
-            grad_x, grad_params = ctx.runner.run_backward(ctx.graphs, ctx.sources, ctx.length, x, grad_out.contiguous())
+            grad_x, grad_params = ctx.runner.run_backward(ctx.graphs, ctx.sources, ctx.length, x, grad_out.contiguous(),
+                                                          ctx.plan, ctx.token)
         grads = [grad_x if ctx.needs_input_grad[4] else None, *grad_params]
         if torch.is_grad_enabled():
             grads = _not_differentiable_again(grads)

@@ -10,7 +10,8 @@ Decided for each training call of a backbone from what the allocator measures, n
   per token from the allocator's peak after each step that set a new one;
 - what a kept layer saves is counted once, on a call that keeps one layer (the last: backward frees it first),
   less what its attention saves at a fixed padded length (flex's queries, keys, values, output and log-sum-exp),
-  which the caller works out exactly for each call;
+  which the caller works out exactly for each call; a kept CUDA-graphed layer's activations live in its graphs'
+  own memory pool, which the caller counts instead (cached by the allocator, so the budget's limit holds it);
 - checkpointed inputs are exact: tokens x hidden size x bytes per element, one per layer.
 
 Until something is measured a call checkpoints every layer, as without a budget, so the budget never runs out of
@@ -164,11 +165,11 @@ class MemoryBudget:
         elif self.rest_per_token is None and peak >= allocated_after_forward:  # a bound (a reset lowers the peak)
             self.rest_per_token = (peak - allocated_after_forward) / tokens
 
-    def plan(self, tokens: int, layers: int, input_bytes: int, graphed: bool, save_attention: bool = False,
+    def plan(self, tokens: int, layers: int, input_bytes: int, save_attention: bool = False,
              padded_bytes: int = 0) -> StepPlan:
         """The plan for a training call of `tokens` tokens through `layers` checkpointing layers, each input
-        `input_bytes` bytes; `graphed`: the layers run as CUDA graphs, which recompute in their backward graph;
-        `save_attention`: layers may save their attention's inputs and output instead of recomputing it;
+        `input_bytes` bytes; `save_attention`: layers may save their attention's inputs and output instead of
+        recomputing it;
         `padded_bytes`: what one layer's attention saves at its padded length, if it does not recompute it."""
         self.learn()
         rerun, self._rerun = self._rerun, False
@@ -184,9 +185,7 @@ class MemoryBudget:
             return allocated + (layers - kept) * input_bytes + kept * layer_bytes + rest
 
         kept, saved, why = 0, 0, ""
-        if graphed:
-            why = "CUDA-graphed layers recompute in their backward graph"
-        elif self.backed_off or rerun:
+        if self.backed_off or rerun:
             why = OUT_OF_MEMORY
         elif self.rest_per_token is None:
             why = "the first step measures the rest of the step"

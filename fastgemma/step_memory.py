@@ -1,7 +1,8 @@
 """A backbone's training call under its memory budget (fastgemma.memory_budget): the plan made, applied, said.
 
 Kept layers run this call without checkpointing (their `gradient_checkpointing` flag is lowered for the call
-only, which works wherever transformers checkpoints: in the layer's forward or its ``__call__``); layers that save
+only, which works wherever transformers checkpoints: in the layer's forward or its ``__call__``; CUDA-graphed
+layers then run their kept graphs, and those of layers no longer kept are dropped); layers that save
 their attention have the flag lowered too, and the model's glue checkpoints them in two pieces around the
 attention (`PatchState.attention_saved_layers`); offloaded inputs and the counts of what a layer keeps go through
 fastgemma.offload's saved-tensor hooks.
@@ -62,6 +63,8 @@ def run_planned(backbone, state, kwargs, forward):
         if plan is None or world_size() > 1:
             raise
         kept_some = state.budget.back_off(plan)
+        if kept_some and getattr(state, "graphs", None) is not None:
+            state.graphs.release_kept()  # the rerun keeps none: their pools' memory goes back
         copies = state.dense_weights.give_up()
         if not (kept_some or copies):
             raise
@@ -109,12 +112,12 @@ def planned_call(backbone, state, kwargs):
         state.dense_weights.hold(getattr(backbone, "layers", ()), budget.memory, budget.cap)
     runs_flex = attention_memory_is_linear(state.options, device, backbone.config)
     save_attention = runs_flex and not graphed and not state.options.compiles_layers
-    padded_bytes = 0
-    if runs_flex:
+    padded_bytes = 0  # a graphed layer's padded attention is in its graph pool, counted with it
+    if runs_flex and not graphed:
         cache = getattr(state, "cache", None)
         length = cache.padded_length_for(shape[1]) if cache is not None else round_up(shape[1])
         padded_bytes = flex_padded_bytes(backbone.config, shape[0], length, dtype)
-    plan = budget.plan(tokens, len(layers), input_bytes, graphed, save_attention, padded_bytes)
+    plan = budget.plan(tokens, len(layers), input_bytes, save_attention, padded_bytes)
     router = None
     if not plan.offloaded and state.host_buffers is not None:
         state.host_buffers.release()
@@ -128,6 +131,9 @@ def planned_call(backbone, state, kwargs):
     for layer in (*saved, *kept):  # the glue checkpoints the attention-saving layers itself, in two pieces
         layer.gradient_checkpointing = False
     state.attention_saved_layers = frozenset(saved)
+    graphs = getattr(state, "graphs", None)
+    if graphs is not None:  # kept graphs' pools are cached memory the plan counted as free: only kept ones stay
+        graphs.release_kept(kept if graphed else ())
     if graphed and plan.offloaded and state.options.layer_graphs == "auto":
         # A step short of room to checkpoint runs op by op: the graphs' pool and static buffers would take room
         # it lacks. cuda_graphs=True still offloads the graphed layers' inputs.
@@ -140,7 +146,10 @@ def planned_call(backbone, state, kwargs):
             layer.gradient_checkpointing = True
         state.attention_saved_layers = frozenset()
         state.graphs_declined = None
-    budget.finish_forward(plan, router.counted if count else None, input_bytes)
+    counted = None
+    if count:  # what the layers saved outside their graphs, and the kept graphs' pools
+        counted = router.counted + (sum(graphs.kept_bytes(layer) for layer in kept) if graphs is not None else 0)
+    budget.finish_forward(plan, counted, input_bytes)
     say_once(("memory plan", plan.kept == plan.layers, plan.kept > 0, plan.offloaded > 0, plan.why), logging.INFO,
              "fastgemma: memory: %s", plan.describe())
 

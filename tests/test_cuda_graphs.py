@@ -174,7 +174,7 @@ def lora_dropout_model(base, **patch):
 
 def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplog):
     """LoRA dropout (a graph would replay one random draw): a warning, and the layers run as compiled regions,
-    with the op-by-op results. Inference and training without checkpointing never record."""
+    with the op-by-op results. Inference never records."""
     base = random_gemma2(tiny_gemma2_config(window=16))
     model = lora_dropout_model(copy.deepcopy(base), cuda_graphs=True)
     with caplog.at_level(logging.WARNING, logger="fastgemma"):
@@ -182,14 +182,79 @@ def test_graphed_layers_fall_back_where_a_graph_would_be_wrong(eager_body, caplo
     assert "LoRA layer is not in its plain state" in caplog.text
     assert graph_state(model).graphs.captures == 0
 
-    _, graphed = lora_models(base, False, cuda_graphs=True)  # no gradient checkpointing
-    packed_loss(graphed, [30, 20], 0).backward()
-    graphed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, graphed = lora_models(base, True, cuda_graphs=True)
     with torch.no_grad():
         packed_loss(graphed, [30, 20], 0)
     graphed.eval()
     packed_loss(graphed, [30, 20], 0)
     assert graph_state(graphed).graphs.captures == 0
+
+
+def kept_recordings(model) -> int:
+    return sum(graphs.pool is not None for graphs in graph_state(model).graphs._layers.values())
+
+
+def test_kept_graphed_layers_train_like_hf_eager_without_recompute(eager_body):
+    """Layers without checkpointing run kept graphs (the backward differentiates the forward's own activations):
+    HF eager + PEFT's loss and gradients over steps and buckets, one kept recording per layer and bucket, and the
+    checkpointed recordings never made."""
+    reference, kept = lora_models(random_gemma2(tiny_gemma2_config(window=16)), False, cuda_graphs=True)
+    state = graph_state(kept)
+    state.cache = type(state.cache)(256)  # two buckets of 128 tokens
+    for step, lengths in enumerate([[40, 9, 30], [25, 150], [40, 9, 30]]):
+        ref_logits, ref_loss, ref_grads = packed_step(reference, lengths, step)
+        logits, loss, grads = packed_step(kept, lengths, step)
+        assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
+        assert grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2
+        for name in grads:
+            assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
+    assert state.graphs.captures == kept_recordings(kept) == 4 * 2
+
+
+def test_kept_graphed_layers_recompute_when_a_second_forward_replayed_over_their_activations(eager_body):
+    """A layer's pool holds one call's activations: two forwards before their backwards, and a second backward
+    through a retained graph, must recompute (through checkpointed recordings made then) and still give the
+    op-by-op gradients; a later ordinary step replays the kept recordings again."""
+    base = random_gemma2(tiny_gemma2_config(window=16))
+    _, by_ops = lora_models(copy.deepcopy(base), False)
+    _, kept = lora_models(base, False, cuda_graphs=True)
+    grads = []
+    for model in (by_ops, kept):
+        model.zero_grad(set_to_none=True)
+        packed_loss(model, [40, 9, 30], 0).backward()
+        (packed_loss(model, [7, 33, 12, 20], 2) + packed_loss(model, [60, 4], 3)).backward()
+        loss = packed_loss(model, [25, 50], 1)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * 7 * 2
+    for name in grads[0]:
+        assert relative_error(grads[1][name], grads[0][name]) < 1e-4, name
+    graphs = graph_state(kept).graphs
+    assert kept_recordings(kept) == 4 and graphs.captures == 8  # each layer's checkpointed pair, made on demand
+    before = graphs.captures
+    ref_grads = packed_step(by_ops, [30, 20], 4)[2]
+    kept_grads = packed_step(kept, [30, 20], 4)[2]
+    assert graphs.captures == before and all(relative_error(kept_grads[n], ref_grads[n]) < 1e-4 for n in ref_grads)
+
+
+def test_checkpointed_and_kept_graphed_layers_mix_and_release(eager_body):
+    """The memory budget keeps the last layers (checkpointing lowered) and checkpoints the others: both kinds of
+    recording in one step train like HF eager, and releasing kept recordings leaves only the layers named."""
+    reference, graphed = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, cuda_graphs=True)
+    layers = [m for m in graphed.modules() if type(m).__name__ == "Gemma2DecoderLayer"]
+    for layer in layers[2:]:
+        layer.gradient_checkpointing = False
+    _, ref_loss, ref_grads = packed_step(reference, [40, 9, 30], 0)
+    _, loss, grads = packed_step(graphed, [40, 9, 30], 0)
+    assert relative_error(loss, ref_loss) < 1e-4
+    assert all(relative_error(grads[n], ref_grads[n]) < 1e-3 for n in ref_grads)
+    graphs = graph_state(graphed).graphs
+    assert kept_recordings(graphed) == 2 and graphs.captures == 4
+    graphs.release_kept(layers[3:])
+    assert kept_recordings(graphed) == 1 and graphs.kept_bytes(layers[2]) == 0 < graphs.kept_bytes(layers[3])
+    graphs.release_kept()
+    assert kept_recordings(graphed) == 0
 
 
 def test_auto_buckets_split_the_lengths_auto_graphs_not_max_row_tokens(monkeypatch, eager_body):

@@ -94,6 +94,38 @@ def test_the_auto_budget_measures_and_keeps_every_layer_on_a_big_gpu(base):
     assert (plan.kept, plan.offloaded) == (4, 0) and plan.budget > 0, plan
 
 
+def test_graphed_steps_keep_every_layer_in_graph_pools_on_a_big_gpu(base):
+    """CUDA-graphed layers under the default budget: the second step counts one kept layer (the memory its graphs'
+    own pool reserved), later steps keep every layer (the backward graphs differentiate the forward graphs' saved
+    activations, no recompute), and every step trains like graphs that checkpoint every layer. Two forwards before
+    their backwards recompute the layers the second forward replayed over, with the same gradients."""
+    reference = lora_model(base, memory_budget=None, cuda_graphs=True)
+    expected = train(reference, steps=6)
+    model = lora_model(base, cuda_graphs=True)
+    results, plans = [], []
+    for batch in batches(6, 512):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+        plans.append(fastgemma.memory_plan(model))
+    assert_same(results, expected, 1e-5)
+    assert plans[1].kept == 1 and plans[1].counts_layer and plans[-1].kept == 4, plans
+    state = state_of(model.base_model.model.model)
+    layers = model.base_model.model.model.layers
+    tokens = 2048
+    assert all(state.graphs.kept_bytes(layer) > 0 for layer in layers)
+    assert state.budget.layer_per_token * tokens > 4 * tokens * 64 * 2  # a kept layer: several inputs' worth
+    first, second = list(batches(2, 512))
+    grads = []
+    for trained in (reference, model):
+        trained.zero_grad(set_to_none=True)
+        (trained(**first, use_cache=False).loss + trained(**second, use_cache=False).loss).backward()
+        grads.append({n: p.grad.float() for n, p in trained.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(relative_error(grads[1][n], grads[0][n]) <= 1e-5 for n in grads[0])
+
+
 def test_offloading_lowers_what_the_forward_leaves_on_the_gpu():
     from transformers import Gemma2Config
 

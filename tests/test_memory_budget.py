@@ -19,11 +19,11 @@ from fastgemma.patching import state_of
 
 
 # -- planning -------------------------------------------------------------------------------------------------
-def planned(budget, steps, tokens=1000, layers=26, input_bytes=1000 * 2304 * 2, graphed=False, layer_bytes=None):
+def planned(budget, steps, tokens=1000, layers=26, input_bytes=1000 * 2304 * 2, layer_bytes=None):
     """The plans of `steps` calls; a call that counts a kept layer finds `layer_bytes` (default 25 inputs)."""
     plans = []
     for _ in range(steps):
-        plan = budget.plan(tokens, layers, input_bytes, graphed)
+        plan = budget.plan(tokens, layers, input_bytes)
         counted = None
         if plan.counts_layer:
             counted = (layer_bytes or 25 * input_bytes) + plan.checkpointed * input_bytes
@@ -60,14 +60,6 @@ def test_a_cap_lowers_the_budget():
     budget.memory = FakeMemory(limit=100 * GiB, allocated=GiB)
     plans = planned(budget, 3, tokens=4000, input_bytes=4000 * 2304 * 2)
     assert plans[-1].budget == 4 * GiB and 0 < plans[-1].kept < 26
-
-
-def test_graphed_calls_always_recompute():
-    budget = MemoryBudget()
-    budget.memory = FakeMemory()
-    plans = planned(budget, 3, graphed=True)
-    assert all(plan.kept == 0 and plan.offloaded == 0 for plan in plans)
-    assert "CUDA-graphed" in plans[-1].why
 
 
 def test_a_budget_below_the_checkpointed_inputs_offloads_the_first_inputs():
@@ -223,15 +215,18 @@ def test_a_patched_model_with_a_budget_copies_without_its_measurements(base):
     assert budget.memory is None and budget.rest_per_token is None and budget.last_plan is None
 
 
-@pytest.mark.parametrize("layers, kept", [({"cuda_graphs": True}, 0), ({"compiled_regions": True}, 4)],
+@pytest.mark.parametrize("layers", [{"cuda_graphs": True}, {"compiled_regions": True}],
                          ids=["cuda-graphs", "compiled-regions"])
-def test_compiled_layers_keep_or_recompute_and_offload_exactly(base, monkeypatch, layers, kept):
-    """CUDA-graphed layers (here replayed without capture, on a CPU) always recompute, compiled regions keep
-    layers like the op-by-op path; the inputs of both go to the host like any checkpointed layer's."""
+def test_compiled_layers_keep_and_offload_exactly(base, monkeypatch, layers):
+    """CUDA-graphed layers (here replayed without capture, on a CPU) keep layers through their kept recordings,
+    compiled regions like the op-by-op path; the inputs of both go to the host like any checkpointed layer's."""
     reference = train_steps(lora_model(base, memory_budget=None, fused_ops=True, **layers))
     model = lora_model(base, fused_ops=True, **layers)
     assert_same_training(train_steps(model, memory=FakeMemory()), reference, 1e-5)
-    assert fastgemma.memory_plan(model).kept == kept
+    assert fastgemma.memory_plan(model).kept == 4
+    graphs = backbone_state(model).graphs
+    if "cuda_graphs" in layers:  # the first step recorded checkpointed pairs, the second one kept pair, the third three
+        assert sum(g.pool is not None for g in graphs._layers.values()) == 4 and graphs.captures == 8
     copies = host_copies(monkeypatch)
     offloaded = lora_model(base, fused_ops=True, force_offload=True, **layers)
     assert_same_training(train_steps(offloaded, memory=FakeMemory()), reference, 1e-5)
@@ -322,7 +317,7 @@ def test_host_buffers_are_reused_across_lengths_and_released(caplog):
 
 
 @pytest.mark.parametrize("graphs, fused, device, tokens, expected", [
-    ("auto", "auto", "cuda", 2048, True),    # a short micro-step on a GPU: graphed, so the plan recomputes
+    ("auto", "auto", "cuda", 2048, True),    # a short micro-step on a GPU: graphed
     ("auto", "auto", "cuda", 16384, False),  # long ones run op by op: layers may be kept
     ("auto", "auto", "cpu", 2048, False),    # auto graphs only on CUDA
     (True, True, "cpu", 2048, True),         # forced graphs run anywhere (without capture on a CPU)
@@ -447,7 +442,7 @@ def test_attention_saving_fills_the_room_before_whole_layers_are_kept():
     layer_bytes, attention_bytes = 25 * input_bytes, 4 * input_bytes
 
     def call():
-        plan = budget.plan(4000, 26, input_bytes, graphed=False, save_attention=True)
+        plan = budget.plan(4000, 26, input_bytes, save_attention=True)
         counted = None
         if plan.why == PROBE:
             counted = layer_bytes + plan.checkpointed * input_bytes
@@ -467,7 +462,7 @@ def test_attention_saving_fills_the_room_before_whole_layers_are_kept():
     without = MemoryBudget()
     without.memory, without.rest_per_token, without.layer_per_token = budget.memory, budget.rest_per_token, \
         budget.layer_per_token
-    assert without.plan(4000, 26, input_bytes, graphed=False).attention_saved == 0  # dense attention: no tier
+    assert without.plan(4000, 26, input_bytes).attention_saved == 0  # dense attention: no tier
 
 
 def test_layers_saving_their_attention_train_exactly(base, monkeypatch):
@@ -513,7 +508,7 @@ def test_what_attention_saves_at_its_padded_length_is_counted_apart_from_the_tok
     budget = MemoryBudget()
     budget.memory = FakeMemory(limit=100 * GiB, allocated=0)
     for tokens in (8000, 8000):  # the rest, then one kept layer counted with its padded part
-        plan = budget.plan(tokens, 26, tokens * input_bytes_per_token, False, padded_bytes=padded)
+        plan = budget.plan(tokens, 26, tokens * input_bytes_per_token, padded_bytes=padded)
         counted = plan.kept * (per_token * tokens + padded) + plan.checkpointed * tokens * input_bytes_per_token
         budget.finish_forward(plan, counted if plan.counts_layer else None, tokens * input_bytes_per_token)
     assert plan.why == PROBE and plan.padded_bytes == padded
@@ -526,7 +521,7 @@ def test_what_attention_saves_at_its_padded_length_is_counted_apart_from_the_tok
     room_for = 7.5  # layers beyond checkpointing every one
     margin = 2 * GiB  # the minimum: 10% of this fake device is less
     budget.memory.limit_bytes = int(margin + 26 * input_bytes + rest + room_for * (layer_bytes - input_bytes))
-    plan = budget.plan(short, 26, input_bytes, False, padded_bytes=padded)
+    plan = budget.plan(short, 26, input_bytes, padded_bytes=padded)
     # Counted per token alone, the padded part spread over the long step's tokens, it would keep 13.
     assert plan.kept == 7, plan
 
