@@ -251,8 +251,9 @@ def run_guarded(fn: Callable[[], Any], what: str) -> tuple[str, Any]:
         if status != "OOM" or os.environ.get("BENCH_TRACEBACK"):
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             log(f"{what}: {status}\n{tb[-4000:]}")
-        else:
-            log(f"{what}: OOM")
+        else:  # the allocator's first line says what was asked for and what was free
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            log(f"{what}: OOM ({first})")
         exc = None  # noqa: F841 - release frames
     if status != "ok":
         sys.last_traceback = None

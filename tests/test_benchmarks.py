@@ -130,11 +130,12 @@ def test_chunked_loss_matches_hf_loss():
     torch.testing.assert_close(mine, hf, rtol=1e-5, atol=1e-5)
 
 
-def test_oom_is_reported_not_raised():
+def test_oom_is_reported_not_raised(capsys):
     def boom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     assert C.run_guarded(boom, "test") == ("OOM", None)
+    assert "test: OOM (CUDA out of memory. Tried to allocate 20.00 GiB)" in capsys.readouterr().out
 
     def wrapped():
         try:
