@@ -193,7 +193,7 @@ class GraphedLayers:
         self._storages: dict = {}  # (device, dtype) -> [_Storage], the buckets' buffers view the largest
         self._grad_buffers: dict = {}  # (slot index, shape, dtype, device) -> a parameter gradient's buffer
         self._statics: dict = {}   # binder key -> (static, kwargs, loaded sources)
-        self._layers: dict = {}    # (id(layer), binder key) -> _LayerGraphs
+        self._layers: dict = {}    # (id(layer), call key, kept or not) -> _LayerGraphs
         self._stand_ins: dict = {}  # id(parameter) -> (parameter, its stand-in in recorded backwards)
         self._kept_pools: dict = {}  # id(layer) -> _KeptPool
         self._lengths: set = set()
