@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 
-from .graphs import StaticBinder, copy_padded, static_like
+from .graphs import StaticBinder
 from .masks import AttentionMask, flex_mask_mod
 from .ops.compile import mark_dynamic
+from .static_buffers import copy_padded, static_like
 
 
 class RotaryMaskInputs(StaticBinder):

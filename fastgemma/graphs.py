@@ -39,11 +39,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from .ops.compile import mark_dynamic
+from .static_buffers import copy_padded
 
 logger = logging.getLogger("fastgemma")
 
@@ -574,30 +575,3 @@ def _not_differentiable_again(grads: list) -> list:
     for index, grad in zip(present, wrapped):
         grads[index] = grad
     return grads
-
-
-def static_like(tensor: Optional[torch.Tensor], length: int, dims=(1,), fill=0) -> Optional[torch.Tensor]:
-    """A static buffer shaped like `tensor` with each dimension in `dims` set to `length`."""
-    if tensor is None:
-        return None
-    shape = list(tensor.shape)
-    for dim in dims:
-        shape[dim] = length
-    return torch.full(shape, fill, dtype=tensor.dtype, device=tensor.device)
-
-
-def copy_padded(target: torch.Tensor, value: torch.Tensor, dims=(1,), fill=0) -> None:
-    """target = value, padded with `fill` along `dims` (target's sizes there are >= value's)."""
-    if tuple(target.shape) == tuple(value.shape):
-        target.copy_(value)
-        return
-    if len(dims) == 1:  # the tail alone needs filling
-        (dim,) = dims
-        target.narrow(dim, 0, value.shape[dim]).copy_(value)
-        target.narrow(dim, value.shape[dim], target.shape[dim] - value.shape[dim]).fill_(fill)
-        return
-    target.fill_(fill)
-    index = [slice(None)] * value.dim()
-    for dim in dims:
-        index[dim] = slice(0, value.shape[dim])
-    target[tuple(index)].copy_(value)
