@@ -38,6 +38,18 @@ def test_bucket_lengths_split_the_fixed_length_into_eight_steps():
     assert graphs.bucket_length(5000, 4096) == 5120  # past the fixed length (flex grows its masks)
 
 
+def assert_packed_steps_match(reference, model, steps):
+    """One packed training step per list of document lengths: `model`'s logits, loss and LoRA gradients (4 layers'
+    7 adapted linears, A and B) are HF eager + PEFT's."""
+    for step, lengths in enumerate(steps):
+        ref_logits, ref_loss, ref_grads = packed_step(reference, lengths, step)
+        logits, loss, grads = packed_step(model, lengths, step)
+        assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
+        assert grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2
+        for name in grads:
+            assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
+
+
 def test_graphed_layers_train_like_hf_eager_over_lengths_and_buckets():
     """Packed steps of three lengths over two buckets, with the compiled body: HF eager + PEFT's loss and
     gradients; each layer recorded once per bucket, and a repeated length replays."""
@@ -45,13 +57,7 @@ def test_graphed_layers_train_like_hf_eager_over_lengths_and_buckets():
     reference, patched = lora_models(random_gemma2(tiny_gemma2_config(window=16)), True, cuda_graphs=True)
     state = graph_state(patched)
     state.cache = type(state.cache)(256)  # two buckets of 128 tokens
-    for step, lengths in enumerate([[40, 9, 30], [25, 150], [7, 33, 12, 20], [40, 9, 30]]):
-        ref_logits, ref_loss, ref_grads = packed_step(reference, lengths, step)
-        logits, loss, grads = packed_step(patched, lengths, step)
-        assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
-        assert grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2
-        for name in grads:
-            assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
+    assert_packed_steps_match(reference, patched, [[40, 9, 30], [25, 150], [7, 33, 12, 20], [40, 9, 30]])
     assert state.graphs._lengths == {128, 256} and fastgemma.cuda_graph_lengths(patched) == [128, 256]
     assert state.graphs.captures == 4 * 2  # layers x buckets, whatever the number of steps
     # the shorter bucket came first, and both view one storage sized for the masks' fixed length
@@ -201,13 +207,7 @@ def test_kept_graphed_layers_train_like_hf_eager_without_recompute(eager_body):
     reference, kept = lora_models(random_gemma2(tiny_gemma2_config(window=16)), False, cuda_graphs=True)
     state = graph_state(kept)
     state.cache = type(state.cache)(256)  # two buckets of 128 tokens
-    for step, lengths in enumerate([[40, 9, 30], [25, 150], [40, 9, 30]]):
-        ref_logits, ref_loss, ref_grads = packed_step(reference, lengths, step)
-        logits, loss, grads = packed_step(kept, lengths, step)
-        assert relative_error(logits, ref_logits) < 1e-4 and relative_error(loss, ref_loss) < 1e-4
-        assert grads.keys() == ref_grads.keys() and len(grads) == 4 * 7 * 2
-        for name in grads:
-            assert relative_error(grads[name], ref_grads[name]) < 1e-3, name
+    assert_packed_steps_match(reference, kept, [[40, 9, 30], [25, 150], [40, 9, 30]])
     assert state.graphs.captures == kept_recordings(kept) == 4 * 2
 
 

@@ -38,13 +38,19 @@ def batches(steps, vocab, lengths=((900, 700), (1200, 333), (600, 1000), (2000, 
         yield {"input_ids": ids, "position_ids": positions, "labels": ids}
 
 
-def train(model, steps=4, vocab=512):
+def train(model, steps=4, vocab=512, plans=None, before_step=None):
+    """Each step's loss and gradients; `plans`: a list that gets each step's memory plan; `before_step(step, batch)`
+    runs before each step."""
     results = []
-    for batch in batches(steps, vocab):
+    for step, batch in enumerate(batches(steps, vocab)):
+        if before_step is not None:
+            before_step(step, batch)
         model.zero_grad(set_to_none=True)
         loss = model(**batch, use_cache=False).loss
         loss.backward()
         results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+        if plans is not None:
+            plans.append(fastgemma.memory_plan(model))
     return results
 
 
@@ -102,14 +108,8 @@ def test_graphed_steps_keep_every_layer_in_graph_pools_on_a_big_gpu(base):
     reference = lora_model(base, memory_budget=None, cuda_graphs=True)
     expected = train(reference, steps=6)
     model = lora_model(base, cuda_graphs=True)
-    results, plans = [], []
-    for batch in batches(6, 512):
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
-        plans.append(fastgemma.memory_plan(model))
-    assert_same(results, expected, 1e-5)
+    plans = []
+    assert_same(train(model, steps=6, plans=plans), expected, 1e-5)
     assert plans[1].kept == 1 and plans[1].counts_layer and plans[-1].kept == 4, plans
     state = state_of(model.base_model.model.model)
     layers = model.base_model.model.model.layers
@@ -193,20 +193,17 @@ def test_layers_saving_their_flex_attention_train_exactly(base):
     memory.device = torch.device("cuda", torch.cuda.current_device())
     budget = state_of(model.base_model.model.model).budget
     budget.memory = memory
-    results, plans = [], []
-    for step, batch in enumerate(batches(6, 512)):
+
+    def place_budget(step, batch):
         if step == 2:  # the rest and one kept layer are measured: room for 2.5 more kept layers
             tokens = batch["input_ids"].numel()
             padded = fastgemma.memory_plan(model).padded_bytes  # flex's part at its padded length, per layer
             input_bytes, layer_bytes = tokens * 64 * 2, budget.layer_per_token * tokens + padded
             memory.limit_bytes = int(2 * GiB + 4 * input_bytes + budget.rest_per_token * tokens
                                      + 2.5 * (layer_bytes - input_bytes))
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
-        plans.append(fastgemma.memory_plan(model))
-    assert_same(results, reference, 1e-5)
+
+    plans = []
+    assert_same(train(model, steps=6, plans=plans, before_step=place_budget), reference, 1e-5)
     assert plans[2].why == PROBE_ATTENTION and plans[-1].attention_saved >= 1, plans
 
 
